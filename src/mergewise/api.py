@@ -1,0 +1,230 @@
+"""Python API mirroring the CLI: ``merge`` (files in, files out) and ``merge_state_dicts``.
+
+Both run the very same ``MergeJob`` tensor loop; only the sources (files vs dicts) and the sink
+(streaming writer vs dict) differ, which is why their outputs are identical bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import HF_TAGALONG_FILES, Checkpoint, StateDictCheckpoint, open_checkpoint
+from .engine import MergeJob, PlanSummary
+from .errors import RecipeError
+from .progress import merge_progress
+from .recipe import Recipe, load_recipe, parse_recipe
+from .writer import (
+    DEFAULT_SHARD_SIZE,
+    OutTensor,
+    ShardedWriter,
+    atomic_directory,
+    check_output_target,
+    copy_tagalong,
+    parse_size,
+)
+
+
+@dataclass
+class MergeResult:
+    out: Path | None
+    summary: PlanSummary
+    files: list[str] = field(default_factory=list)
+    report_path: Path | None = None
+    seconds: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _resolve_path(path: str, root: Path | None, key: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = ([root / p] if root is not None else []) + [Path.cwd() / p]
+    for c in candidates:
+        if c.exists():
+            return c
+    tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    raise RecipeError(f"{key}: '{path}' does not exist (looked for {tried})")
+
+
+def _coerce_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Recipe, Path | None]:
+    if isinstance(recipe, Recipe):
+        return recipe, None
+    if isinstance(recipe, Mapping):
+        return parse_recipe(dict(recipe)), None
+    return load_recipe(recipe)
+
+
+def open_recipe_checkpoints(recipe: Recipe, root: Path | None
+                            ) -> tuple[Checkpoint | None, list[Checkpoint], dict[str, Path]]:
+    """Resolve every path first (all missing files are reported before anything is opened)."""
+    paths: dict[str, Path] = {}
+    if recipe.base_model:
+        paths["base_model"] = _resolve_path(recipe.base_model, root, "base_model")
+    for i, m in enumerate(recipe.models):
+        paths[f"models.{i}"] = _resolve_path(m.model, root, f"models.{i}.model")
+    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
+        paths["tokenizer_source"] = _resolve_path(recipe.tokenizer_source, root,
+                                                  "tokenizer_source")
+    opened: list[Checkpoint] = []
+    try:
+        base = open_checkpoint(paths["base_model"]) if "base_model" in paths else None
+        if base is not None:
+            opened.append(base)
+        models = []
+        for i in range(len(recipe.models)):
+            models.append(open_checkpoint(paths[f"models.{i}"]))
+            opened.append(models[-1])
+    except BaseException:
+        for c in opened:
+            c.close()
+        raise
+    return base, models, paths
+
+
+def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | None = None, *,
+          overwrite: bool = False, device: str = "cpu",
+          shard_size: int | str = DEFAULT_SHARD_SIZE, dry_run: bool = False,
+          progress: bool = False) -> MergeResult:
+    """Merge the checkpoints a recipe names and write a HF-style directory to ``out``.
+
+    Everything that can be checked without reading tensor data (recipe, paths, formats, names,
+    shapes, dtypes, output path) is checked first; ``dry_run`` stops there and returns the plan.
+    """
+    rec, root = _coerce_recipe(recipe)
+    size = parse_size(shard_size)
+    target = Path(out).expanduser().absolute() if out is not None else None
+    if target is None and not dry_run:
+        raise RecipeError("merge needs an output directory (--out)")
+    if target is not None and not dry_run:
+        check_output_target(target, overwrite)
+    base, models, paths = open_recipe_checkpoints(rec, root)
+    with contextlib.ExitStack() as stack:
+        for c in ([base] if base is not None else []) + models:
+            stack.callback(c.close)
+        job = MergeJob(rec, base, models, device=device)
+        summary = job.summary()
+        if dry_run:
+            return MergeResult(out=target, summary=summary)
+        assert target is not None
+        start = time.perf_counter()
+        out_tensors = [OutTensor(t.name, t.shape, t.out_dtype) for t in job.tensors]
+        metadata = {"mergewise_version": __version__, "mergewise_recipe": rec.to_yaml()}
+        with atomic_directory(target, overwrite) as tmp:
+            writer = ShardedWriter(tmp, out_tensors, size, metadata)
+            with merge_progress(progress, job, summary) as (on_tensor, on_stats):
+                records = job.run(writer.write, on_tensor, on_stats)
+            files = writer.finalize()
+            _write_sidecars(tmp, rec, job, paths, records, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return MergeResult(out=target, summary=summary, files=files,
+                           report_path=target / "report.json", seconds=seconds, records=records)
+
+
+def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path],
+                    records: list[dict[str, Any]], seconds: float) -> None:
+    ref_dir = job.reference.directory
+    copy_tagalong(ref_dir, tmp, [n for n in HF_TAGALONG_FILES if n != "config.json"
+                                 and (not rec.tokenizer_source or "token" not in n)])
+    if rec.tokenizer_source:
+        tok_path = (paths["tokenizer_source"] if rec.tokenizer_source != "base"
+                    else (Path(paths["base_model"]) if "base_model" in paths else None))
+        tok_dir = tok_path if tok_path is None or tok_path.is_dir() else tok_path.parent
+        copy_tagalong(tok_dir, tmp, [n for n in HF_TAGALONG_FILES if "token" in n])
+    config = job.reference.config
+    if config is not None:
+        float_out = {t.out_dtype for t in job.tensors if t.merged}
+        if len(float_out) == 1:
+            dtype_name = str(next(iter(float_out))).removeprefix("torch.")
+            config["torch_dtype"] = dtype_name
+            if "dtype" in config:
+                config["dtype"] = dtype_name
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "mergewise_recipe.yaml").write_text(rec.to_yaml())
+    (tmp / "README.md").write_text(model_card(rec, job))
+    report = {
+        "mergewise_version": __version__,
+        "merge_method": rec.merge_method,
+        "tasks": [s.task for s in job.slots],
+        "seconds": round(seconds, 3),
+        "plan": job.summary().__dict__,
+        "tensors": records,
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def model_card(rec: Recipe, job: MergeJob) -> str:
+    base = rec.base_model or "(none)"
+    models = "\n".join(f"- `{m.model}` (task: {m.task_name})" for m in rec.models)
+    return f"""---
+library_name: transformers
+tags:
+- mergewise
+- merge
+base_model: {base}
+---
+# {rec.name or "Merged model"}
+
+This model was merged with [mergewise](https://pypi.org/project/mergewise/) {__version__}
+using the **{rec.merge_method}** method.
+
+## Inputs
+Base model: `{base}`
+
+{models}
+
+## Recipe
+```yaml
+{rec.to_yaml().rstrip()}
+```
+
+Method semantics:
+{(job.method.doc or "").strip()}
+"""
+
+
+def merge_state_dicts(base: Mapping[str, torch.Tensor] | None,
+                      models: Sequence[Mapping[str, torch.Tensor]]
+                      | Mapping[str, Mapping[str, torch.Tensor]],
+                      method: str = "ties", *, parameters: Mapping[str, Any] | None = None,
+                      model_parameters: Sequence[Mapping[str, Any]] | None = None,
+                      sparsify: Mapping[str, Any] | None = None, dtype: str = "float32",
+                      out_dtype: str | None = None, seed: int = 0,
+                      device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Merge state dicts already in memory (e.g. from loaded torch modules); returns a new dict.
+
+    ``models`` is a list of state dicts, or a {task name: state dict} mapping. Parameters follow
+    the recipe's rules (``parameters`` method-wide, ``model_parameters`` per model).
+    """
+    named = (list(models.items()) if isinstance(models, Mapping)
+             else [(f"model_{i}", m) for i, m in enumerate(models)])
+    entries = []
+    for i, (task, _) in enumerate(named):
+        entry: dict[str, Any] = {"model": f"<memory:{task}>", "name": task}
+        if model_parameters is not None:
+            entry["parameters"] = dict(model_parameters[i])
+        entries.append(entry)
+    data: dict[str, Any] = {"merge_method": method, "models": entries,
+                            "parameters": dict(parameters or {}), "dtype": dtype, "seed": seed}
+    if base is not None:
+        data["base_model"] = "<memory:base>"
+    if sparsify is not None:
+        data["sparsify"] = dict(sparsify)
+    if out_dtype is not None:
+        data["out_dtype"] = out_dtype
+    rec = parse_recipe(data, "merge_state_dicts")
+    base_ckpt = StateDictCheckpoint("base", base) if base is not None else None
+    model_ckpts = [StateDictCheckpoint(task, sd) for task, sd in named]
+    job = MergeJob(rec, base_ckpt, model_ckpts, device=device)
+    out: dict[str, torch.Tensor] = {}
+    job.run(out.__setitem__)
+    return out

@@ -1,0 +1,119 @@
+"""The ``mergewise`` command line: merge, methods, example.
+
+Every user error is printed on one line (``error: ...``) with a non-zero exit; no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import MergewiseError
+from .registry import METHODS, SPARSIFIERS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Merge fine-tuned models of one pretrained base (TADrop, TIES, DARE, ...).")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="output directory")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda (maths only; masks drawn on CPU)")] = "cpu",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the plan")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output")] = False,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="max bytes per shard, e.g. 5GB")] = "5GB",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Merge the checkpoints a recipe names into --out (written atomically)."""
+    from .api import merge as run_merge
+
+    if out_dir is None and not dry_run:
+        _fail(MergewiseError("--out DIR is required (or use --dry-run)"))
+    try:
+        result = run_merge(recipe, out_dir, overwrite=overwrite, device=device,
+                           shard_size=shard_size, dry_run=dry_run, progress=progress)
+    except MergewiseError as exc:
+        _fail(exc)
+        return
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was written")
+        raise typer.Exit(130) from None
+    if dry_run:
+        out.print("[bold]plan[/] (dry run, nothing written)")
+        for line in result.summary.lines():
+            out.print(f"  {line}", highlight=False)
+        return
+    out.print(f"merged {result.summary.tensors} tensors in {result.seconds:.1f} s", highlight=False)
+    out.print(f"output: {result.out}", highlight=False)
+    out.print(f"report: {result.report_path}", highlight=False)
+
+
+@app.command()
+def methods() -> None:
+    """List merge methods and sparsifiers with their parameters and defaults."""
+    from .recipe import sparsifier_param_specs
+
+    for m in METHODS:
+        needs = "base required" if m.requires_base else "no base needed"
+        out.print(f"[bold]{m.name}[/] ({m.space} space, {needs})", highlight=False)
+        for p in m.params:
+            out.print(f"    {p.describe()}", highlight=False)
+        for p in m.model_params:
+            out.print(f"    {p.describe()} [per model]", highlight=False)
+        if m.sparsifier:
+            sp = SPARSIFIERS.get(m.sparsifier)
+            for p in sparsifier_param_specs(m, sp, from_block=False).values():
+                out.print(f"    {p.describe()} [per model, {sp.name} step]", highlight=False)
+    out.print("\n[bold]sparsifiers[/] (use in a `sparsify:` block: {method: NAME, ...})")
+    for s in SPARSIFIERS:
+        out.print(f"[bold]{s.name}[/]", highlight=False)
+        for p in s.params:
+            out.print(f"    {p.describe()}", highlight=False)
+
+
+@app.command()
+def example(
+    directory: Annotated[Path, typer.Argument(help="where to build and merge")] = Path(
+        "mergewise-example"),
+) -> None:
+    """Build a tiny base + 3 fine-tuned Llama-style checkpoints and merge them with TIES."""
+    from .example import run_example
+
+    try:
+        result = run_example(directory, progress=sys.stderr.isatty())
+    except MergewiseError as exc:
+        _fail(exc)
+        return
+    out.print(f"example checkpoints and recipe: {directory / 'models'}, {directory / 'recipe.yaml'}",
+              highlight=False)
+    out.print(f"merged model: {result.out}", highlight=False)
+    out.print(f"report: {result.report_path}", highlight=False)
+    out.print(f"({result.summary.tensors} tensors, {result.summary.parameters:,} parameters per "
+              f"model, {result.seconds:.2f} s)", highlight=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the mergewise version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

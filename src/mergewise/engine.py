@@ -1,0 +1,348 @@
+"""The merge loop: plan -> (stats pass) -> merge pass, one tensor at a time.
+
+Plan: open every checkpoint lazily and check names, shapes and dtypes of every tensor against
+the reference (the base, or the first model when the method needs no base) before computing
+anything; every mismatch is reported at once. Stats pass (only when a sparsifier asks, e.g.
+global TIES): stream each task vector through the sparsifier's ``StatsPass``. Merge pass: per
+tensor, load the base and the K inputs, upcast to ``dtype`` on ``device``, form task vectors,
+sparsify each with its own seeded generator, call the method, check the result is finite, cast
+to the output dtype and hand it to a sink (the streaming writer, or a dict for the Python API).
+At most K + 2 copies of one tensor (plus the method's work space) are alive at a time.
+
+Tensor rules: floating-point tensors are merged. Integer and bool buffers (``position_ids``...)
+are copied from the reference unchanged and may be absent from experts. A floating-point tensor
+missing from an expert, present only in an expert, of another shape, or of a non-float dtype
+there is an error. A tensor whose task vectors are all zero comes out equal to the base for every
+task-vector method.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, MergewiseError, NonFiniteError, ShapeMismatchError
+from .recipe import Recipe, resolve, sparsifier_for, sparsifier_param_specs
+from .registry import Param, Sparsifier
+from .rng import tensor_generator
+from .statspass import StatsPass
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+MAX_LISTED = 8
+
+
+@dataclass
+class ModelSlot:
+    """One input model with its resolved sparsification step."""
+
+    index: int
+    task: str
+    ckpt: Checkpoint
+    sparsifier: Sparsifier | None = None
+    sparsifier_params: dict[str, Any] = field(default_factory=dict)
+    sparsifier_specs: dict[str, Param] = field(default_factory=dict)
+    from_block: bool = False
+    stats: StatsPass | None = None
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    merged: bool  # False: copied from the reference (integer/bool buffers)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class PlanSummary:
+    tensors: int
+    merged: int
+    copied: int
+    parameters: int
+    bytes_read: int
+    bytes_written: int
+    largest_tensor: str
+    peak_bytes_estimate: int
+    stats_passes: int
+
+    def lines(self) -> list[str]:
+        gb = 1e9
+        return [
+            f"tensors: {self.tensors} ({self.merged} merged, {self.copied} copied from the base)",
+            f"parameters: {self.parameters:,}",
+            f"read: {self.bytes_read / gb:.3f} GB, write: {self.bytes_written / gb:.3f} GB",
+            f"largest tensor: {self.largest_tensor}",
+            f"estimated peak working memory: {self.peak_bytes_estimate / gb:.3f} GB "
+            "(K+4 copies of the largest tensor in the compute dtype)",
+            f"passes over the inputs: {1 + self.stats_passes} "
+            f"({self.stats_passes} stats pass(es) + merge)",
+        ]
+
+
+def _check_finite(t: torch.Tensor, label: str, name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{label}: tensor '{name}' has {bad} NaN/Inf value(s); fix or "
+                             "re-export this checkpoint before merging")
+
+
+class MergeJob:
+    """A validated recipe bound to open checkpoints: plan, then run into a sink."""
+
+    def __init__(self, recipe: Recipe, base: Checkpoint | None, models: Sequence[Checkpoint],
+                 device: str = "cpu"):
+        self.recipe = recipe
+        self.method = recipe.method
+        self.base = base
+        self.compute_dtype = DTYPES[recipe.dtype]
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MergewiseError("--device cuda was asked for, but torch sees no CUDA device; "
+                                 "use --device cpu")
+        self.slots: list[ModelSlot] = []
+        for i, ckpt in enumerate(models):
+            entry = recipe.models[i]
+            slot = ModelSlot(i, entry.task_name, ckpt)
+            sp, block_params, from_block = sparsifier_for(recipe, i)
+            if sp is not None:
+                slot.sparsifier = sp
+                slot.sparsifier_params = block_params
+                slot.sparsifier_specs = sparsifier_param_specs(self.method, sp, from_block)
+                slot.from_block = from_block
+            self.slots.append(slot)
+        # slerp-style methods with a base and one model: the base is the first end point
+        self.weight_inputs: list[Checkpoint] = [s.ckpt for s in self.slots]
+        if (self.method.space == "weight" and base is not None and self.method.max_models == 2
+                and len(models) == 1):
+            self.weight_inputs = [base, *self.weight_inputs]
+        self.reference = base if (base is not None) else models[0]
+        self.tensors = self._plan()
+
+    # --- planning -----------------------------------------------------------------------
+    def _plan(self) -> list[TensorPlan]:
+        ref = self.reference
+        self._check_configs()
+        ref_infos = {n: ref.info(n) for n in ref.names()}
+        problems: list[str] = []
+        others = [s.ckpt for s in self.slots if s.ckpt is not ref]
+        for ckpt in others:
+            names = set(ckpt.names())
+            for name, info in ref_infos.items():
+                if name not in names:
+                    if info.is_float:
+                        problems.append(f"{ckpt.label}: missing tensor '{name}'")
+                    continue
+                other = ckpt.info(name)
+                if other.shape != info.shape:
+                    problems.append(f"{ckpt.label}: tensor '{name}' has shape {list(other.shape)}, "
+                                    f"{ref.label} has {list(info.shape)}")
+                elif other.is_float != info.is_float:
+                    problems.append(f"{ckpt.label}: tensor '{name}' is {other.dtype}, "
+                                    f"{ref.label} has {info.dtype}")
+            for name in names - set(ref_infos):
+                if ckpt.info(name).is_float:
+                    problems.append(f"{ckpt.label}: extra tensor '{name}' not in {ref.label}")
+        if problems:
+            shown = "; ".join(problems[:MAX_LISTED])
+            more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+            raise ShapeMismatchError(
+                f"{len(problems)} mismatch(es) between the models and the base: {shown}{more} "
+                "(all models must share the base's architecture)")
+        out_override = DTYPES[self.recipe.out_dtype] if self.recipe.out_dtype else None
+        plans = []
+        for name, info in ref_infos.items():
+            out = (out_override or info.dtype) if info.is_float else info.dtype
+            plans.append(TensorPlan(name, info.shape, info.dtype, out, info.is_float))
+        if not any(p.merged for p in plans):
+            raise CheckpointError(f"{ref.label}: no floating-point tensors to merge")
+        return plans
+
+    def _check_configs(self) -> None:
+        ckpts = ([self.base] if self.base is not None else []) + [s.ckpt for s in self.slots]
+        seen: tuple[str, str] | None = None
+        for ckpt in ckpts:
+            cfg = ckpt.config
+            if cfg is None:
+                continue
+            if cfg.get("quantization_config"):
+                raise CheckpointError(f"{ckpt.label}: is a quantized checkpoint "
+                                      f"({cfg['quantization_config'].get('quant_method', '?')}); "
+                                      "dequantize it to float16/bfloat16 first")
+            arch = ",".join(cfg.get("architectures") or []) or str(cfg.get("model_type", "?"))
+            if seen is None:
+                seen = (arch, ckpt.label)
+            elif arch != seen[0]:
+                raise ShapeMismatchError(f"mixed architectures: {seen[1]} is {seen[0]} but "
+                                         f"{ckpt.label} is {arch}; merge models of one base only")
+
+    def summary(self) -> PlanSummary:
+        merged = [t for t in self.tensors if t.merged]
+        largest = max(merged, key=lambda t: t.numel)
+        n_inputs = len(self.slots) + (1 if self.base is not None and self.method.space == "delta"
+                                      else 0)
+        bytes_read = sum(t.numel * t.in_dtype.itemsize for t in self.tensors) * n_inputs
+        stats = [self._stats_for(s) for s in self.slots]
+        passes = max((st.passes for st in stats if st is not None), default=0)
+        return PlanSummary(
+            tensors=len(self.tensors), merged=len(merged),
+            copied=len(self.tensors) - len(merged),
+            parameters=sum(t.numel for t in self.tensors),
+            bytes_read=bytes_read,
+            bytes_written=sum(t.numel * t.out_dtype.itemsize for t in self.tensors),
+            largest_tensor=f"{largest.name} {list(largest.shape)}",
+            peak_bytes_estimate=largest.numel * self.compute_dtype.itemsize * (len(self.slots) + 4),
+            stats_passes=passes,
+        )
+
+    # --- parameters ---------------------------------------------------------------------
+    def method_params(self, name: str) -> dict[str, Any]:
+        out = {}
+        for p in self.method.params:
+            value = resolve(self.recipe.parameters.get(p.name), name)
+            out[p.python_name] = p.default if value is None else value
+        return out
+
+    def model_param(self, slot: ModelSlot, spec: Param, name: str) -> Any:
+        entry = self.recipe.models[slot.index]
+        for source in (entry.parameters, self.recipe.parameters):
+            value = resolve(source.get(spec.name), name)
+            if value is not None:
+                return value
+        return spec.default
+
+    def sparsifier_params(self, slot: ModelSlot, name: str) -> dict[str, Any]:
+        out = {}
+        for key, spec in slot.sparsifier_specs.items():
+            if slot.from_block:
+                value = resolve(slot.sparsifier_params.get(key), name)
+                out[spec.python_name] = spec.default if value is None else value
+            else:
+                out[spec.python_name] = self.model_param(slot, spec, name)
+        return out
+
+    def weights(self, name: str) -> list[float]:
+        spec = next((p for p in self.method.model_params if p.name == "weight"), None)
+        n = len(self.weight_inputs) if self.method.space == "weight" else len(self.slots)
+        if spec is None:
+            return [1.0] * n
+        return [float(self.model_param(s, spec, name)) for s in self.slots] + \
+            [1.0] * (n - len(self.slots))
+
+    def _stats_for(self, slot: ModelSlot) -> StatsPass | None:
+        if slot.sparsifier is None or slot.sparsifier.stats is None:
+            return None
+        first = next(t.name for t in self.tensors if t.merged)
+        return slot.sparsifier.stats(**self.sparsifier_params(slot, first))
+
+    # --- computing ----------------------------------------------------------------------
+    def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        t = ckpt.read(name)
+        t = t.to(device=self.device, dtype=self.compute_dtype)
+        _check_finite(t, ckpt.label, name)
+        return t
+
+    def task_vectors(self, name: str, base: torch.Tensor,
+                     record: dict[str, Any] | None = None,
+                     stats_mode: bool = False) -> list[torch.Tensor]:
+        """Sparsified task vectors of every model for tensor ``name`` (not sparsified when
+        ``stats_mode``: the stats pass observes raw task vectors)."""
+        deltas = []
+        for slot in self.slots:
+            delta = self._load(slot.ckpt, name)
+            delta.sub_(base)
+            if stats_mode:
+                deltas.append(delta)
+                continue
+            if record is not None:
+                record.setdefault("delta_norm", []).append(float(torch.linalg.vector_norm(delta)))
+            if slot.sparsifier is not None:
+                params = self.sparsifier_params(slot, name)
+                gen = (tensor_generator(self.recipe.seed, slot.index, name)
+                       if slot.sparsifier.random else None)
+                stats = slot.stats.for_tensor(name) if slot.stats is not None else None
+                delta = slot.sparsifier.func(delta, generator=gen, stats=stats, **params)
+            if record is not None:
+                record.setdefault("kept", []).append(int(torch.count_nonzero(delta)))
+            deltas.append(delta)
+        return deltas
+
+    def merge_tensor(self, plan: TensorPlan, record: dict[str, Any] | None = None
+                     ) -> torch.Tensor:
+        name = plan.name
+        if not plan.merged:
+            return self.reference.read(name).clone()
+        params = self.method_params(name)
+        weights = self.weights(name)
+        if self.method.space == "weight":
+            inputs = [self._load(c, name) for c in self.weight_inputs]
+            out = self.method.func(None, inputs, weights, **params)
+        else:
+            base = self._load(self.base, name)  # type: ignore[arg-type]
+            deltas = self.task_vectors(name, base, record)
+            out = self.method.func(base, deltas, weights, **params)
+            if record is not None:
+                record["merged_delta_norm"] = float(torch.linalg.vector_norm(out - base))
+            del deltas, base
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "
+                                 "check the recipe's weights and lambda")
+        return out.to(dtype=plan.out_dtype).cpu()
+
+    def run_stats_pass(self, progress: Callable[[str, int], None] | None = None) -> None:
+        for slot in self.slots:
+            slot.stats = self._stats_for(slot)
+        active = [s for s in self.slots if s.stats is not None]
+        if not active or self.base is None:
+            return
+        passes = max(s.stats.passes for s in active)  # type: ignore[union-attr]
+        merged = [t for t in self.tensors if t.merged]
+        for p in range(passes):
+            for plan in merged:
+                base = self._load(self.base, plan.name)
+                for slot in active:
+                    if p >= slot.stats.passes:  # type: ignore[union-attr]
+                        continue
+                    delta = self._load(slot.ckpt, plan.name).sub_(base)
+                    slot.stats.observe(p, plan.name, delta,  # type: ignore[union-attr]
+                                       self.sparsifier_params(slot, plan.name))
+                    del delta
+                if progress is not None:
+                    progress(plan.name, plan.numel * plan.in_dtype.itemsize * (len(active) + 1))
+            for slot in active:
+                if p < slot.stats.passes:  # type: ignore[union-attr]
+                    slot.stats.end_pass(p)  # type: ignore[union-attr]
+
+    def run(self, sink: Callable[[str, torch.Tensor], None],
+            progress: Callable[[str, int], None] | None = None,
+            stats_progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
+        """Run the stats and merge passes, handing each output tensor to ``sink`` in plan order."""
+        self.run_stats_pass(stats_progress)
+        n_inputs = (len(self.weight_inputs) if self.method.space == "weight"
+                    else len(self.slots) + 1)
+        records = []
+        for plan in self.tensors:
+            start = time.perf_counter()
+            record: dict[str, Any] = {"name": plan.name, "shape": list(plan.shape),
+                                      "numel": plan.numel, "merged": plan.merged}
+            out = self.merge_tensor(plan, record)
+            sink(plan.name, out)
+            record["seconds"] = round(time.perf_counter() - start, 6)
+            records.append(record)
+            if progress is not None:
+                progress(plan.name, plan.numel * plan.in_dtype.itemsize * n_inputs)
+        return records
+

@@ -1,0 +1,31 @@
+"""One exception type per user-facing failure.
+
+Every message names the file, the tensor and the fix, on one line, so the CLI can print it as is
+and exit non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class MergewiseError(Exception):
+    """Base class of every error a user can cause (bad recipe, bad checkpoint, bad output path)."""
+
+
+class RecipeError(MergewiseError):
+    """The recipe is invalid: unknown key, wrong type, impossible value, unknown method."""
+
+
+class CheckpointError(MergewiseError):
+    """A checkpoint cannot be read: missing, not a checkpoint, corrupt, unsafe pickle."""
+
+
+class ShapeMismatchError(MergewiseError):
+    """Experts do not match the base: missing tensors, other shapes, other architecture."""
+
+
+class NonFiniteError(MergewiseError):
+    """A NaN or Inf was found in an input tensor or produced by a method."""
+
+
+class OutputError(MergewiseError):
+    """The output path exists (without --overwrite) or cannot be written."""

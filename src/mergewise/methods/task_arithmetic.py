@@ -1,0 +1,55 @@
+"""Task Arithmetic (Ilharco et al. 2023): theta = theta0 + lambda * sum_k w_k * tau_k.
+
+| question            | mergewise                                                   |
+|---------------------|-------------------------------------------------------------|
+| trim scope          | optional: ``density`` < 1 keeps top-|tau| per tensor (``scope: global`` model-wide) |
+| keep fraction       | ``density`` (keep), default 1.0 = no trim                   |
+| sign election       | none                                                        |
+| aggregation         | sum of weighted task vectors; ``normalize: true`` divides by sum of weights |
+| global scale        | ``lambda`` (default 1.0)                                    |
+| rescale             | none                                                        |
+| RNG                 | none                                                        |
+| math dtype          | ``dtype`` (float32 default)                                 |
+
+A ``sparsify:`` block replaces the trim step with any registered sparsifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import RecipeError
+from ..registry import LAMBDA, METHODS, MergeMethod, Param
+
+
+def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    out = torch.zeros_like(deltas[0])
+    for w, d in zip(weights, deltas, strict=True):
+        out.add_(d, alpha=w)
+    return out
+
+
+def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                    *, lam: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    tau = weighted_sum(tensors, weights)
+    if normalize:
+        total = sum(weights)
+        if abs(total) < 1e-12:
+            raise RecipeError("task_arithmetic: weights sum to 0; set normalize: false")
+        tau.div_(total)
+    return base + lam * tau
+
+
+NORMALIZE_OFF = Param("normalize", False, bool, "divide the sum by the sum of the model weights")
+
+METHODS.register(MergeMethod(
+    name="task_arithmetic",
+    func=task_arithmetic,
+    space="delta",
+    params=(LAMBDA, NORMALIZE_OFF),
+    doc=__doc__ or "",
+    sparsifier="magnitude",
+    sparsifier_defaults={"density": 1.0},
+))

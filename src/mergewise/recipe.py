@@ -1,0 +1,274 @@
+"""Recipes: pydantic models, YAML loading and full validation before any tensor is read.
+
+The shape follows mergekit's core fields (``merge_method``, ``base_model``, ``models`` with
+per-model ``parameters``, method-wide ``parameters``, ``dtype``, ``out_dtype``) so its users can
+switch. A parameter value is a scalar or a list of ``{filter: GLOB, value: X}`` entries matched
+against the tensor name with shell-style globs (``*`` crosses dots); the first match wins and an
+entry without ``filter`` matches everything. Per-model values override method-wide ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError
+from .registry import METHODS, SPARSIFIERS, MergeMethod, Param, Scalar, Sparsifier
+
+DTypeName = Literal["float32", "float64", "bfloat16", "float16"]
+
+
+class FilterValue(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Scalar
+
+
+ParamValue = bool | int | float | str | list[FilterValue]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    name: str | None = Field(None, description="task name (defaults to the directory name)")
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    sparsify: dict[str, ParamValue] | None = None
+
+    @property
+    def task_name(self) -> str:
+        return self.name or Path(self.model).name
+
+
+class Recipe(BaseModel):
+    """A merge recipe. Paths are kept as written; ``resolve_paths`` anchors relative ones."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    sparsify: dict[str, ParamValue] | None = None
+    dtype: DTypeName = "float32"
+    out_dtype: DTypeName | None = None
+    seed: int = Field(0, ge=0)
+    tokenizer_source: str | None = None
+    name: str | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    # --- derived views -------------------------------------------------------------------
+    @property
+    def method(self) -> MergeMethod:
+        return METHODS.get(self.merge_method)
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after[_shorthand(), list[ModelEntry]]",))
+
+
+_ALLOWED_TOP = list(Recipe.model_fields)
+_ALLOWED_MODEL = list(ModelEntry.model_fields)
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not isinstance(p, str) or "[" not in p)
+    where = _format_loc(loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = _ALLOWED_MODEL if "models" in loc[:1] and len(loc) == 3 else _ALLOWED_TOP
+        if "filter" in where or (len(loc) >= 2 and isinstance(loc[-2], int) and "parameters" in loc):
+            allowed = ["filter", "value"]
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown key '{key}' at {where}; {hint}allowed: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"missing required key '{loc[-1]}' at {where}"
+    more = f" (+{len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe dict: schema, method, parameters and sparsify blocks (no file access)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping with at least merge_method and models")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_pydantic_message(exc)}") from None
+    try:
+        validate_parameters(recipe)
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
+    """Load a YAML recipe; returns it with the directory relative paths are resolved against."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{p}: cannot read the recipe ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{p}: invalid YAML{at}: {problem}") from None
+    return parse_recipe(data, str(p)), p.resolve().parent
+
+
+# --- parameter schema ------------------------------------------------------------------------
+
+def sparsifier_for(recipe: Recipe, model_index: int) -> tuple[Sparsifier | None, dict[str, ParamValue],
+                                                                 bool]:
+    """The sparsifier of one model: (sparsifier, its explicit params, from_block).
+
+    ``from_block`` is True when a ``sparsify:`` block (per model or method-wide) replaces the
+    method's own trim/drop step; its params then come from the block only.
+    """
+    method = recipe.method
+    block = recipe.models[model_index].sparsify or recipe.sparsify
+    if block is not None:
+        name = block.get("method")
+        if not isinstance(name, str):
+            raise RecipeError("a sparsify block needs 'method: NAME' (e.g. method: magnitude)")
+        params = {k: v for k, v in block.items() if k != "method"}
+        global_block = recipe.sparsify or {}
+        if recipe.models[model_index].sparsify is not None and global_block.get("method") == name:
+            params = {**{k: v for k, v in global_block.items() if k != "method"}, **params}
+        return SPARSIFIERS.get(name), params, True
+    if method.sparsifier is None:
+        return None, {}, False
+    return SPARSIFIERS.get(method.sparsifier), {}, False
+
+
+def sparsifier_param_specs(method: MergeMethod, sparsifier: Sparsifier, from_block: bool
+                           ) -> dict[str, Param]:
+    """The sparsifier's params, with the method's own defaults when it is the default step."""
+    specs = {}
+    for p in sparsifier.params:
+        if not from_block and p.name in method.sparsifier_defaults:
+            p = Param(**{**p.__dict__, "default": method.sparsifier_defaults[p.name]})
+        specs[p.name] = p
+    return specs
+
+
+def _check_value(param: Param, value: ParamValue, where: str) -> None:
+    if isinstance(value, list):
+        if not value:
+            raise RecipeError(f"{where}: '{param.name}' has an empty filter list")
+        for i, entry in enumerate(value):
+            param.check(entry.value, f"{where}.{param.name}[{i}]")
+    else:
+        param.check(value, where)
+
+
+def validate_parameters(recipe: Recipe) -> None:
+    """Check every key, type and range of every parameter; raise on the first problem."""
+    method = recipe.method
+    n = len(recipe.models)
+    if method.max_models is not None and method.max_models == 2 and recipe.base_model and n == 1:
+        n = 2  # slerp-like: the base is the first end point
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        want = (f"exactly {method.min_models}" if method.min_models == method.max_models
+                else f"at least {method.min_models}")
+        raise RecipeError(f"merge_method {method.name} needs {want} models, the recipe has {n}")
+    if method.requires_base and not recipe.base_model:
+        raise RecipeError(f"merge_method {method.name} needs base_model (task vectors are "
+                          "fine-tuned minus base weights)")
+    if not method.accepts_sparsify and (recipe.sparsify or any(m.sparsify for m in recipe.models)):
+        raise RecipeError(f"merge_method {method.name} works on full weights and takes no "
+                          "sparsify block")
+    method_specs = {p.name: p for p in method.params}
+    model_specs_base = {p.name: p for p in method.model_params}
+    per_model_specs: list[dict[str, Param]] = []
+    for i in range(len(recipe.models)):
+        specs = dict(model_specs_base)
+        sp, block_params, from_block = sparsifier_for(recipe, i)
+        if sp is not None:
+            sp_specs = sparsifier_param_specs(method, sp, from_block)
+            where = f"models.{i}.sparsify" if recipe.models[i].sparsify else "sparsify"
+            for key, value in block_params.items():
+                if key not in sp_specs:
+                    raise RecipeError(f"{where}: unknown parameter '{key}' for sparsifier "
+                                      f"{sp.name}{_did_you_mean(key, sp_specs)}; known: "
+                                      f"{', '.join(sp_specs) or 'none'}")
+                _check_value(sp_specs[key], value, where)
+            if not from_block:
+                specs.update(sp_specs)
+        per_model_specs.append(specs)
+    all_model_keys = set().union(*per_model_specs) if per_model_specs else set()
+    for key, value in recipe.parameters.items():
+        if key in method_specs:
+            _check_value(method_specs[key], value, "parameters")
+        elif key in all_model_keys:
+            for specs in per_model_specs:
+                if key in specs:
+                    _check_value(specs[key], value, "parameters")
+        else:
+            raise RecipeError(_unknown_key_message(key, "parameters", method, method_specs,
+                                                   all_model_keys, recipe))
+    for i, entry in enumerate(recipe.models):
+        for key, value in entry.parameters.items():
+            where = f"models.{i}.parameters"
+            if key in per_model_specs[i]:
+                _check_value(per_model_specs[i][key], value, where)
+            elif key in method_specs:
+                raise RecipeError(f"{where}: '{key}' is method-wide; move it to the top-level "
+                                  "parameters")
+            else:
+                raise RecipeError(_unknown_key_message(key, where, method, method_specs,
+                                                       set(per_model_specs[i]), recipe))
+    scope_global = any(
+        isinstance(v, str) and v == "global"
+        for src in [recipe.parameters, *(m.parameters for m in recipe.models),
+                    recipe.sparsify or {}, *((m.sparsify or {}) for m in recipe.models)]
+        for k, v in src.items() if k == "scope"
+    )
+    if scope_global:
+        for src in [recipe.parameters, *(m.parameters for m in recipe.models)]:
+            if isinstance(src.get("density"), list):
+                raise RecipeError("scope: global needs one density per model, not a filter list")
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unknown_key_message(key: str, where: str, method: MergeMethod, method_specs: dict,
+                         model_keys: set[str], recipe: Recipe) -> str:
+    known = sorted(set(method_specs) | model_keys)
+    extra = ""
+    if key == "density" and (recipe.sparsify or any(m.sparsify for m in recipe.models)):
+        extra = " (a sparsify block replaces the method's own trim: put density in that block)"
+    return (f"{where}: unknown parameter '{key}' for {method.name}{_did_you_mean(key, known)}"
+            f"{extra}; known: {', '.join(known) or 'none'}")
+
+
+def resolve(value: ParamValue | None, tensor_name: str) -> Scalar | None:
+    """The value that applies to ``tensor_name``: scalars apply everywhere; first filter match."""
+    if value is None or not isinstance(value, list):
+        return value
+    for entry in value:
+        if entry.filter is None or entry.filter == "*" or fnmatch.fnmatchcase(tensor_name,
+                                                                                entry.filter):
+            return entry.value
+    return None

@@ -1,0 +1,175 @@
+"""One registry per kind of plug-in (merge methods, sparsifiers) and the typed parameters they take.
+
+A plug-in declares its parameters once (name, default, type, range, help); recipe validation,
+``mergewise methods`` and the docs are all derived from that declaration.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from .errors import RecipeError
+
+Scalar = float | int | bool | str
+
+
+@dataclass(frozen=True)
+class Param:
+    """A typed parameter: ``kind`` is float, int, bool or str; bounds are checked at recipe load."""
+
+    name: str
+    default: Any
+    kind: type
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    arg: str | None = None  # python keyword when ``name`` is a keyword (``lambda``)
+
+    @property
+    def python_name(self) -> str:
+        return self.arg or self.name
+
+    def check(self, value: Any, where: str) -> Scalar:
+        """Return ``value`` coerced to this parameter's type, or raise a one-line RecipeError."""
+        kind = self.kind
+        ok: bool
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                value = float(value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise RecipeError(
+                f"{where}: '{self.name}' must be a {kind.__name__}, got {value!r}; {self.help}"
+            )
+        if self.choices is not None and value not in self.choices:
+            raise RecipeError(
+                f"{where}: '{self.name}' must be one of {', '.join(self.choices)}, got {value!r}"
+            )
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise RecipeError(f"{where}: '{self.name}' = {value!r} is out of range; {self.range_text()}")
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise RecipeError(f"{where}: '{self.name}' = {value!r} is out of range; {self.range_text()}")
+        return value
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        return f"it must lie in {left}{lo}, {hi}{right}"
+
+    def describe(self) -> str:
+        if self.choices:
+            kind = "|".join(self.choices)
+        else:
+            kind = self.kind.__name__
+            if self.low is not None or self.high is not None:
+                kind += " in " + self.range_text().removeprefix("it must lie in ")
+        return f"{self.name} ({kind}, default {self.default!r}): {self.help}"
+
+
+# Shared parameter declarations, so every method spells them the same way.
+WEIGHT = Param("weight", 1.0, float, "per-model factor on its task vector (or weights, for linear)")
+LAMBDA = Param("lambda", 1.0, float, "scale of the merged task vector: base + lambda * tau",
+               arg="lam")
+DENSITY_TOPK = Param("density", 0.2, float, "fraction of each task vector kept (top |tau|)",
+                     low=0.0, high=1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """A pure function of one task-vector tensor returning a tensor of the same shape.
+
+    ``func(delta, *, generator, stats, **params)``. ``generator`` is a CPU ``torch.Generator``
+    seeded per (seed, model index, tensor name) when ``random`` is true. ``stats`` is what the
+    sparsifier's stats pass computed for this (model, tensor), or None.
+    """
+
+    name: str
+    func: Callable[..., Any]
+    params: tuple[Param, ...]
+    doc: str
+    random: bool = False
+    # Factory of a StatsPass (see engine.StatsPass) when global information is needed; called with
+    # the resolved per-model parameters; returns None when this configuration needs no stats.
+    stats: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A pure function of one tensor's base value and K inputs returning the merged tensor.
+
+    ``func(base, tensors, weights, **params)``: ``tensors`` are task vectors (deltas) when
+    ``space == "delta"`` (already sparsified), full weights when ``space == "weight"``;
+    ``weights`` are the per-model ``weight`` values resolved for this tensor.
+    """
+
+    name: str
+    func: Callable[..., Any]
+    space: Literal["delta", "weight"]
+    params: tuple[Param, ...]
+    doc: str
+    sparsifier: str | None = None  # default sparsification step (its params become model params)
+    sparsifier_defaults: dict[str, Any] = field(default_factory=dict)
+    requires_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    model_params: tuple[Param, ...] = (WEIGHT,)
+    accepts_sparsify: bool = True
+
+
+T = TypeVar("T", MergeMethod, Sparsifier)
+
+
+class Registry(Generic[T]):
+    """Name -> plug-in; unknown names fail with a "did you mean" suggestion."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, item: T) -> T:
+        if item.name in self._items:
+            raise ValueError(f"{self.kind} '{item.name}' is registered twice")
+        self._items[item.name] = item
+        return item
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._items, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise RecipeError(
+                f"unknown {self.kind} '{name}'; {hint}known: {', '.join(sorted(self._items))}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items[n] for n in self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+
+METHODS: Registry[MergeMethod] = Registry("merge method")
+SPARSIFIERS: Registry[Sparsifier] = Registry("sparsifier")
+
+
+def suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

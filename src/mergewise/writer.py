@@ -1,0 +1,212 @@
+"""Output: streamed sharded safetensors, index, tag-along files, model card, atomic commit.
+
+The shard plan is computed from shapes and dtypes before any tensor is merged (as
+huggingface_hub does), so each shard's safetensors header can be written first and every merged
+tensor appended as soon as it exists: nothing is buffered, and peak memory does not depend on
+``--shard-size`` (mergekit holds up to a whole 5 GB shard in RAM). Everything is written into a
+temporary directory next to the target and renamed into place at the end, so a crash or Ctrl-C
+never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPE_CODES
+from .errors import OutputError
+
+DEFAULT_SHARD_SIZE = 5_000_000_000
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """'5GB' -> 5e9 bytes (decimal, as HF), '512MiB' -> binary, plain numbers are bytes."""
+    if isinstance(text, (int, float)):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise OutputError(f"shard size '{text}' is not a size; use e.g. 5GB, 500MB or 2GiB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise OutputError(f"shard size must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(tensors: Sequence[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    """Greedy, order-preserving split; a tensor larger than ``max_bytes`` gets its own shard."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class StreamingSafetensorsFile:
+    """A safetensors file whose header is written first; tensors must then arrive in order."""
+
+    def __init__(self, path: Path, tensors: Sequence[OutTensor], metadata: dict[str, str]):
+        self.path = path
+        self._order = list(tensors)
+        self._next = 0
+        header: dict[str, object] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for t in tensors:
+            header[t.name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._order[self._next]
+        if name != expected.name or tuple(tensor.shape) != expected.shape \
+                or tensor.dtype != expected.dtype:
+            raise RuntimeError(f"writer expected {expected}, got {name} {tuple(tensor.shape)} "
+                               f"{tensor.dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._fh.write(memoryview(data.numpy()))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._order)
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
+
+class ShardedWriter:
+    """Writes a planned list of tensors into HF-named shards (+ index when more than one)."""
+
+    def __init__(self, directory: Path, tensors: Sequence[OutTensor], shard_size: int,
+                 metadata: dict[str, str] | None = None):
+        self.directory = directory
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = plan_shards(tensors, shard_size)
+        self.names = shard_names(len(self.shards))
+        self._file_of = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
+        self._open: tuple[int, StreamingSafetensorsFile] | None = None
+        self.total_size = sum(t.nbytes for t in tensors)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        index = self._file_of[name]
+        if self._open is None or self._open[0] != index:
+            if self._open is not None:
+                self._open[1].close()
+            path = self.directory / self.names[index]
+            self._open = (index, StreamingSafetensorsFile(path, self.shards[index], self.metadata))
+        self._open[1].write(name, tensor)
+
+    def finalize(self) -> list[str]:
+        if self._open is not None:
+            self._open[1].close()
+            if not self._open[1].complete:
+                raise RuntimeError("writer closed before every tensor was written")
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size,
+                             "mergewise_version": self.metadata.get("mergewise_version", "")},
+                "weight_map": {t.name: self.names[i] for i, shard in enumerate(self.shards)
+                               for t in shard},
+            }
+            (self.directory / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n")
+        return list(self.names)
+
+
+def check_output_target(target: Path, overwrite: bool) -> None:
+    """Fail early (before reading tensors) when the output cannot or must not be written."""
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{target}: output already exists; pass --overwrite (overwrite=True) "
+                              "to replace it, or choose another --out")
+        if not target.is_dir():
+            raise OutputError(f"{target}: exists and is not a directory; refusing to replace it")
+    parent = target.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{target}: cannot create the output: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{target}: cannot write the output: {probe} is not writable")
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp dir next to ``target``; on success rename it to ``target``, else delete it."""
+    check_output_target(target, overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.mergewise-tmp-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary dir
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot create the output ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.mergewise-old-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tagalong(source_dir: Path | None, dest: Path, names: Sequence[str]) -> list[str]:
+    """Copy config/tokenizer/generation files that exist in ``source_dir``; returns their names."""
+    copied = []
+    if source_dir is None:
+        return copied
+    for name in names:
+        src = source_dir / name
+        if src.is_file():
+            shutil.copyfile(src, dest / name)
+            copied.append(name)
+    return copied
