@@ -22,6 +22,7 @@ from .engine import MergeJob, PlanSummary
 from .errors import RecipeError
 from .progress import merge_progress
 from .recipe import Recipe, load_recipe, parse_recipe
+from .report import tensor_rows, write_tables
 from .writer import (
     DEFAULT_SHARD_SIZE,
     OutTensor,
@@ -151,15 +152,17 @@ def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "mergewise_recipe.yaml").write_text(rec.to_yaml())
     (tmp / "README.md").write_text(model_card(rec, job))
+    tasks = [s.task for s in job.slots]
     report = {
         "mergewise_version": __version__,
         "merge_method": rec.merge_method,
-        "tasks": [s.task for s in job.slots],
+        "tasks": tasks,
         "seconds": round(seconds, 3),
         "plan": job.summary().__dict__,
+        "sparsifiers": job.sparsifier_summary(),
         "tensors": records,
     }
-    (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_tables(tmp, report, tensor_rows(records, tasks))
 
 
 def model_card(rec: Recipe, job: MergeJob) -> str:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -290,11 +291,21 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported global"
+        # torch's message is many lines of advice with ANSI codes; keep the one line that matters
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        lines = [ln.strip() for ln in text.split("WeightsUnpickler error:")[-1].splitlines()]
+        detail = next((ln for ln in lines if ln), "unsupported content")
+        if not re.search(r"global|reduce|class|build", detail, re.IGNORECASE):
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint (corrupt or not a pickle: "
+                f"{detail[:160]}); re-download or re-save it"
+            ) from None
+        found = re.search(r"GLOBAL (\S+)", detail)
+        what = f"it references {found.group(1)}" if found else detail[:160]
         raise CheckpointError(
-            f"{path}: refused to load: this pickle needs code to run ({first[:160]}); "
-            "mergewise loads only plain tensors (weights_only=True); convert it to safetensors "
-            "in a trusted environment"
+            f"{path}: refused to load: this pickle needs code to run ({what}); "
+            "mergewise loads only plain tensors (weights_only=True) and never executes a "
+            "checkpoint; convert it to safetensors in a trusted environment"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -321,8 +332,15 @@ def _from_index(index_path: Path, label: str) -> Checkpoint:
     try:
         index = json.loads(index_path.read_text())
         weight_map: dict[str, str] = index["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({exc})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("'weight_map' must map tensor names to shard file names")
+    except KeyError as exc:
+        raise CheckpointError(f"{index_path}: not a valid shard index (no {exc} key); "
+                              "re-download it") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({exc}); "
+                              "re-download it") from None
     directory = index_path.parent
     shard_names = list(dict.fromkeys(weight_map.values()))
     missing = [s for s in shard_names if not (directory / s).is_file()]

@@ -106,6 +106,38 @@ def example(
 
 
 @app.command()
+def inspect(
+    experts: Annotated[list[str], typer.Argument(help="fine-tuned checkpoint(s)")],
+    base: Annotated[str, typer.Option("--base", "-b", help="pretrained base checkpoint")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="where tables and PNG plots go")] = None,
+    drop_rate: Annotated[float, typer.Option(help="TADrop target mean drop rate p̄")] = 0.8,
+    strength: Annotated[float, typer.Option(help="TADrop strength γ")] = 1.0,
+    budget: Annotated[str, typer.Option(help="median or elements")] = "median",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """TADrop statistics of experts' task vectors (d, drop rate per tensor) and plots, no merge."""
+    from .diagnose import inspect_experts
+    from .report import kind_summary
+
+    try:
+        result = inspect_experts(experts, base, out_dir, device=device,
+                                 tadrop={"drop_rate": drop_rate, "strength": strength,
+                                         "budget": budget})
+    except MergewiseError as exc:
+        _fail(exc)
+        return
+    for task, d_ref in zip(dict.fromkeys(r["task"] for r in result.rows), result.d_ref):
+        out.print(f"[bold]{task}[/] (d_ref = {d_ref if d_ref is None else f'{d_ref:.4f}'})",
+                  highlight=False)
+        for s in kind_summary([r for r in result.rows if r["task"] == task]):
+            mean_d = "-" if s["mean_d"] is None else f"{s['mean_d']:.3f}"
+            out.print(f"    {s['kind']:<10} tensors {s['tensors']:>4}  elements {s['numel']:>12,}  "
+                      f"mean d {mean_d}", highlight=False)
+    for f in result.files:
+        out.print(f"wrote {f}", highlight=False)
+
+
+@app.command()
 def version() -> None:
     """Print the mergewise version."""
     out.print(__version__)

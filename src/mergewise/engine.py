@@ -248,8 +248,28 @@ class MergeJob:
         first = next(t.name for t in self.tensors if t.merged)
         return slot.sparsifier.stats(**self.sparsifier_params(slot, first))
 
+    def sparsifier_summary(self) -> list[dict[str, Any]]:
+        """Per model: sparsifier, its parameters and what its stats pass decided globally."""
+        out = []
+        for slot in self.slots:
+            entry: dict[str, Any] = {"task": slot.task,
+                                     "sparsifier": slot.sparsifier.name if slot.sparsifier else None}
+            if slot.sparsifier is not None:
+                first = next(t.name for t in self.tensors if t.merged)
+                entry["parameters"] = self.sparsifier_params(slot, first)
+            for attr in ("d_ref", "threshold"):
+                value = getattr(slot.stats, attr, None)
+                if value is not None:
+                    entry[attr] = float(value)
+            if hasattr(slot.stats, "realised_drop_rate"):
+                entry["realised_drop_rate"] = slot.stats.realised_drop_rate()
+            out.append(entry)
+        return out
+
     # --- computing ----------------------------------------------------------------------
     def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        """Read, move and upcast one tensor. May return the caller's own tensor (in-memory
+        inputs already in the compute dtype): never modify the result in place."""
         t = ckpt.read(name)
         t = t.to(device=self.device, dtype=self.compute_dtype)
         _check_finite(t, ckpt.label, name)
@@ -262,21 +282,25 @@ class MergeJob:
         ``stats_mode``: the stats pass observes raw task vectors)."""
         deltas = []
         for slot in self.slots:
-            delta = self._load(slot.ckpt, name)
-            delta.sub_(base)
+            delta = self._load(slot.ckpt, name) - base  # out of place: never touch inputs
             if stats_mode:
                 deltas.append(delta)
                 continue
+            info: dict[str, Any] = {}
             if record is not None:
-                record.setdefault("delta_norm", []).append(float(torch.linalg.vector_norm(delta)))
+                info["norm_before"] = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
             if slot.sparsifier is not None:
                 params = self.sparsifier_params(slot, name)
                 gen = (tensor_generator(self.recipe.seed, slot.index, name)
                        if slot.sparsifier.random else None)
                 stats = slot.stats.for_tensor(name) if slot.stats is not None else None
+                if slot.sparsifier.reports and record is not None:
+                    params["info"] = info
                 delta = slot.sparsifier.func(delta, generator=gen, stats=stats, **params)
             if record is not None:
-                record.setdefault("kept", []).append(int(torch.count_nonzero(delta)))
+                info["kept"] = int(torch.count_nonzero(delta))
+                info["norm_after"] = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+                record.setdefault("models", []).append(info)
             deltas.append(delta)
         return deltas
 
@@ -316,7 +340,7 @@ class MergeJob:
                 for slot in active:
                     if p >= slot.stats.passes:  # type: ignore[union-attr]
                         continue
-                    delta = self._load(slot.ckpt, plan.name).sub_(base)
+                    delta = self._load(slot.ckpt, plan.name) - base
                     slot.stats.observe(p, plan.name, delta,  # type: ignore[union-attr]
                                        self.sparsifier_params(slot, plan.name))
                     del delta

@@ -23,13 +23,16 @@ from .registry import METHODS, SPARSIFIERS, MergeMethod, Param, Scalar, Sparsifi
 DTypeName = Literal["float32", "float64", "bfloat16", "float16"]
 
 
+ListValue = list[float] | list[str]
+
+
 class FilterValue(BaseModel):
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Scalar
+    value: bool | int | float | str | ListValue
 
 
-ParamValue = bool | int | float | str | list[FilterValue]
+ParamValue = bool | int | float | str | list[FilterValue] | ListValue
 
 
 class ModelEntry(BaseModel):
@@ -163,17 +166,20 @@ def sparsifier_param_specs(method: MergeMethod, sparsifier: Sparsifier, from_blo
                            ) -> dict[str, Param]:
     """The sparsifier's params, with the method's own defaults when it is the default step."""
     specs = {}
+    overrides = method.block_defaults if from_block else method.sparsifier_defaults
     for p in sparsifier.params:
-        if not from_block and p.name in method.sparsifier_defaults:
-            p = Param(**{**p.__dict__, "default": method.sparsifier_defaults[p.name]})
+        if p.name in overrides:
+            p = Param(**{**p.__dict__, "default": overrides[p.name]})
         specs[p.name] = p
     return specs
 
 
+def _is_filter_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], FilterValue)
+
+
 def _check_value(param: Param, value: ParamValue, where: str) -> None:
-    if isinstance(value, list):
-        if not value:
-            raise RecipeError(f"{where}: '{param.name}' has an empty filter list")
+    if _is_filter_list(value):
         for i, entry in enumerate(value):
             param.check(entry.value, f"{where}.{param.name}[{i}]")
     else:
@@ -244,7 +250,7 @@ def validate_parameters(recipe: Recipe) -> None:
     )
     if scope_global:
         for src in [recipe.parameters, *(m.parameters for m in recipe.models)]:
-            if isinstance(src.get("density"), list):
+            if _is_filter_list(src.get("density")):
                 raise RecipeError("scope: global needs one density per model, not a filter list")
 
 
@@ -265,7 +271,7 @@ def _unknown_key_message(key: str, where: str, method: MergeMethod, method_specs
 
 def resolve(value: ParamValue | None, tensor_name: str) -> Scalar | None:
     """The value that applies to ``tensor_name``: scalars apply everywhere; first filter match."""
-    if value is None or not isinstance(value, list):
+    if value is None or not _is_filter_list(value):
         return value
     for entry in value:
         if entry.filter is None or entry.filter == "*" or fnmatch.fnmatchcase(tensor_name,

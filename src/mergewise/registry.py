@@ -30,6 +30,9 @@ class Param:
     high_open: bool = False
     choices: tuple[str, ...] | None = None
     arg: str | None = None  # python keyword when ``name`` is a keyword (``lambda``)
+    # For kind=list: the item type, and an extra check of the whole value (returns an error text)
+    item_kind: type | None = None
+    validate: Callable[[Any], str | None] | None = None
 
     @property
     def python_name(self) -> str:
@@ -47,12 +50,22 @@ class Param:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if ok:
                 value = float(value)
+        elif kind is list:
+            item = self.item_kind or str
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, item) or (item is float and isinstance(v, int)
+                                        and not isinstance(v, bool)) for v in value)
+            if ok:
+                value = [float(v) if item is float else v for v in value]
         else:
             ok = isinstance(value, str)
         if not ok:
-            raise RecipeError(
-                f"{where}: '{self.name}' must be a {kind.__name__}, got {value!r}; {self.help}"
-            )
+            what = f"list of {(self.item_kind or str).__name__}" if kind is list else kind.__name__
+            raise RecipeError(f"{where}: '{self.name}' must be a {what}, got {value!r}; {self.help}")
+        if self.validate is not None:
+            problem = self.validate(value)
+            if problem:
+                raise RecipeError(f"{where}: '{self.name}' = {value!r}: {problem}")
         if self.choices is not None and value not in self.choices:
             raise RecipeError(
                 f"{where}: '{self.name}' must be one of {', '.join(self.choices)}, got {value!r}"
@@ -73,6 +86,8 @@ class Param:
     def describe(self) -> str:
         if self.choices:
             kind = "|".join(self.choices)
+        elif self.kind is list:
+            kind = f"list of {(self.item_kind or str).__name__}"
         else:
             kind = self.kind.__name__
             if self.low is not None or self.high is not None:
@@ -102,6 +117,8 @@ class Sparsifier:
     params: tuple[Param, ...]
     doc: str
     random: bool = False
+    # True when ``func`` accepts ``info=dict`` and fills it with per-tensor diagnostics (report)
+    reports: bool = False
     # Factory of a StatsPass (see engine.StatsPass) when global information is needed; called with
     # the resolved per-model parameters; returns None when this configuration needs no stats.
     stats: Callable[..., Any] | None = None
@@ -128,6 +145,9 @@ class MergeMethod:
     max_models: int | None = None
     model_params: tuple[Param, ...] = (WEIGHT,)
     accepts_sparsify: bool = True
+    # Defaults a ``sparsify:`` block gets under this method when it has such a parameter
+    # (the DARE methods make TADrop default to random selection).
+    block_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 T = TypeVar("T", MergeMethod, Sparsifier)

@@ -3,7 +3,8 @@
 Used by the built-in example (tiny) and the performance benchmark (~0.45B parameters). Weights
 are seeded per tensor name, so any expert can regenerate the base tensor it perturbs without
 holding the base in memory. Task vectors are heavy-tailed (Student-t, df = 3) with a per-tensor
-scale and a task-specific block of rows that moved more, like real fine-tunes.
+scale and a task-specific block of rows that moved more, like real fine-tunes; embedding and
+head rows move only for the ~20% of tokens "seen" in fine-tuning; norm scales move as Gaussians.
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ def task_vector(name: str, shape: tuple[int, ...], seed: int, task: int, n_tasks
     base_scale = scale * (shape[-1] ** -0.5 if len(shape) > 1 else 1.0)
     per_tensor = float(torch.empty(()).uniform_(0.5, 2.0, generator=g))
     t = t * (base_scale * per_tensor)
-    if len(shape) > 1 and shape[0] >= n_tasks:  # a task-specific block of rows moved more
+    if len(shape) == 1:  # norm scales move smoothly: Gaussian, not heavy-tailed
+        t = torch.randn(shape, generator=g) * (base_scale * per_tensor)
+    elif "embed" in name or "lm_head" in name:  # only the rows of tokens seen in fine-tuning
+        t[torch.rand(shape[0], generator=g) > 0.2] = 0.0
+    elif shape[0] >= n_tasks:  # a task-specific block of rows moved more
         rows = shape[0] // n_tasks
         t[task * rows:(task + 1) * rows] *= 3.0
     return t

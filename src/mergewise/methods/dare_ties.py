@@ -24,4 +24,5 @@ METHODS.register(MergeMethod(
     doc=__doc__ or "",
     sparsifier="random",
     sparsifier_defaults={"density": 0.1},
+    block_defaults={"mode": "random"},
 ))

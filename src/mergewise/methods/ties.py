@@ -54,7 +54,10 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
         elif aggregate == "weighted_mean":
             divisor += agree * w
     if aggregate != "sum":
-        divisor = torch.where(divisor.abs() < 1e-12, torch.ones_like(divisor), divisor)
+        # ``== 0`` too: in float16 the literal 1e-12 rounds to 0, so ``< 1e-12`` alone misses
+        # empty entries and 0/0 gives NaN
+        empty = (divisor == 0) | (divisor.abs() < 1e-12)
+        divisor = torch.where(empty, torch.ones_like(divisor), divisor)
         merged /= divisor
     return base + lam * merged
 
