@@ -18,8 +18,8 @@ from .registry import METHODS, SPARSIFIERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge fine-tuned models of one pretrained base (TADrop, TIES, DARE, ...).")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: BaseException) -> None:
@@ -62,10 +62,17 @@ def merge(
 
 
 @app.command()
-def methods() -> None:
+def methods(
+    markdown: Annotated[bool, typer.Option("--markdown", help="print docs/methods.md")] = False,
+) -> None:
     """List merge methods and sparsifiers with their parameters and defaults."""
     from .recipe import sparsifier_param_specs
 
+    if markdown:
+        from .docs import methods_markdown
+
+        sys.stdout.write(methods_markdown())
+        return
     for m in METHODS:
         needs = "base required" if m.requires_base else "no base needed"
         out.print(f"[bold]{m.name}[/] ({m.space} space, {needs})", highlight=False)

@@ -324,7 +324,13 @@ class MergeJob:
         if not bool(torch.isfinite(out).all()):
             raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "
                                  "check the recipe's weights and lambda")
-        return out.to(dtype=plan.out_dtype).cpu()
+        out = out.to(dtype=plan.out_dtype)
+        if not bool(torch.isfinite(out).all()):  # finite in the compute dtype, not in out_dtype
+            dtype = str(plan.out_dtype).removeprefix("torch.")
+            raise NonFiniteError(f"{self.method.name}: tensor '{name}' overflows out_dtype {dtype} "
+                                 "(values beyond its range); use a wider out_dtype or check the "
+                                 "recipe's weights and lambda")
+        return out.cpu()
 
     def run_stats_pass(self, progress: Callable[[str, int], None] | None = None) -> None:
         for slot in self.slots:

@@ -87,22 +87,61 @@ _ALLOWED_TOP = list(Recipe.model_fields)
 _ALLOWED_MODEL = list(ModelEntry.model_fields)
 
 
+_UNION_TAGS = ("bool", "int", "float", "str")
+_VALUE_HELP = ("a number, a string, true/false, a list of numbers or strings, or a list of "
+               "{filter: GLOB, value: X} entries")
+
+
+def _union_at(loc: tuple[Any, ...]) -> int | None:
+    """Index of the first union-branch tag pydantic put in ``loc`` (parameter values)."""
+    for i, p in enumerate(loc):
+        if isinstance(p, str) and (p in _UNION_TAGS or p.startswith("list[")):
+            return i
+    return None
+
+
+def _simplify(errors: list[Any]) -> tuple[Any, str | None]:
+    """Reduce pydantic's one-error-per-union-branch report to the error that explains the
+    problem: (error with a plain loc, or a ready message for a value of the wrong shape)."""
+    err = errors[0]
+    i = _union_at(err["loc"])
+    if i is None:
+        return err, None
+    prefix = err["loc"][:i]
+    group = [e for e in errors if e["loc"][:i] == prefix and _union_at(e["loc"]) == i]
+    value = next((e["input"] for e in group if len(e["loc"]) == i + 1), err["input"])
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        inner = [{**e, "loc": prefix + e["loc"][i + 1:]} for e in group
+                 if e["loc"][i] == "list[FilterValue]"]
+        if inner:
+            return _simplify(inner)
+    return err, f"{_format_loc(prefix)}: expected {_VALUE_HELP}; got {value!r}"
+
+
 def _pydantic_message(exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # an unknown key explains a "missing" one (a typo), so report it first
+    errors = ([e for e in errors if e["type"] == "extra_forbidden"]
+              + [e for e in errors if e["type"] != "extra_forbidden"])
+    err, message = _simplify(errors)
+    if message is not None:
+        return message
     loc = tuple(p for p in err["loc"] if not isinstance(p, str) or "[" not in p)
     where = _format_loc(loc) or "recipe"
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        allowed = _ALLOWED_MODEL if "models" in loc[:1] and len(loc) == 3 else _ALLOWED_TOP
-        if "filter" in where or (len(loc) >= 2 and isinstance(loc[-2], int) and "parameters" in loc):
-            allowed = ["filter", "value"]
+        if len(loc) >= 3 and isinstance(loc[-2], int) and loc[-3] != "models":
+            allowed = ["filter", "value"]  # an entry of a filter list
+        elif len(loc) == 3 and loc[0] == "models":
+            allowed = _ALLOWED_MODEL
+        else:
+            allowed = _ALLOWED_TOP
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"unknown key '{key}' at {where}; {hint}allowed: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"missing required key '{loc[-1]}' at {where}"
-    more = f" (+{len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return f"{where}: {err['msg']}{more}"
+    return f"{where}: {err['msg']}"
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -120,6 +159,24 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (first given at line {seen[key] + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            except TypeError:
+                continue  # unhashable key: the base class reports it
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     """Load a YAML recipe; returns it with the directory relative paths are resolved against."""
     p = Path(path)
@@ -128,7 +185,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     except OSError as exc:
         raise RecipeError(f"{p}: cannot read the recipe ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -156,7 +213,13 @@ def sparsifier_for(recipe: Recipe, model_index: int) -> tuple[Sparsifier | None,
         global_block = recipe.sparsify or {}
         if recipe.models[model_index].sparsify is not None and global_block.get("method") == name:
             params = {**{k: v for k, v in global_block.items() if k != "method"}, **params}
-        return SPARSIFIERS.get(name), params, True
+        try:
+            sparsifier = SPARSIFIERS.get(name)
+        except RecipeError as exc:
+            where = (f"models.{model_index}.sparsify" if recipe.models[model_index].sparsify
+                     else "sparsify")
+            raise RecipeError(f"{where}.method: {exc}") from None
+        return sparsifier, params, True
     if method.sparsifier is None:
         return None, {}, False
     return SPARSIFIERS.get(method.sparsifier), {}, False
@@ -188,7 +251,10 @@ def _check_value(param: Param, value: ParamValue, where: str) -> None:
 
 def validate_parameters(recipe: Recipe) -> None:
     """Check every key, type and range of every parameter; raise on the first problem."""
-    method = recipe.method
+    try:
+        method = recipe.method
+    except RecipeError as exc:
+        raise RecipeError(f"merge_method: {exc}") from None
     n = len(recipe.models)
     if method.max_models is not None and method.max_models == 2 and recipe.base_model and n == 1:
         n = 2  # slerp-like: the base is the first end point

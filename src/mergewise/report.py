@@ -201,10 +201,11 @@ def plot_d_by_layer(rows: Sequence[dict[str, Any]], path: Path) -> None:
             if label not in labels:
                 handles.append(h)
                 labels.append(label)
-    fig.legend(handles, labels, loc="center right", fontsize=8, title="module kind")
     fig.suptitle("Quantile ratio d per tensor: low = heavy-tailed (kept), high = flat (pruned)",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles, labels, loc="lower center", fontsize=8, ncol=max(1, len(labels)),
+               title="module kind", title_fontsize=8, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

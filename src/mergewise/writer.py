@@ -126,10 +126,16 @@ class ShardedWriter:
         self.shards = plan_shards(tensors, shard_size)
         self.names = shard_names(len(self.shards))
         self._file_of = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
+        self._order = [t.name for shard in self.shards for t in shard]
+        self._written = 0
         self._open: tuple[int, StreamingSafetensorsFile] | None = None
         self.total_size = sum(t.nbytes for t in tensors)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        # plan order only: going back to an earlier shard would truncate it
+        expected = self._order[self._written] if self._written < len(self._order) else None
+        if name != expected:
+            raise RuntimeError(f"writer expected tensor {expected!r}, got {name!r}")
         index = self._file_of[name]
         if self._open is None or self._open[0] != index:
             if self._open is not None:
@@ -137,12 +143,14 @@ class ShardedWriter:
             path = self.directory / self.names[index]
             self._open = (index, StreamingSafetensorsFile(path, self.shards[index], self.metadata))
         self._open[1].write(name, tensor)
+        self._written += 1
 
     def finalize(self) -> list[str]:
         if self._open is not None:
             self._open[1].close()
-            if not self._open[1].complete:
-                raise RuntimeError("writer closed before every tensor was written")
+        if self._written != len(self._order):
+            raise RuntimeError(f"writer finalized after {self._written} of {len(self._order)} "
+                               "tensors")
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": self.total_size,

@@ -5,7 +5,7 @@
 | drop                | Bernoulli per entry, keep probability ``density`` (0.1)    |
 | rescale             | 1/density (paper); mergekit matches the L1 norm            |
 | sign election input | weighted dropped task vectors; sign of sum; 0 counts as +  |
-| aggregation         | ``aggregate: mean`` (paper code, MergeLM) / ``sum`` (mergekit's default for dare_ties) / ``weighted_mean`` |
+| aggregation         | ``aggregate``: mean (paper code) / sum (mergekit default) / weighted_mean |
 | global scale        | ``lambda`` 1.0                                             |
 | RNG                 | one CPU generator per (seed, model index, tensor name)     |
 | math dtype          | ``dtype`` (float32 default)                                |

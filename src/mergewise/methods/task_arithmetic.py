@@ -2,7 +2,7 @@
 
 | question            | mergewise                                                   |
 |---------------------|-------------------------------------------------------------|
-| trim scope          | optional: ``density`` < 1 keeps top-|tau| per tensor (``scope: global`` model-wide) |
+| trim scope          | optional: ``density`` < 1 keeps top magnitude per tensor (``scope: global`` model-wide) |
 | keep fraction       | ``density`` (keep), default 1.0 = no trim                   |
 | sign election       | none                                                        |
 | aggregation         | sum of weighted task vectors; ``normalize: true`` divides by sum of weights |

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..errors import RecipeError
 from ..registry import SPARSIFIERS, Param, Sparsifier
 from ..stats import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles, topk_mask
 from ..statspass import StatsPass
@@ -175,7 +176,10 @@ def _check_quantiles(value: list[float]) -> str | None:
     return None
 
 
-def _stats(budget: str = "median", **_: Any) -> StatsPass:
+def _stats(budget: str = "median", min_drop: float = 0.0, max_drop: float = 0.99,
+           **_: Any) -> StatsPass:
+    if min_drop > max_drop:
+        raise RecipeError(f"tadrop: min_drop ({min_drop}) is above max_drop ({max_drop})")
     return TADropStats(budget)
 
 
