@@ -106,7 +106,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
     target = Path(out).expanduser().absolute() if out is not None else None
     if target is None and not dry_run:
         raise RecipeError("merge needs an output directory (--out)")
-    if target is not None and not dry_run:
+    if target is not None:  # a dry run with --out checks the output path like a real run
         check_output_target(target, overwrite)
     base, models, paths = open_recipe_checkpoints(rec, root)
     with contextlib.ExitStack() as stack:

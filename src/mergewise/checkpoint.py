@@ -343,6 +343,10 @@ def _from_index(index_path: Path, label: str) -> Checkpoint:
                               "re-download it") from None
     directory = index_path.parent
     shard_names = list(dict.fromkeys(weight_map.values()))
+    outside = [s for s in shard_names if not isinstance(s, str) or Path(s).name != s]
+    if outside:
+        raise CheckpointError(f"{index_path}: shard name {outside[0]!r} is not a plain file name in "
+                              "the checkpoint directory; refusing to read outside it")
     missing = [s for s in shard_names if not (directory / s).is_file()]
     if missing:
         raise CheckpointError(

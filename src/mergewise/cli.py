@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import MergewiseError
@@ -21,9 +22,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+# The bench sub-app module imports only typer/rich; transformers loads inside its commands.
+from .bench.cli import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
+
 
 def _fail(exc: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escape: paths and values in the message may contain [...] that rich would eat as markup
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -57,8 +64,8 @@ def merge(
             out.print(f"  {line}", highlight=False)
         return
     out.print(f"merged {result.summary.tensors} tensors in {result.seconds:.1f} s", highlight=False)
-    out.print(f"output: {result.out}", highlight=False)
-    out.print(f"report: {result.report_path}", highlight=False)
+    out.print(f"output: {result.out}", highlight=False, markup=False)
+    out.print(f"report: {result.report_path}", highlight=False, markup=False)
 
 
 @app.command()
@@ -77,18 +84,19 @@ def methods(
         needs = "base required" if m.requires_base else "no base needed"
         out.print(f"[bold]{m.name}[/] ({m.space} space, {needs})", highlight=False)
         for p in m.params:
-            out.print(f"    {p.describe()}", highlight=False)
+            out.print(f"    {p.describe()}", highlight=False, markup=False)
         for p in m.model_params:
-            out.print(f"    {p.describe()} [per model]", highlight=False)
+            out.print(f"    {p.describe()} [per model]", highlight=False, markup=False)
         if m.sparsifier:
             sp = SPARSIFIERS.get(m.sparsifier)
             for p in sparsifier_param_specs(m, sp, from_block=False).values():
-                out.print(f"    {p.describe()} [per model, {sp.name} step]", highlight=False)
+                out.print(f"    {p.describe()} [per model, {sp.name} step]", highlight=False,
+                          markup=False)
     out.print("\n[bold]sparsifiers[/] (use in a `sparsify:` block: {method: NAME, ...})")
     for s in SPARSIFIERS:
         out.print(f"[bold]{s.name}[/]", highlight=False)
         for p in s.params:
-            out.print(f"    {p.describe()}", highlight=False)
+            out.print(f"    {p.describe()}", highlight=False, markup=False)
 
 
 @app.command()
@@ -107,7 +115,7 @@ def example(
     out.print(f"example checkpoints and recipe: {directory / 'models'}, {directory / 'recipe.yaml'}",
               highlight=False)
     out.print(f"merged model: {result.out}", highlight=False)
-    out.print(f"report: {result.report_path}", highlight=False)
+    out.print(f"report: {result.report_path}", highlight=False, markup=False)
     out.print(f"({result.summary.tensors} tensors, {result.summary.parameters:,} parameters per "
               f"model, {result.seconds:.2f} s)", highlight=False)
 

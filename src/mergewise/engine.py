@@ -12,8 +12,8 @@ At most K + 2 copies of one tensor (plus the method's work space) are alive at a
 Tensor rules: floating-point tensors are merged. Integer and bool buffers (``position_ids``...)
 are copied from the reference unchanged and may be absent from experts. A floating-point tensor
 missing from an expert, present only in an expert, of another shape, or of a non-float dtype
-there is an error. A tensor whose task vectors are all zero comes out equal to the base for every
-task-vector method.
+there is an error. A tensor whose (sparsified) task vectors are all zero is written as the base
+tensor itself, bit for bit (cast only to ``out_dtype``), by every task-vector method.
 """
 
 from __future__ import annotations
@@ -239,8 +239,9 @@ class MergeJob:
         n = len(self.weight_inputs) if self.method.space == "weight" else len(self.slots)
         if spec is None:
             return [1.0] * n
-        return [float(self.model_param(s, spec, name)) for s in self.slots] + \
-            [1.0] * (n - len(self.slots))
+        # a base prepended as the first end point of a two-model method weighs 1
+        return [1.0] * (n - len(self.slots)) + [float(self.model_param(s, spec, name))
+                                                for s in self.slots]
 
     def _stats_for(self, slot: ModelSlot) -> StatsPass | None:
         if slot.sparsifier is None or slot.sparsifier.stats is None:
@@ -317,9 +318,16 @@ class MergeJob:
         else:
             base = self._load(self.base, name)  # type: ignore[arg-type]
             deltas = self.task_vectors(name, base, record)
-            out = self.method.func(base, deltas, weights, **params)
-            if record is not None:
-                record["merged_delta_norm"] = float(torch.linalg.vector_norm(out - base))
+            if not any(bool(d.any()) for d in deltas):
+                # nothing moved: the base exactly, not its round trip through the compute dtype;
+                # a copy (never the caller's own tensor), checked against out_dtype below
+                if record is not None:
+                    record["merged_delta_norm"] = 0.0
+                out = self.base.read(name).clone()  # type: ignore[union-attr]
+            else:
+                out = self.method.func(base, deltas, weights, **params)
+                if record is not None:
+                    record["merged_delta_norm"] = float(torch.linalg.vector_norm(out - base))
             del deltas, base
         if not bool(torch.isfinite(out).all()):
             raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "

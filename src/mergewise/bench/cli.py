@@ -1,0 +1,142 @@
+"""``mergewise bench build|run|tasks``: the offline benchmark's command line.
+
+This module is imported by ``mergewise.cli`` at start-up, so it imports nothing heavy at module
+level: transformers, pandas and the benchmark modules are loaded inside the commands. Without
+the bench extras installed, ``mergewise --help`` still works and ``bench`` says what to install.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import INSTALL_HINT, missing_requirements
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Offline multi-task benchmark: MiniLM experts on six text tasks.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+CacheOpt = Annotated[Path | None, typer.Option(
+    "--cache", help="expert cache directory (default: $MERGEWISE_BENCH_CACHE or ~/.cache/mergewise/bench)")]
+TasksOpt = Annotated[str | None, typer.Option(
+    "--tasks", help="comma-separated task names (default: all six; --smoke: two)")]
+SmokeOpt = Annotated[bool, typer.Option("--smoke", help="the tiny CI recipe: 2 tasks, 40 steps, small eval subsets")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress")]
+
+SMOKE_TASKS = ("convention_party", "gi_word_polarity")
+
+
+def _require() -> None:
+    missing = missing_requirements()
+    if missing:
+        err.print(f"[bold red]error:[/] the benchmark needs {', '.join(missing)}; install with: "
+                  f"{INSTALL_HINT}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _tasks(tasks: str | None, smoke: bool) -> list[str]:
+    from .data import TASKS
+
+    if tasks is None:
+        return list(SMOKE_TASKS if smoke else TASKS)
+    names = [t.strip() for t in tasks.replace(" ", ",").split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        err.print(f"[bold red]error:[/] unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}",
+                  highlight=False)
+        raise typer.Exit(1)
+    return names
+
+
+def _cache(cache: Path | None) -> Path:
+    from .zoo import default_cache
+
+    return (cache or default_cache()).expanduser()
+
+
+@bench_app.command()
+def tasks() -> None:
+    """List the six tasks with their split sizes and class counts."""
+    _require()
+    from .data import TASKS, describe, load_task
+
+    for name in TASKS:
+        out.print(describe(load_task(name)), highlight=False)
+
+
+@bench_app.command()
+def build(
+    cache: CacheOpt = None,
+    tasks: TasksOpt = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="fine-tuning steps per expert")] = None,
+    smoke: SmokeOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Fine-tune (or find cached) one expert per task, and a linear probe on the base encoder."""
+    _require()
+    from .zoo import FULL, SMOKE, build_zoo, with_steps
+
+    config = with_steps(SMOKE if smoke else FULL, steps)
+    where = _cache(cache)
+    t0 = time.perf_counter()
+    try:
+        build_zoo(_tasks(tasks, smoke), where, config, progress=progress,
+                  log=lambda s: out.print(s, highlight=False))
+    except KeyboardInterrupt:
+        err.print("interrupted: finished experts and the last training checkpoint are kept; "
+                  "run the same command again to resume")
+        raise typer.Exit(130) from None
+    out.print(f"zoo ready in {where} ({time.perf_counter() - t0:.0f} s)", highlight=False)
+
+
+@bench_app.command()
+def run(
+    methods: Annotated[str | None, typer.Option(
+        "--methods", help="comma-separated registry methods; NAME+tadrop for the TADrop row "
+                          "(default: linear, task_arithmetic, ties, dare_ties, breadcrumbs, each "
+                          "with and without +tadrop)")] = None,
+    cache: CacheOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="results directory (also the resume cache)")] = Path(
+        "bench-results"),
+    tasks: TasksOpt = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="the experts' steps (as given to build)")] = None,
+    smoke: SmokeOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Merge the experts with each method, tune on validation, report test accuracy."""
+    _require()
+    from dataclasses import replace
+
+    from .runner import SMOKE_RUN, RunConfig, variant
+    from .zoo import with_steps
+
+    config = SMOKE_RUN if smoke else RunConfig()
+    config = replace(config, zoo=with_steps(config.zoo, steps))
+    if methods:
+        names = tuple(m.strip() for m in methods.split(",") if m.strip())
+        try:
+            for m in names:
+                variant(m, config.grids)
+        except Exception as exc:  # unknown method, or a method with no TADrop row
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        config = replace(config, methods=names)
+    from .runner import run_benchmark
+
+    try:
+        doc = run_benchmark(_tasks(tasks, smoke), _cache(cache), out_dir, config, progress=progress,
+                            log=lambda s: out.print(s, highlight=False))
+    except FileNotFoundError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: finished evaluations are cached; run the same command to resume")
+        raise typer.Exit(130) from None
+    out.print((out_dir / "results.md").read_text(), highlight=False)
+    out.print(f"wrote {out_dir / 'results.md'}, results.json, results.png ({doc['seconds']:.0f} s)",
+              highlight=False)

@@ -1,0 +1,296 @@
+"""Merge the zoo's experts with every method, tune on validation, report test accuracy.
+
+Protocol (why each choice):
+- Every candidate merge is scored on the **validation** splits; the candidate with the best mean
+  validation accuracy (ties: the first in grid order) is merged again and scored once on
+  **test**. Nothing is ever tuned on test.
+- Heads are not merged: a merged encoder is scored with each task's own expert head.
+- Rows come from the method registry. A method's grid is derived from what it declares, so a
+  later method (EMR, LOT, RegMean...) gets a row without any change here:
+  ``lambda`` in its parameters -> the λ grid (``LAMBDA_MEAN`` for TIES-like methods that average
+  agreeing entries, i.e. that declare ``aggregate``; ``LAMBDA_SUM`` otherwise); a default trim
+  step with a density below 1 -> that sparsifier's density grid (``DENSITY``). "X + tadrop"
+  replaces X's trim step with ``sparsify: {method: tadrop}`` and searches ``DROP_RATE`` × λ.
+  Weight averaging (``linear``) takes no sparsify block, so its TADrop row is the identical
+  merge written as ``task_arithmetic`` with ``normalize: true, lambda: 1`` (= mean of task
+  vectors) plus TADrop.
+- Every evaluation is cached as one JSON file in ``OUT/cache`` keyed by a hash of everything it
+  depends on, so an interrupted run resumes where it stopped and a re-run is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..registry import METHODS, SPARSIFIERS, MergeMethod
+from .data import load_task
+from .evaluate import Evaluator, summarize
+from .model import Head, load_encoder, load_tokenizer
+from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
+
+TADROP = "+tadrop"
+CORE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs")
+
+
+@dataclass(frozen=True)
+class Grids:
+    """The documented hyperparameter grids (searched on validation only)."""
+
+    lambda_sum: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    lambda_mean: tuple[float, ...] = (0.6, 1.0, 1.4, 1.8)
+    density: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
+        "magnitude": (0.1, 0.2, 0.4),  # TIES: fraction kept by |tau|
+        "random": (0.2, 0.4, 0.6),  # DARE: keep probability
+        "breadcrumbs": (0.7, 0.9),  # kept after dropping the top 1 % outliers
+    })
+    drop_rate: tuple[float, ...] = (0.5, 0.7, 0.9)  # TADrop target p̄
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    zoo: ZooConfig = FULL
+    grids: Grids = field(default_factory=Grids)
+    val_limit: int | None = None  # None: the whole split
+    test_limit: int | None = None
+    seed: int = 0  # DARE / random TADrop masks
+    methods: tuple[str, ...] = tuple(m for c in CORE_METHODS for m in (c, c + TADROP))
+
+
+SMOKE_RUN = RunConfig(zoo=SMOKE, grids=Grids(lambda_sum=(0.5, 1.0), lambda_mean=(1.0,),
+                                             density={"magnitude": (0.2,), "random": (0.4,),
+                                                      "breadcrumbs": (0.9,)},
+                                             drop_rate=(0.8,)),
+                      val_limit=64, test_limit=128,
+                      methods=("linear", "task_arithmetic", "ties", "ties" + TADROP))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One table row: a registry method, fixed settings, and the grid searched on validation."""
+
+    label: str
+    method: str
+    parameters: dict[str, Any]
+    sparsify: dict[str, Any] | None
+    grid: tuple[tuple[str, tuple[Any, ...]], ...]  # ("lambda", ...), ("sparsify.drop_rate", ...)
+
+    def candidates(self) -> list[dict[str, Any]]:
+        names = [n for n, _ in self.grid]
+        out = []
+        for values in itertools.product(*(v for _, v in self.grid)):
+            params, sparsify = dict(self.parameters), dict(self.sparsify) if self.sparsify else None
+            for name, value in zip(names, values):
+                if name.startswith("sparsify."):
+                    assert sparsify is not None
+                    sparsify[name.removeprefix("sparsify.")] = value
+                else:
+                    params[name] = value
+            out.append({"parameters": params, "sparsify": sparsify})
+        return out
+
+
+def _trim_density(method: MergeMethod) -> tuple[str, float] | None:
+    """The method's own trim step (sparsifier name, default density) if it actually trims."""
+    if not method.sparsifier:
+        return None
+    sp = SPARSIFIERS.get(method.sparsifier)
+    defaults = {p.name: p.default for p in sp.params}
+    density = method.sparsifier_defaults.get("density", defaults.get("density"))
+    return (sp.name, density) if density is not None and density < 1.0 else None
+
+
+def variant(name: str, grids: Grids) -> Variant:
+    """The row for ``name`` (a registry method, optionally with the ``+tadrop`` suffix)."""
+    tadrop = name.endswith(TADROP)
+    method = METHODS.get(name.removesuffix(TADROP))
+    fixed: dict[str, Any] = {}
+    grid: list[tuple[str, tuple[Any, ...]]] = []
+    param_names = {p.name for p in method.params}
+    if tadrop and not method.accepts_sparsify:
+        if method.name != "linear":
+            raise ValueError(f"'{method.name}' takes no sparsify block, so it has no TADrop row")
+        return Variant(name, "task_arithmetic", {"normalize": True, "lambda": 1.0},
+                       {"method": "tadrop"}, (("sparsify.drop_rate", grids.drop_rate),))
+    if "lambda" in param_names:
+        grid.append(("lambda", grids.lambda_mean if "aggregate" in param_names else grids.lambda_sum))
+    if tadrop:
+        grid.append(("sparsify.drop_rate", grids.drop_rate))
+        return Variant(name, method.name, fixed, {"method": "tadrop"}, tuple(grid))
+    trim = _trim_density(method)
+    if trim is not None and trim[0] in grids.density:
+        grid.append(("density", grids.density[trim[0]]))
+    return Variant(name, method.name, fixed, None, tuple(grid))
+
+
+# ---------------------------------------------------------------- the run
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)[:40]
+
+
+class ResultCache:
+    """One JSON file per evaluation under ``OUT/cache``: resume and instant re-runs."""
+
+    def __init__(self, root: Path, context: dict[str, Any]):
+        self.root = root / "cache"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.context = context
+
+    def path(self, label: str, spec: dict[str, Any]) -> Path:
+        return self.root / f"{_slug(label)}-{_hash({**self.context, **spec})}.json"
+
+    def get(self, label: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+        p = self.path(label, spec)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def put(self, label: str, spec: dict[str, Any], result: dict[str, Any]) -> None:
+        p = self.path(label, spec)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(p)
+
+
+@dataclass
+class Zoo:
+    """Everything loaded once per run: base and expert encoders, heads, probes, evaluators."""
+
+    tasks: list[str]
+    base: dict[str, torch.Tensor]
+    experts: dict[str, Expert]
+    expert_sd: dict[str, dict[str, torch.Tensor]]
+    heads: dict[str, Head]
+    probes: dict[str, Head]
+    val: Evaluator
+    test: Evaluator
+
+
+def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
+    loaded = [load_task(t) for t in tasks]
+    missing = [t.name for t in loaded if find_expert(cache, t, config.zoo.train) is None
+               or find_probe(cache, t, config.zoo.probe) is None]
+    if missing:
+        smoke = " --smoke" if config.zoo == SMOKE else ""
+        raise FileNotFoundError(
+            f"no cached expert/probe for {', '.join(missing)} in {cache} with this recipe; run "
+            f"`mergewise bench build --cache {cache} --tasks {' '.join(tasks)}{smoke}` first")
+    experts = {t.name: find_expert(cache, t, config.zoo.train) for t in loaded}
+    tokenizer = load_tokenizer()
+    cap = config.zoo.train.max_len_cap
+    return Zoo(tasks=tasks, base=load_encoder().state_dict(), experts=experts,  # type: ignore[arg-type]
+               expert_sd={n: e.state_dict() for n, e in experts.items()},  # type: ignore[union-attr]
+               heads={n: e.head() for n, e in experts.items()},  # type: ignore[union-attr]
+               probes={t.name: find_probe(cache, t, config.zoo.probe) for t in loaded},  # type: ignore[misc]
+               val=Evaluator(loaded, "val", config.val_limit, cap, tokenizer=tokenizer),
+               test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer))
+
+
+def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int) -> tuple[dict[str, torch.Tensor], float]:
+    from ..api import merge_state_dicts
+
+    t0 = time.perf_counter()
+    merged = merge_state_dicts(zoo.base, {t: zoo.expert_sd[t] for t in zoo.tasks}, v.method,
+                               parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed)
+    return merged, time.perf_counter() - t0
+
+
+def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfig = RunConfig(),
+                  *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every row, write results.{json,md,png} into ``out``; returns the JSON document."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .report import write_outputs
+
+    t_start = time.perf_counter()
+    tasks = list(tasks)
+    variants = [variant(m, config.grids) for m in config.methods]
+    zoo = load_zoo(tasks, cache, config)
+    context = {"tasks": tasks, "experts": {t: e.key for t, e in zoo.experts.items()},
+               "probes": {t: probe_key(load_task(t), config.zoo.probe) for t in tasks},
+               "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
+               "mergewise": __version__}
+    results = ResultCache(out, context)
+    rows: list[dict[str, Any]] = []
+    total = 2 + len(tasks) + sum(len(v.candidates()) + 1 for v in variants)
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        job = bar.add_task("reference rows", total=total)
+
+        def cached(label: str, spec: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+            hit = results.get(label, spec)
+            if hit is None:
+                hit = compute()
+                results.put(label, spec, hit)
+            bar.advance(job)
+            return hit
+
+        base_spec = {"row": "pretrained"}
+        rows.append({"label": "pretrained + probe", "kind": "pretrained", **cached(
+            "pretrained+probe", base_spec, lambda: {"test": zoo.test.accuracies(zoo.base, zoo.probes)})})
+        rows.append({"label": "pretrained + expert heads", "kind": "pretrained", **cached(
+            "pretrained+heads", base_spec, lambda: {"test": zoo.test.accuracies(zoo.base, zoo.heads)})})
+        for t in tasks:
+            rows.append({"label": f"expert: {t}", "kind": "expert", **cached(
+                f"expert-{t}", {"row": "expert", "task": t},
+                lambda t=t: {"test": zoo.test.accuracies(zoo.expert_sd[t], zoo.heads)})})
+        own = {t: next(r for r in rows if r["label"] == f"expert: {t}")["test"][t] for t in tasks}
+        rows.insert(2, {"label": "experts (each on its own task)", "kind": "experts", "test": own})
+
+        for v in variants:
+            bar.update(job, description=v.label)
+            cands = []
+            for cand in v.candidates():
+                spec = {"method": v.method, **cand}
+
+                def score(cand: dict[str, Any] = cand) -> dict[str, Any]:
+                    merged, secs = merge(zoo, v, cand, config.seed)
+                    return {"val": zoo.val.accuracies(merged, zoo.heads), "merge_seconds": secs}
+
+                r = cached(v.label, {**spec, "split": "val"}, score)
+                cands.append({**cand, "val": r["val"],
+                              "val_average": sum(r["val"].values()) / len(tasks),
+                              "merge_seconds": r["merge_seconds"]})
+            best = max(cands, key=lambda c: c["val_average"])  # first of equals
+            chosen = {"parameters": best["parameters"], "sparsify": best["sparsify"]}
+
+            def final(chosen: dict[str, Any] = chosen) -> dict[str, Any]:
+                merged, secs = merge(zoo, v, chosen, config.seed)
+                return {"test": zoo.test.accuracies(merged, zoo.heads), "merge_seconds": secs}
+
+            r = cached(v.label, {"method": v.method, **chosen, "split": "test"}, final)
+            rows.append({"label": v.label, "kind": "tadrop" if v.label.endswith(TADROP) else "merge",
+                         "method": v.method, "selected": chosen, "val_average": best["val_average"],
+                         "candidates": cands, **r})
+            log(f"{v.label}: {selected_text(chosen)}  val avg {best['val_average']:.4f}  "
+                f"test avg {sum(r['test'].values()) / len(tasks):.4f}")
+    for r in rows:
+        r.update(summarize(r["test"], own))
+    doc = {"mergewise_version": __version__, "tasks": tasks,
+           "test_sizes": zoo.test.sizes(), "val_sizes": zoo.val.sizes(),
+           "config": {"run": asdict(config), "experts": {t: e.key for t, e in zoo.experts.items()}},
+           "rows": rows, "seconds": round(time.perf_counter() - t_start, 1)}
+    write_outputs(out, doc)
+    return doc
+
+
+def selected_text(chosen: dict[str, Any] | None) -> str:
+    if not chosen:
+        return ""
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in chosen.get("parameters", {}).items()]
+    sp = chosen.get("sparsify") or {}
+    parts += [f"{k}={v:g}" for k, v in sp.items() if k != "method"]
+    return (f"{sp['method']}: " if sp else "") + ", ".join(parts)

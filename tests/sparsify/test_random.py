@@ -1,0 +1,99 @@
+"""DARE random drop: Bernoulli keep mask from the given generator, kept entries scaled 1/density."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergewise import SPARSIFIERS
+from mergewise.rng import tensor_generator
+from mergewise.sparsify.random import random_drop
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_registered_as_random() -> None:
+    sp = SPARSIFIERS.get("random")
+    assert sp.func is random_drop
+    assert sp.random
+
+
+def test_needs_a_generator() -> None:
+    with pytest.raises(ValueError, match="generator"):
+        random_drop(torch.ones(3), density=0.5)
+
+
+def test_density_one_is_identity() -> None:
+    delta = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    assert torch.equal(random_drop(delta, density=1.0, generator=_gen(0)), delta)
+    assert torch.equal(random_drop(delta, density=1.0), delta)  # no draw needed
+
+
+def test_rescale_by_inverse_density() -> None:
+    delta = torch.tensor([[1.0, -2.0, 3.0], [0.5, -0.25, 4.0]])
+    out = random_drop(delta, density=0.5, generator=_gen(3))
+    kept = out != 0
+    # every entry is either dropped or exactly doubled (1 / 0.5)
+    assert torch.equal(out[kept], delta[kept] * 2.0)
+    assert torch.equal(out[~kept], torch.zeros(int((~kept).sum())))
+    # and the mask is the generator's first draw of uniforms below 0.5
+    expected_keep = torch.rand(delta.shape, generator=_gen(3)) < 0.5
+    assert torch.equal(kept, expected_keep)
+
+
+def test_no_rescale() -> None:
+    delta = torch.tensor([1.0, -2.0, 3.0, 4.0, -5.0, 6.0, 7.0, -8.0])
+    out = random_drop(delta, density=0.25, rescale=False, generator=_gen(1))
+    keep = torch.rand(delta.shape, generator=_gen(1)) < 0.25
+    assert torch.equal(out, torch.where(keep, delta, torch.zeros_like(delta)))
+
+
+def test_same_generator_state_same_mask_different_seed_other_mask() -> None:
+    delta = torch.arange(1.0, 65.0)
+    a = random_drop(delta, density=0.5, generator=tensor_generator(0, 0, "w"))
+    b = random_drop(delta, density=0.5, generator=tensor_generator(0, 0, "w"))
+    c = random_drop(delta, density=0.5, generator=tensor_generator(1, 0, "w"))
+    d = random_drop(delta, density=0.5, generator=tensor_generator(0, 1, "w"))
+    e = random_drop(delta, density=0.5, generator=tensor_generator(0, 0, "v"))
+    assert torch.equal(a, b)
+    # 64 fair coin flips: a collision has probability 2^-64
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, d)
+    assert not torch.equal(a, e)
+
+
+def test_keep_rate_close_to_density() -> None:
+    delta = torch.ones(100, 100)
+    out = random_drop(delta, density=0.25, generator=_gen(7))
+    kept = int((out != 0).sum())
+    # Binomial(10000, 0.25): mean 2500, sd 43.3; +-6 sd
+    assert 2240 <= kept <= 2760
+    assert torch.equal(out[out != 0], torch.full((kept,), 4.0))
+
+
+def test_one_element_and_dtypes() -> None:
+    out = random_drop(torch.tensor([3.0]), density=0.5, generator=_gen(0))
+    keep = bool(torch.rand(1, generator=_gen(0))[0] < 0.5)
+    assert torch.equal(out, torch.tensor([6.0 if keep else 0.0]))
+    d64 = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    out64 = random_drop(d64, density=0.5, generator=_gen(2))
+    assert out64.dtype == torch.float64
+    # the same generator state gives the same mask for any dtype (drawn in float32)
+    out32 = random_drop(d64.float(), density=0.5, generator=_gen(2))
+    assert torch.equal(out64 != 0, out32 != 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(values=st.lists(st.sampled_from([-4.0, -1.0, -0.5, 0.25, 1.0, 3.0]), min_size=1,
+                       max_size=40),
+       density=st.sampled_from([0.1, 0.25, 0.5, 0.8, 0.9]), seed=st.integers(0, 2**31 - 1))
+def test_property_mask_and_rescale(values: list[float], density: float, seed: int) -> None:
+    delta = torch.tensor(values)
+    out = random_drop(delta, density=density, generator=_gen(seed))
+    keep = torch.rand(delta.shape, generator=_gen(seed)) < density
+    assert torch.equal(out != 0, keep)  # values are non-zero: kept == non-zero
+    assert torch.equal(out[keep], delta[keep] / density)
