@@ -141,7 +141,7 @@ def inspect(
     except MergewiseError as exc:
         _fail(exc)
         return
-    for task, d_ref in zip(dict.fromkeys(r["task"] for r in result.rows), result.d_ref):
+    for task, d_ref in zip(dict.fromkeys(r["task"] for r in result.rows), result.d_ref, strict=True):
         out.print(f"[bold]{task}[/] (d_ref = {d_ref if d_ref is None else f'{d_ref:.4f}'})",
                   highlight=False)
         for s in kind_summary([r for r in result.rows if r["task"] == task]):

@@ -9,14 +9,7 @@ from .registry import METHODS, SPARSIFIERS, Param
 
 
 def _row(p: Param, scope: str) -> str:
-    if p.choices:
-        kind = " \\| ".join(p.choices)
-    elif p.kind is list:
-        kind = f"list of {(p.item_kind or str).__name__}"
-    else:
-        kind = p.kind.__name__
-        if p.low is not None or p.high is not None:
-            kind += " " + p.range_text().removeprefix("it must lie in ")
+    kind = p.type_text(sep=" \\| ")
     help_text = p.help.replace("|", "\\|")
     return f"| `{p.name}` | {kind} | `{p.default!r}` | {scope} | {help_text} |"
 

@@ -83,16 +83,19 @@ class Param:
         right = ")" if self.high_open or self.high is None else "]"
         return f"it must lie in {left}{lo}, {hi}{right}"
 
-    def describe(self) -> str:
+    def type_text(self, sep: str = "|") -> str:
+        """'float in (0, 1]', 'mean|sum', 'list of float': the type as users read it."""
         if self.choices:
-            kind = "|".join(self.choices)
-        elif self.kind is list:
-            kind = f"list of {(self.item_kind or str).__name__}"
-        else:
-            kind = self.kind.__name__
-            if self.low is not None or self.high is not None:
-                kind += " in " + self.range_text().removeprefix("it must lie in ")
-        return f"{self.name} ({kind}, default {self.default!r}): {self.help}"
+            return sep.join(self.choices)
+        if self.kind is list:
+            return f"list of {(self.item_kind or str).__name__}"
+        kind = self.kind.__name__
+        if self.low is not None or self.high is not None:
+            kind += " in " + self.range_text().removeprefix("it must lie in ")
+        return kind
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.type_text()}, default {self.default!r}): {self.help}"
 
 
 # Shared parameter declarations, so every method spells them the same way.
