@@ -93,8 +93,40 @@ class PlanSummary:
         ]
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Exactly ``bool(torch.isfinite(t).all())``, in one cheap reduction when the answer is yes.
+
+    A NaN or Inf entry makes the sum NaN or Inf, so a finite sum proves every entry finite; only
+    a non-finite sum (a bad entry, or finite values whose sum overflows) takes the exact check.
+    ``isfinite`` builds several full-size temporaries and costs ~30x a ``sum`` on large tensors.
+    """
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+class Float64Norm:
+    """``float(vector_norm(t, dtype=float64))`` through one reused float64 buffer.
+
+    ``dtype=float64`` makes a fresh float64 copy of the tensor on every call (page faults
+    included); copying into a buffer kept for all the tensors of one shape gives the same
+    float64 values in the same contiguous layout, reduced by the same kernel: the same value,
+    4x faster on large tensors.
+    """
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def __call__(self, t: torch.Tensor) -> float:
+        if t.dtype == torch.float64 or not t.is_contiguous():
+            return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+        if self.buf is None or self.buf.shape != t.shape or self.buf.device != t.device:
+            self.buf = torch.empty(t.shape, dtype=torch.float64, device=t.device)
+        return float(torch.linalg.vector_norm(self.buf.copy_(t)))
+
+
 def _check_finite(t: torch.Tensor, label: str, name: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(f"{label}: tensor '{name}' has {bad} NaN/Inf value(s); fix or "
                              "re-export this checkpoint before merging")
@@ -282,6 +314,7 @@ class MergeJob:
         """Sparsified task vectors of every model for tensor ``name`` (not sparsified when
         ``stats_mode``: the stats pass observes raw task vectors)."""
         deltas = []
+        norm64 = Float64Norm()  # one float64 buffer for this tensor's report norms
         for slot in self.slots:
             delta = self._load(slot.ckpt, name) - base  # out of place: never touch inputs
             if stats_mode:
@@ -289,7 +322,7 @@ class MergeJob:
                 continue
             info: dict[str, Any] = {}
             if record is not None:
-                info["norm_before"] = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+                info["norm_before"] = norm64(delta)
             if slot.sparsifier is not None:
                 params = self.sparsifier_params(slot, name)
                 gen = (tensor_generator(self.recipe.seed, slot.index, name)
@@ -300,7 +333,7 @@ class MergeJob:
                 delta = slot.sparsifier.func(delta, generator=gen, stats=stats, **params)
             if record is not None:
                 info["kept"] = int(torch.count_nonzero(delta))
-                info["norm_after"] = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+                info["norm_after"] = norm64(delta)
                 record.setdefault("models", []).append(info)
             deltas.append(delta)
         return deltas
@@ -329,11 +362,11 @@ class MergeJob:
                 if record is not None:
                     record["merged_delta_norm"] = float(torch.linalg.vector_norm(out - base))
             del deltas, base
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "
                                  "check the recipe's weights and lambda")
         out = out.to(dtype=plan.out_dtype)
-        if not bool(torch.isfinite(out).all()):  # finite in the compute dtype, not in out_dtype
+        if not all_finite(out):  # finite in the compute dtype, not in out_dtype
             dtype = str(plan.out_dtype).removeprefix("torch.")
             raise NonFiniteError(f"{self.method.name}: tensor '{name}' overflows out_dtype {dtype} "
                                  "(values beyond its range); use a wider out_dtype or check the "

@@ -3,14 +3,22 @@
 Top-k selections keep an exact count (round-half-up of density x numel, at least 1 when
 density > 0) with ties broken by index (lower flat index wins), never by a ``>=`` threshold,
 which keeps too many when values tie (common in bf16 and at exact zeros). ``kthvalue`` is used
-instead of a full sort: it is a linear-time selection and has no size limit.
+instead of a full sort: it is a linear-time selection and has no size limit. On large CPU tensors
+the selection first brackets the answer between two order statistics of a strided sample and runs
+``kthvalue`` only on the few values inside the bracket (single-threaded ``kthvalue`` over a whole
+32M-entry tensor takes most of a second); the result is the same value, and when the sample
+misses, the whole tensor is searched as before.
 """
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
+
+SELECT_DIRECT = 1 << 18  # below this many entries, kthvalue over the whole tensor
+SELECT_SAMPLE = (1 << 10, 1 << 16)  # sample size bounds; 8 sqrt(n) in between
 
 
 def round_half_up(fraction: float, n: int) -> int:
@@ -30,7 +38,112 @@ def keep_count(fraction: float, n: int) -> int:
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest element (1-based) of a flat tensor, as a 0-d tensor."""
     n = values.numel()
+    if n >= SELECT_DIRECT and values.device.type == "cpu" and values.is_floating_point():
+        found = _bracketed_kthvalue(values, n - k + 1)
+        if found is not None:
+            return found
     return torch.kthvalue(values, n - k + 1).values
+
+
+def _bracket(values: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two values of a strided sample that enclose rank ``r`` (1-based, from the smallest) of
+    ``values`` with high probability; callers check that they do."""
+    n = values.numel()
+    lo_m, hi_m = SELECT_SAMPLE
+    sample = values[:: max(1, n // min(hi_m, max(lo_m, int(8 * math.sqrt(n)))))]
+    m = sample.numel()
+    ordered = torch.sort(sample).values
+    centre = (r - 1) / (n - 1) * (m - 1)  # where rank r is expected in the sample (0-based)
+    margin = 3.0 * math.sqrt(m) + 2  # >= 6 binomial standard deviations
+    return ordered[max(0, int(centre - margin))], ordered[min(m - 1, int(centre + margin) + 1)]
+
+
+def _bracketed_kthvalue(values: torch.Tensor, r: int) -> torch.Tensor | None:
+    """``kthvalue(values, r)`` via a bracket [lo, hi] taken from a strided sample; None if the
+    bracket misses rank ``r`` (the caller then searches the whole tensor).
+
+    Exact: with ``below`` = #(values < lo), rank r lies in the bracket iff below < r <= #(values <=
+    hi), and then the answer is the (r - below)-th smallest of the values in [lo, hi]. NaNs count
+    in neither, which matches kthvalue ordering them last; a NaN bound makes the check fail.
+    """
+    lo, hi = _bracket(values, r)
+    below = int(torch.count_nonzero(values < lo))
+    if below >= r:
+        return None
+    inside = values <= hi
+    if int(torch.count_nonzero(inside)) < r:
+        return None
+    if lo == hi:  # every value in the bracket equals lo (a mass of ties, e.g. exact zeros)
+        return lo.clone()
+    inside &= values >= lo
+    return torch.kthvalue(values[inside], r - below).values
+
+
+def _bracketed_topk_mask(flat: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``topk_mask`` of a large flat CPU tensor without ranking all of it; None if the sampled
+    bracket [lo, hi] misses the k-th largest value T or the tensor is not all finite.
+
+    Everything above ``hi`` is kept and everything below ``lo`` dropped; only the few entries in
+    [lo, hi] are ranked. T lies in the bracket iff #(> hi) < k <= #(>= lo); then the kept set is
+    the entries above ``hi`` plus the ``k - #(> hi)`` largest in the bracket, ties at T going to
+    the lowest indices: exactly the set of the threshold rule in ``topk_mask``. A bracket of one
+    value, or a mass of ties at ``lo`` (such as the exact zeros of untouched embedding rows), is
+resolved without ranking the mass.
+    """
+    n = flat.numel()
+    if not bool(torch.isfinite(flat.sum())):  # NaN/Inf (or overflow): the plain path
+        return None
+    lo, hi = _bracket(flat, n - k + 1)
+    mask = flat > hi
+    need = k - int(torch.count_nonzero(mask))
+    if need <= 0:
+        return None
+    inside = flat >= lo
+    inside ^= mask  # lo <= hi, so (> hi) is a subset of (>= lo): this leaves [lo, hi]
+    count = int(torch.count_nonzero(inside))
+    if need > count:
+        return None
+    if lo == hi:  # T = lo, and every entry in the bracket ties at it: keep the first ``need``
+        end = _position_of(inside, need) + 1
+        mask[:end] |= inside[:end]
+        return mask
+    if count > n // 8:  # a mass of ties in the bracket, normally at lo (the exact zeros)
+        at_lo = flat == lo
+        inside ^= at_lo  # (lo, hi]
+        count -= int(torch.count_nonzero(at_lo))
+        if need > count:  # T = lo: keep (lo, hi] and the first entries equal to lo
+            mask |= inside
+            end = _position_of(at_lo, need - count) + 1
+            mask[:end] |= at_lo[:end]
+            return mask
+        if count > n // 8:
+            return None
+    index = torch.nonzero(inside).reshape(-1)  # ascending
+    values = flat[index]
+    threshold = torch.kthvalue(values, values.numel() - need + 1).values
+    keep = values > threshold
+    missing = need - int(torch.count_nonzero(keep))
+    if missing > 0:
+        tied = values == threshold
+        keep |= tied & (torch.cumsum(tied, 0) <= missing)
+    mask[index[keep]] = True
+    return mask
+
+
+def _position_of(flags: torch.Tensor, count: int) -> int:
+    """Flat index of the ``count``-th (1-based) True entry of a flat bool tensor, from per-block
+    counts: no index array the size of the tensor."""
+    block = 1 << 16
+    n = flags.numel()
+    full = n // block
+    counts = torch.count_nonzero(flags[: full * block].view(full, block), dim=1)
+    if n > full * block:
+        counts = torch.cat([counts, torch.count_nonzero(flags[full * block:]).reshape(1)])
+    cumulative = torch.cumsum(counts, 0)
+    b = int(torch.searchsorted(cumulative, torch.tensor(count)))  # first block reaching count
+    before = int(cumulative[b - 1]) if b > 0 else 0
+    local = torch.nonzero(flags[b * block: (b + 1) * block]).reshape(-1)
+    return b * block + int(local[count - before - 1])
 
 
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -41,9 +154,13 @@ def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
+    if n >= SELECT_DIRECT and flat.device.type == "cpu" and flat.is_floating_point():
+        fast = _bracketed_topk_mask(flat, k)
+        if fast is not None:
+            return fast.reshape(magnitude.shape)
     threshold = kth_largest(flat, k)
     mask = flat > threshold
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))
     if missing > 0:
         tied = torch.nonzero(flat == threshold).reshape(-1)[:missing]
         mask[tied] = True

@@ -38,28 +38,56 @@ AGGREGATE = Param("aggregate", "mean", str,
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                *, lam: float = 1.0, aggregate: str = "mean") -> torch.Tensor:
-    """Elect + disjoint merge of already-trimmed task vectors (shared by the *_ties methods)."""
+    """Elect + disjoint merge of already-trimmed task vectors (shared by the *_ties methods).
+
+    Written for speed on large tensors (preallocated scratch buffers instead of fresh
+    temporaries); every value is computed by the same float operations as the plain version:
+    agree = w*tau * sign > 0; merged += where(agree, w*tau, 0); divisor = count of agreeing
+    models (0 -> 1); base + lambda * merged/divisor.
+    """
     total = torch.zeros_like(tensors[0])
     for w, d in zip(weights, tensors, strict=True):
         total.add_(d, alpha=w)
-    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-    merged = torch.zeros_like(total)
-    divisor = torch.zeros_like(total)
+    agree = torch.ge(total, 0)  # scratch mask from here on
+    disagree = torch.empty_like(agree)
+    sign = total.copy_(agree).mul_(2.0).sub_(1.0)  # where(total >= 0, 1, -1), in total's storage
+    merged = torch.zeros_like(sign)
+    scratch = torch.empty_like(sign)
+    weighted_buf = None
+    # "mean" counts agreeing models exactly in a small integer tensor (no float adds of booleans)
+    count = (torch.zeros_like(sign, dtype=torch.uint8)
+             if aggregate == "mean" and len(tensors) < 256 else None)
+    divisor = torch.zeros_like(sign) if aggregate != "sum" and count is None else None
     for w, d in zip(weights, tensors, strict=True):
-        weighted = d * w
-        agree = weighted * sign > 0
-        merged += torch.where(agree, weighted, 0.0)
-        if aggregate == "mean":
-            divisor += agree
+        if w == 1.0:
+            weighted = d  # d * 1.0 is d, bit for bit
+        else:
+            if weighted_buf is None:
+                weighted_buf = torch.empty_like(sign)
+            weighted = torch.mul(d, w, out=weighted_buf)
+        torch.gt(torch.mul(weighted, sign, out=scratch), 0, out=agree)
+        torch.logical_not(agree, out=disagree)
+        merged.add_(scratch.copy_(weighted).masked_fill_(disagree, 0.0))  # where(agree, wt, 0)
+        if count is not None:
+            count.add_(agree.view(torch.uint8))
+        elif aggregate == "mean":
+            divisor += agree  # type: ignore[operator]
         elif aggregate == "weighted_mean":
-            divisor += agree * w
-    if aggregate != "sum":
+            divisor += agree * w  # type: ignore[operator]
+    if count is not None:
+        # integer counts 0..K, exact in every float dtype: 0 (nobody agrees) becomes 1
+        merged.div_(scratch.copy_(count).clamp_(min=1))
+    elif aggregate != "sum":
         # ``== 0`` too: in float16 the literal 1e-12 rounds to 0, so ``< 1e-12`` alone misses
         # empty entries and 0/0 gives NaN
-        empty = (divisor == 0) | (divisor.abs() < 1e-12)
-        divisor = torch.where(empty, torch.ones_like(divisor), divisor)
+        empty = (divisor == 0) | (divisor.abs() < 1e-12)  # type: ignore[operator]
+        divisor = torch.where(empty, torch.ones_like(divisor), divisor)  # type: ignore[arg-type]
         merged /= divisor
-    return base + lam * merged
+    if lam != 1.0:
+        merged.mul_(lam)  # lambda * merged (1.0 * x is x, bit for bit)
+    if base.dtype != merged.dtype or base.shape != merged.shape:
+        return base + merged  # type promotion / broadcasting as the plain expression
+    return merged.add_(base)  # base + lambda * merged: float addition commutes exactly
 
 
 METHODS.register(MergeMethod(
