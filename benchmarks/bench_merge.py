@@ -63,6 +63,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "parameters": {"density": 0.2, "scope": "global"}},
     "ties_tadrop": {"merge_method": "ties",
                     "sparsify": {"method": "tadrop", "drop_rate": 0.8}},
+    "ties_tadrop_elements": {"merge_method": "ties",
+                             "sparsify": {"method": "tadrop", "drop_rate": 0.8,
+                                          "budget": "elements"}},
 }
 DEFAULT_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
 IO_FLOOR = "io_floor"
