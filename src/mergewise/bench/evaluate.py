@@ -30,11 +30,12 @@ class Evaluator:
     """Scores encoders on one split (``val`` or ``test``) of the given tasks, optionally capped."""
 
     def __init__(self, tasks: list[Task], split: str, limit: int | None = None,
-                 max_len_cap: int = 128, batch_size: int = 64, tokenizer: Any = None):
+                 max_len_cap: int = 128, batch_size: int = 64, tokenizer: Any = None,
+                 model: torch.nn.Module | None = None):
         self.split = split
         self.tasks = [t.name for t in tasks]
         tokenizer = tokenizer or load_tokenizer()
-        self.model = load_encoder()
+        self.model = model if model is not None else load_encoder()  # shareable: weights are swapped
         self.data: dict[str, _Prepared] = {}
         for t in tasks:
             s = t.split(split).head(limit)

@@ -55,7 +55,7 @@ def bar_chart(doc: dict[str, Any], path: Path) -> None:
                              sharey=True, squeeze=False)
     labels = [r["label"] for r in rows]
     own = next(r for r in doc["rows"] if r["kind"] == "experts")
-    for ax, panel in zip(axes.flat, panels):
+    for ax, panel in zip(axes.flat, panels, strict=False):
         vals = [r["average"] if panel == "average" else r["test"][panel] for r in rows]
         ax.barh(range(len(rows)), vals, color=[COLORS.get(r["kind"], "#555") for r in rows])
         ref = own["average"] if panel == "average" else own["test"][panel]
@@ -71,8 +71,8 @@ def bar_chart(doc: dict[str, Any], path: Path) -> None:
     for ax in axes[:, 0]:
         ax.set_yticks(range(len(rows)), labels)
     axes[0, 0].invert_yaxis()  # shared y: once for all panels
-    fig.suptitle("Merged MiniLM encoders, test accuracy with each task's expert head "
-                 "(dashed: the task's own expert)", fontsize=10)
+    fig.suptitle("MiniLM encoders, test accuracy with each task's expert head (pretrained + probe: "
+                 "probe heads); dashed: the task's own expert", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -89,7 +89,7 @@ class Variant:
         out = []
         for values in itertools.product(*(v for _, v in self.grid)):
             params, sparsify = dict(self.parameters), dict(self.sparsify) if self.sparsify else None
-            for name, value in zip(names, values):
+            for name, value in zip(names, values, strict=True):
                 if name.startswith("sparsify."):
                     assert sparsify is not None
                     sparsify[name.removeprefix("sparsify.")] = value
@@ -189,12 +189,14 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
     experts = {t.name: find_expert(cache, t, config.zoo.train) for t in loaded}
     tokenizer = load_tokenizer()
     cap = config.zoo.train.max_len_cap
-    return Zoo(tasks=tasks, base=load_encoder().state_dict(), experts=experts,  # type: ignore[arg-type]
+    model = load_encoder()  # one module for both evaluators; the base weights are cloned first
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Zoo(tasks=tasks, base=base, experts=experts,  # type: ignore[arg-type]
                expert_sd={n: e.state_dict() for n, e in experts.items()},  # type: ignore[union-attr]
                heads={n: e.head() for n, e in experts.items()},  # type: ignore[union-attr]
                probes={t.name: find_probe(cache, t, config.zoo.probe) for t in loaded},  # type: ignore[misc]
-               val=Evaluator(loaded, "val", config.val_limit, cap, tokenizer=tokenizer),
-               test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer))
+               val=Evaluator(loaded, "val", config.val_limit, cap, tokenizer=tokenizer, model=model),
+               test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer, model=model))
 
 
 def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int) -> tuple[dict[str, torch.Tensor], float]:
@@ -204,6 +206,76 @@ def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int) -> tuple[dict[s
     merged = merge_state_dicts(zoo.base, {t: zoo.expert_sd[t] for t in zoo.tasks}, v.method,
                                parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed)
     return merged, time.perf_counter() - t0
+
+
+class _Session:
+    """One run: the loaded zoo, the result cache and the progress bar, shared by every row."""
+
+    def __init__(self, zoo: Zoo, results: ResultCache, config: RunConfig,
+                 advance: Callable[[], None]):
+        self.zoo, self.results, self.config, self.advance = zoo, results, config, advance
+
+    def cached(self, label: str, spec: dict[str, Any],
+               compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        hit = self.results.get(label, spec)
+        if hit is None:
+            hit = compute()
+            self.results.put(label, spec, hit)
+        self.advance()
+        return hit
+
+    def reference_rows(self) -> list[dict[str, Any]]:
+        """Pretrained encoder (probe heads, then expert heads), each expert, experts on own task."""
+        zoo = self.zoo
+        rows = [
+            {"label": "pretrained + probe", "kind": "pretrained", **self.cached(
+                "pretrained+probe", {"row": "pretrained"},
+                lambda: {"test": zoo.test.accuracies(zoo.base, zoo.probes)})},
+            {"label": "pretrained + expert heads", "kind": "pretrained", **self.cached(
+                "pretrained+heads", {"row": "pretrained"},
+                lambda: {"test": zoo.test.accuracies(zoo.base, zoo.heads)})},
+        ]
+        for t in zoo.tasks:
+            sd = zoo.expert_sd[t]
+            rows.append({"label": f"expert: {t}", "kind": "expert", **self.cached(
+                f"expert-{t}", {"row": "expert", "task": t},
+                lambda sd=sd: {"test": zoo.test.accuracies(sd, zoo.heads)})})
+        own = {t: rows[2 + i]["test"][t] for i, t in enumerate(zoo.tasks)}
+        rows.insert(2, {"label": "experts (each on its own task)", "kind": "experts", "test": own})
+        return rows
+
+    def variant_row(self, v: Variant) -> dict[str, Any]:
+        """Score every candidate on val, then the best one (first of equals) once on test."""
+        zoo, seed = self.zoo, self.config.seed
+        kept: dict[str, Any] = {}  # the best merge computed in this run, reused for test
+
+        def score(cand: dict[str, Any]) -> dict[str, Any]:
+            merged, secs = merge(zoo, v, cand, seed)
+            val = zoo.val.accuracies(merged, zoo.heads)
+            if not kept or sum(val.values()) > kept["score"]:
+                kept.update(cand=cand, merged=merged, secs=secs, score=sum(val.values()))
+            return {"val": val, "merge_seconds": secs}
+
+        cands = []
+        for cand in v.candidates():
+            r = self.cached(v.label, {"method": v.method, **cand, "split": "val"},
+                            lambda cand=cand: score(cand))
+            cands.append({**cand, "val": r["val"], "merge_seconds": r["merge_seconds"],
+                          "val_average": sum(r["val"].values()) / len(zoo.tasks)})
+        best = max(cands, key=lambda c: c["val_average"])
+        chosen = {"parameters": best["parameters"], "sparsify": best["sparsify"]}
+
+        def final() -> dict[str, Any]:
+            if kept.get("cand") == chosen:  # merges are deterministic: reuse, don't redo
+                merged, secs = kept["merged"], kept["secs"]
+            else:
+                merged, secs = merge(zoo, v, chosen, seed)
+            return {"test": zoo.test.accuracies(merged, zoo.heads), "merge_seconds": secs}
+
+        r = self.cached(v.label, {"method": v.method, **chosen, "split": "test"}, final)
+        return {"label": v.label, "kind": "tadrop" if v.label.endswith(TADROP) else "merge",
+                "method": v.method, "selected": chosen, "val_average": best["val_average"],
+                "candidates": cands, **r}
 
 
 def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfig = RunConfig(),
@@ -221,61 +293,20 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
                "probes": {t: probe_key(load_task(t), config.zoo.probe) for t in tasks},
                "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
                "mergewise": __version__}
-    results = ResultCache(out, context)
-    rows: list[dict[str, Any]] = []
     total = 2 + len(tasks) + sum(len(v.candidates()) + 1 for v in variants)
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         job = bar.add_task("reference rows", total=total)
-
-        def cached(label: str, spec: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-            hit = results.get(label, spec)
-            if hit is None:
-                hit = compute()
-                results.put(label, spec, hit)
-            bar.advance(job)
-            return hit
-
-        base_spec = {"row": "pretrained"}
-        rows.append({"label": "pretrained + probe", "kind": "pretrained", **cached(
-            "pretrained+probe", base_spec, lambda: {"test": zoo.test.accuracies(zoo.base, zoo.probes)})})
-        rows.append({"label": "pretrained + expert heads", "kind": "pretrained", **cached(
-            "pretrained+heads", base_spec, lambda: {"test": zoo.test.accuracies(zoo.base, zoo.heads)})})
-        for t in tasks:
-            rows.append({"label": f"expert: {t}", "kind": "expert", **cached(
-                f"expert-{t}", {"row": "expert", "task": t},
-                lambda t=t: {"test": zoo.test.accuracies(zoo.expert_sd[t], zoo.heads)})})
-        own = {t: next(r for r in rows if r["label"] == f"expert: {t}")["test"][t] for t in tasks}
-        rows.insert(2, {"label": "experts (each on its own task)", "kind": "experts", "test": own})
-
+        session = _Session(zoo, ResultCache(out, context), config, lambda: bar.advance(job))
+        rows = session.reference_rows()
+        own = rows[2]["test"]
         for v in variants:
             bar.update(job, description=v.label)
-            cands = []
-            for cand in v.candidates():
-                spec = {"method": v.method, **cand}
-
-                def score(cand: dict[str, Any] = cand) -> dict[str, Any]:
-                    merged, secs = merge(zoo, v, cand, config.seed)
-                    return {"val": zoo.val.accuracies(merged, zoo.heads), "merge_seconds": secs}
-
-                r = cached(v.label, {**spec, "split": "val"}, score)
-                cands.append({**cand, "val": r["val"],
-                              "val_average": sum(r["val"].values()) / len(tasks),
-                              "merge_seconds": r["merge_seconds"]})
-            best = max(cands, key=lambda c: c["val_average"])  # first of equals
-            chosen = {"parameters": best["parameters"], "sparsify": best["sparsify"]}
-
-            def final(chosen: dict[str, Any] = chosen) -> dict[str, Any]:
-                merged, secs = merge(zoo, v, chosen, config.seed)
-                return {"test": zoo.test.accuracies(merged, zoo.heads), "merge_seconds": secs}
-
-            r = cached(v.label, {"method": v.method, **chosen, "split": "test"}, final)
-            rows.append({"label": v.label, "kind": "tadrop" if v.label.endswith(TADROP) else "merge",
-                         "method": v.method, "selected": chosen, "val_average": best["val_average"],
-                         "candidates": cands, **r})
-            log(f"{v.label}: {selected_text(chosen)}  val avg {best['val_average']:.4f}  "
-                f"test avg {sum(r['test'].values()) / len(tasks):.4f}")
+            row = session.variant_row(v)
+            rows.append(row)
+            log(f"{v.label}: {selected_text(row['selected'])}  val avg {row['val_average']:.4f}  "
+                f"test avg {sum(row['test'].values()) / len(tasks):.4f}")
     for r in rows:
         r.update(summarize(r["test"], own))
     doc = {"mergewise_version": __version__, "tasks": tasks,

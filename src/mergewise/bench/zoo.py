@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import json
+import math
 import os
 import shutil
 import time
@@ -31,8 +32,17 @@ import torch
 
 from . import DATA_DISTS, MODEL_DIST
 from .data import Task, load_task
-from .model import (Head, base_model_dir, collate, encode, features, load_encoder, load_tokenizer,
-                    sorted_batches, tokenize)
+from .model import (
+    Head,
+    base_model_dir,
+    collate,
+    encode,
+    features,
+    load_encoder,
+    load_tokenizer,
+    sorted_batches,
+    tokenize,
+)
 
 RECIPE_VERSION = 1  # bump when the training code changes in a way the config does not show
 
@@ -58,11 +68,20 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_len_cap: int = 128  # min(task.max_len, this)
     seed: int = 0
-    checkpoint_every: int = 50  # not part of the recipe (see key())
+    # small tasks (debate 570, drug reviews 479 examples) stop after this many epochs: 300 steps
+    # would be ~20 epochs of them (overfitting, and ~30 min each at 128 tokens on 2 cores)
+    max_epochs: float = 8.0
+    checkpoint_every: int = 50  # not part of the recipe (see key_fields())
 
-    def key_fields(self) -> dict[str, Any]:
+    def steps_for(self, n_train: int) -> int:
+        return max(1, min(self.steps, math.ceil(self.max_epochs * n_train / self.batch_size)))
+
+    def key_fields(self, n_train: int) -> dict[str, Any]:
+        """What determines one task's expert: the effective step count, not the cap behind it."""
         d = asdict(self)
-        d.pop("checkpoint_every")
+        for name in ("checkpoint_every", "max_epochs"):
+            d.pop(name)
+        d["steps"] = self.steps_for(n_train)
         return d
 
 
@@ -106,7 +125,7 @@ def _hash(obj: Any) -> str:
 
 def expert_key(task: Task, cfg: TrainConfig) -> str:
     return _hash({"kind": "expert", "task": task.name, "data": task.fingerprint(),
-                  "train": cfg.key_fields(), "versions": versions()})
+                  "train": cfg.key_fields(len(task.train)), "versions": versions()})
 
 
 def probe_key(task: Task, cfg: ProbeConfig) -> str:
@@ -148,11 +167,11 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return perm[i * batch_size:(i + 1) * batch_size].tolist()
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
-    warm = max(1, round(cfg.warmup * cfg.steps))
+def _lr_factor(step: int, steps: int, warmup: float) -> float:
+    warm = max(1, round(warmup * steps))
     if step < warm:
         return (step + 1) / warm
-    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+    return max(0.0, (steps - step) / max(1, steps - warm))
 
 
 def _optimizer(encoder: torch.nn.Module, head: torch.nn.Linear, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -185,6 +204,7 @@ def train_expert(task: Task, cfg: TrainConfig, tokenizer: Any, state_path: Path,
     encoder = load_encoder().train()
     head = torch.nn.Linear(encoder.config.hidden_size, len(task.classes))
     opt = _optimizer(encoder, head, cfg)
+    steps = cfg.steps_for(len(ids))
     start, losses, seconds = 0, [], 0.0
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -193,12 +213,12 @@ def train_expert(task: Task, cfg: TrainConfig, tokenizer: Any, state_path: Path,
         opt.load_state_dict(state["optimizer"])
         start, losses, seconds = state["step"], state["losses"], state["seconds"]
     t0 = time.perf_counter() - seconds
-    for step in range(start, cfg.steps):
+    for step in range(start, steps):
         idx = batch_indices(len(ids), cfg.batch_size, cfg.seed, step)
         batch = collate([ids[i] for i in idx], tokenizer.pad_token_id)
         torch.manual_seed(cfg.seed * 1_000_003 + step + 7)  # dropout masks: a function of the step
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * _lr_factor(step, cfg)
+            g["lr"] = g["base_lr"] * _lr_factor(step, steps, cfg.warmup)
         loss = torch.nn.functional.cross_entropy(head(encode(encoder, batch)), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,7 +228,7 @@ def train_expert(task: Task, cfg: TrainConfig, tokenizer: Any, state_path: Path,
         if on_step is not None:
             on_step(step + 1, losses[-1])
         done = step + 1
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if done % cfg.checkpoint_every == 0 and done < steps:
             _save_state(state_path, {"step": done, "encoder": encoder.state_dict(),
                                      "head": head.state_dict(), "optimizer": opt.state_dict(),
                                      "losses": losses, "seconds": time.perf_counter() - t0})
@@ -242,29 +262,32 @@ def _save_expert(final: Path, encoder: torch.nn.Module, tokenizer: Any, head: He
 
 
 # ---------------------------------------------------------------- probes
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
+                         iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.zeros(classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
 def fit_probe(train_x: torch.Tensor, train_y: Any, val_x: torch.Tensor, val_y: Any, classes: int,
               cfg: ProbeConfig) -> tuple[Head, float, float]:
-    """Multinomial logistic regression per L2 in the grid; keep the best on validation."""
+    """Multinomial logistic regression per L2 in the grid (standardised features); best on val."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    xs, xv = (train_x - mean) / std, (val_x - mean) / std
     y = torch.as_tensor(train_y, dtype=torch.long)
     best: tuple[float, float, Head] | None = None
     for l2 in cfg.l2_grid:
-        torch.manual_seed(0)
-        w = torch.zeros(classes, xs.shape[1], requires_grad=True)
-        b = torch.zeros(classes, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=cfg.iters, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(xs @ w.T + b, y) + l2 * (w * w).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        w, b = _logistic_regression((train_x - mean) / std, y, classes, l2, cfg.iters)
         # fold the standardisation into the head so it applies to raw pooled features
-        weight = (w / std).detach()
-        head = Head(weight, (b - (w * (mean / std)).sum(1)).detach())
+        head = Head(w / std, b - (w * (mean / std)).sum(1))
         acc = accuracy(head, val_x, val_y)
         if best is None or acc > best[0]:
             best = (acc, l2, head)
@@ -325,8 +348,14 @@ def build_probe(cache: Path, task: Task, cfg: ProbeConfig, encoder: torch.nn.Mod
 def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Build (or find) every task's expert and probe; returns {task: manifest entry of its expert}."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     cache.mkdir(parents=True, exist_ok=True)
     loaded = [load_task(t) for t in tasks]
@@ -345,7 +374,7 @@ def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progre
             state_path.parent.mkdir(parents=True, exist_ok=True)
             if state_path.exists():
                 log(f"{task.name}: resuming from {state_path}")
-            bar_id = bar.add_task(task.name, total=config.train.steps, loss="-")
+            bar_id = bar.add_task(task.name, total=config.train.steps_for(len(task.train)), loss="-")
             encoder, head, info = train_expert(
                 task, config.train, tokenizer, state_path,
                 lambda step, loss, b=bar_id: bar.update(b, completed=step, loss=f"{loss:.3f}"))
@@ -353,7 +382,7 @@ def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progre
             max_len = min(task.max_len, config.train.max_len_cap)
             val_acc = accuracy(head, split_features(encoder, tokenizer, va.texts, max_len), va.labels)
             meta = {"task": task.name, "classes": list(task.classes), "key": key,
-                    "config": config.train.key_fields(), "versions": versions(),
+                    "config": config.train.key_fields(len(task.train)), "versions": versions(),
                     "data_fingerprint": task.fingerprint(), "val_accuracy": round(val_acc, 4),
                     **{k: v for k, v in info.items() if k != "losses"},
                     "final_loss": sum(info["losses"][-20:]) / max(1, len(info["losses"][-20:]))}
@@ -361,7 +390,7 @@ def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progre
             Manifest(cache).put("experts", key, {"path": str(rel), **meta})
             state_path.unlink(missing_ok=True)
             log(f"{task.name}: expert val accuracy {val_acc:.4f} "
-                f"({info['train_seconds']:.0f} s, {config.train.steps} steps)")
+                f"({info['train_seconds']:.0f} s, {config.train.steps_for(len(task.train))} steps)")
     probes_todo = [t for t in loaded if find_probe(cache, t, config.probe) is None]
     if probes_todo:
         encoder = load_encoder()

@@ -1,0 +1,76 @@
+"""The benchmark's rows and grids are derived from the method registry (no transformers needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+import mergewise  # noqa: F401  (fills the registries)
+from mergewise.bench.runner import CORE_METHODS, TADROP, Grids, RunConfig, selected_text, variant
+from mergewise.errors import RecipeError
+
+G = Grids()
+
+
+def test_core_rows_and_their_grids():
+    ta = variant("task_arithmetic", G)
+    assert ta.grid == (("lambda", G.lambda_sum),)  # density 1.0 by default: no trim, no density grid
+    ties = variant("ties", G)
+    assert ties.grid == (("lambda", G.lambda_mean), ("density", G.density["magnitude"]))
+    dare = variant("dare_ties", G)
+    assert dare.grid == (("lambda", G.lambda_mean), ("density", G.density["random"]))
+    bc = variant("breadcrumbs", G)
+    assert bc.grid == (("lambda", G.lambda_sum), ("density", G.density["breadcrumbs"]))
+    assert variant("linear", G).candidates() == [{"parameters": {}, "sparsify": None}]
+
+
+def test_tadrop_rows_replace_the_trim_step():
+    v = variant("ties" + TADROP, G)
+    assert v.method == "ties" and v.sparsify == {"method": "tadrop"}
+    cands = v.candidates()
+    assert len(cands) == len(G.lambda_mean) * len(G.drop_rate)
+    assert all("density" not in c["parameters"] for c in cands)
+    assert {c["sparsify"]["drop_rate"] for c in cands} == set(G.drop_rate)
+    # weight averaging takes no sparsify block: the same merge as task_arithmetic's mean
+    lin = variant("linear" + TADROP, G)
+    assert lin.method == "task_arithmetic"
+    assert lin.parameters == {"normalize": True, "lambda": 1.0}
+    assert len(lin.candidates()) == len(G.drop_rate)
+
+
+def test_every_default_row_is_valid_for_the_registry():
+    from mergewise.recipe import parse_recipe
+
+    for name in RunConfig().methods:
+        v = variant(name, G)
+        for c in v.candidates():
+            data = {"merge_method": v.method, "base_model": "<b>", "parameters": c["parameters"],
+                    "models": [{"model": "<a>"}, {"model": "<c>"}]}
+            if c["sparsify"]:
+                data["sparsify"] = c["sparsify"]
+            parse_recipe(data, "bench")  # raises on an unknown or out-of-range parameter
+    assert set(CORE_METHODS) <= {n.removesuffix(TADROP) for n in RunConfig().methods}
+
+
+def test_unknown_method_and_impossible_tadrop_row():
+    with pytest.raises(RecipeError, match="did you mean 'ties'"):
+        variant("tiez", G)
+    with pytest.raises(ValueError, match="no TADrop row"):
+        variant("slerp" + TADROP, G)
+
+
+def test_selected_text():
+    assert selected_text({"parameters": {"lambda": 0.5}, "sparsify": None}) == "lambda=0.5"
+    assert selected_text({"parameters": {"lambda": 1.0},
+                          "sparsify": {"method": "tadrop", "drop_rate": 0.8}}) == \
+        "tadrop: lambda=1, drop_rate=0.8"
+
+
+def test_small_tasks_stop_after_max_epochs_and_are_keyed_by_effective_steps():
+    from mergewise.bench.zoo import TrainConfig
+
+    cfg = TrainConfig()  # 300 steps, batch 32, at most 8 epochs
+    assert cfg.steps_for(570) == 143 and cfg.steps_for(11_252) == 300
+    assert cfg.key_fields(570)["steps"] == 143
+    # raising the cap changes nothing for a task the epoch limit already binds
+    assert TrainConfig(steps=400).key_fields(570) == cfg.key_fields(570)
+    assert "checkpoint_every" not in cfg.key_fields(570)
