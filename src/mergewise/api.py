@@ -202,11 +202,13 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None,
                       model_parameters: Sequence[Mapping[str, Any]] | None = None,
                       sparsify: Mapping[str, Any] | None = None, dtype: str = "float32",
                       out_dtype: str | None = None, seed: int = 0,
-                      device: str = "cpu") -> dict[str, torch.Tensor]:
+                      device: str = "cpu",
+                      records: list[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
     """Merge state dicts already in memory (e.g. from loaded torch modules); returns a new dict.
 
     ``models`` is a list of state dicts, or a {task name: state dict} mapping. Parameters follow
-    the recipe's rules (``parameters`` method-wide, ``model_parameters`` per model).
+    the recipe's rules (``parameters`` method-wide, ``model_parameters`` per model). Pass a list
+    as ``records`` to receive the per-tensor report rows (kept counts, norms, TADrop d and p).
     """
     named = (list(models.items()) if isinstance(models, Mapping)
              else [(f"model_{i}", m) for i, m in enumerate(models)])
@@ -229,5 +231,7 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None,
     model_ckpts = [StateDictCheckpoint(task, sd) for task, sd in named]
     job = MergeJob(rec, base_ckpt, model_ckpts, device=device)
     out: dict[str, torch.Tensor] = {}
-    job.run(out.__setitem__)
+    rows = job.run(out.__setitem__)
+    if records is not None:
+        records.extend(rows)
     return out

@@ -94,3 +94,30 @@ def test_rerun_is_served_from_the_result_cache(smoke):
     # 2 pretrained rows + 2 experts + (candidates + 1 test evaluation) per method row
     expected = 4 + sum(len(r["candidates"]) + 1 for r in doc["rows"] if "candidates" in r)
     assert len(files) == expected
+
+
+def test_studies_run_end_to_end(smoke, monkeypatch):
+    """The matched and tasks studies on the smoke zoo (1 method, 1 λ, 2 seeds / 1-task subsets)."""
+    from mergewise.bench import studies
+    from mergewise.bench.runner import SMOKE_RUN, Grids
+
+    root, _, _, _ = smoke
+    monkeypatch.setattr(studies, "MATCHED_METHODS", ("ties",))
+    monkeypatch.setattr(studies, "SEEDS", (0, 1))
+    monkeypatch.setattr(studies, "LAMBDA_MEAN", (1.0,))
+    doc = studies.run_study("matched", list(smoke[2]["tasks"]), root / "cache", root / "study", SMOKE_RUN,
+                            log=lambda s: None)
+    arms = doc["groups"][0]["arms"]
+    assert [a["arm"] for a in arms] == ["ties (uniform)", "ties + tadrop(0.9)",
+                                        "ties + tadrop(0.9, budget=elements)"]
+    assert arms[0]["realised_drop_rate"] == pytest.approx(0.9, abs=0.01)  # exact top-k per tensor
+    assert "vs_first" in arms[1] and arms[1]["vs_first"]["seeds"] == 2
+    assert "| ties | ties + tadrop(0.9) |" in (root / "study" / "study-matched.md").read_text()
+
+    monkeypatch.setattr(studies, "TASK_COUNTS", (1,))
+    monkeypatch.setattr(studies, "TASKS_METHODS", ("ties",))
+    monkeypatch.setattr(studies, "TASKS_GRIDS", Grids(lambda_mean=(1.0,), density={"magnitude": (0.2,)}))
+    doc = studies.run_study("tasks", list(smoke[2]["tasks"]), root / "cache", root / "study", SMOKE_RUN,
+                            log=lambda s: None)
+    assert sorted({r["size"] for r in doc["rows"]}) == [1, 2]
+    assert len([r for r in doc["rows"] if r["size"] == 1]) == 2  # 2 seeded one-task subsets

@@ -140,3 +140,38 @@ def run(
     out.print((out_dir / "results.md").read_text(), highlight=False)
     out.print(f"wrote {out_dir / 'results.md'}, results.json, results.png ({doc['seconds']:.0f} s)",
               highlight=False)
+
+
+@bench_app.command()
+def study(
+    name: Annotated[str, typer.Argument(help="matched | ablation | tasks")],
+    cache: CacheOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="results directory (shares the run's cache)")] = Path(
+        "bench-results"),
+    tasks: TasksOpt = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="the experts' steps (as given to build)")] = None,
+) -> None:
+    """TADrop vs uniform at the same p̄ (matched), rescale/strength ablation, or 2/4/6-task merges."""
+    _require()
+    from dataclasses import replace
+
+    from .runner import RunConfig
+    from .studies import STUDIES, run_study
+    from .zoo import with_steps
+
+    if name not in STUDIES:
+        err.print(f"[bold red]error:[/] unknown study '{name}'; known: {', '.join(STUDIES)}", highlight=False)
+        raise typer.Exit(1)
+    config = RunConfig()
+    config = replace(config, zoo=with_steps(config.zoo, steps))
+    try:
+        doc = run_study(name, _tasks(tasks, False), _cache(cache), out_dir, config,
+                        log=lambda s: out.print(s, highlight=False))
+    except FileNotFoundError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: finished evaluations are cached; run the same command to resume")
+        raise typer.Exit(130) from None
+    out.print((out_dir / f"study-{name}.md").read_text(), highlight=False)
+    out.print(f"wrote {out_dir / f'study-{name}.md'} and .json ({doc['seconds']:.0f} s)", highlight=False)

@@ -63,9 +63,19 @@ class Evaluator:
         feats = self.features(state_dict, tasks)
         return {name: self.score(heads[name], name, f) for name, f in feats.items()}
 
+    def correct(self, state_dict: dict[str, torch.Tensor], heads: dict[str, Head],
+                tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """{task: bool per example (split order)}: what re-selection on subsets and paired
+        bootstrap need, at the cost of one evaluation."""
+        feats = self.features(state_dict, tasks)
+        return {name: head_correct(heads[name], f, self.data[name].labels) for name, f in feats.items()}
+
     def score(self, head: Head, task: str, feats: torch.Tensor) -> float:
-        pred = head(feats).argmax(-1)
-        return float((pred == self.data[task].labels).float().mean())
+        return float(head_correct(head, feats, self.data[task].labels).float().mean())
+
+
+def head_correct(head: Head, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return head(feats).argmax(-1) == labels
 
 
 def summarize(acc: dict[str, float], expert_acc: dict[str, float]) -> dict[str, float]:

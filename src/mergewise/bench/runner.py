@@ -49,11 +49,11 @@ class Grids:
     lambda_sum: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     lambda_mean: tuple[float, ...] = (0.6, 1.0, 1.4, 1.8)
     density: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
-        "magnitude": (0.1, 0.2, 0.4),  # TIES: fraction kept by |tau|
+        "magnitude": (0.05, 0.1, 0.2, 0.4),  # TIES: fraction kept by |tau|
         "random": (0.2, 0.4, 0.6),  # DARE: keep probability
         "breadcrumbs": (0.7, 0.9),  # kept after dropping the top 1 % outliers
     })
-    drop_rate: tuple[float, ...] = (0.5, 0.7, 0.9)  # TADrop target p̄
+    drop_rate: tuple[float, ...] = (0.5, 0.7, 0.9, 0.95)  # TADrop target p̄
 
 
 @dataclass(frozen=True)
@@ -199,13 +199,25 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
                test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer, model=model))
 
 
-def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int) -> tuple[dict[str, torch.Tensor], float]:
+def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,
+          records: list[dict[str, Any]] | None = None) -> tuple[dict[str, torch.Tensor], float]:
     from ..api import merge_state_dicts
 
     t0 = time.perf_counter()
     merged = merge_state_dicts(zoo.base, {t: zoo.expert_sd[t] for t in zoo.tasks}, v.method,
-                               parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed)
+                               parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed,
+                               records=records)
     return merged, time.perf_counter() - t0
+
+
+def realised_drop_rate(records: list[dict[str, Any]]) -> float | None:
+    """Element-weighted fraction of task-vector entries the sparsifiers set to 0 (all models)."""
+    numel = kept = 0
+    for r in records:
+        for info in r.get("models", ()):
+            numel += r["numel"]
+            kept += info["kept"]
+    return None if numel == 0 else 1.0 - kept / numel
 
 
 class _Session:
@@ -251,10 +263,11 @@ class _Session:
 
         def score(cand: dict[str, Any]) -> dict[str, Any]:
             merged, secs = merge(zoo, v, cand, seed)
+            t0 = time.perf_counter()
             val = zoo.val.accuracies(merged, zoo.heads)
             if not kept or sum(val.values()) > kept["score"]:
                 kept.update(cand=cand, merged=merged, secs=secs, score=sum(val.values()))
-            return {"val": val, "merge_seconds": secs}
+            return {"val": val, "merge_seconds": secs, "eval_seconds": time.perf_counter() - t0}
 
         cands = []
         for cand in v.candidates():
@@ -270,12 +283,22 @@ class _Session:
                 merged, secs = kept["merged"], kept["secs"]
             else:
                 merged, secs = merge(zoo, v, chosen, seed)
-            return {"test": zoo.test.accuracies(merged, zoo.heads), "merge_seconds": secs}
+            t0 = time.perf_counter()
+            return {"test": zoo.test.accuracies(merged, zoo.heads), "merge_seconds": secs,
+                    "eval_seconds": time.perf_counter() - t0}
 
         r = self.cached(v.label, {"method": v.method, **chosen, "split": "test"}, final)
         return {"label": v.label, "kind": "tadrop" if v.label.endswith(TADROP) else "merge",
                 "method": v.method, "selected": chosen, "val_average": best["val_average"],
                 "candidates": cands, **r}
+
+
+def run_context(zoo: Zoo, config: RunConfig) -> dict[str, Any]:
+    """Everything a cached evaluation depends on besides its own merge spec."""
+    return {"tasks": zoo.tasks, "experts": {t: e.key for t, e in zoo.experts.items()},
+            "probes": {t: probe_key(load_task(t), config.zoo.probe) for t in zoo.tasks},
+            "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
+            "mergewise": __version__}
 
 
 def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfig = RunConfig(),
@@ -289,10 +312,7 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
     tasks = list(tasks)
     variants = [variant(m, config.grids) for m in config.methods]
     zoo = load_zoo(tasks, cache, config)
-    context = {"tasks": tasks, "experts": {t: e.key for t, e in zoo.experts.items()},
-               "probes": {t: probe_key(load_task(t), config.zoo.probe) for t in tasks},
-               "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
-               "mergewise": __version__}
+    context = run_context(zoo, config)
     total = 2 + len(tasks) + sum(len(v.candidates()) + 1 for v in variants)
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -323,5 +343,5 @@ def selected_text(chosen: dict[str, Any] | None) -> str:
     parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
              for k, v in chosen.get("parameters", {}).items()]
     sp = chosen.get("sparsify") or {}
-    parts += [f"{k}={v:g}" for k, v in sp.items() if k != "method"]
+    parts += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sp.items() if k != "method"]
     return (f"{sp['method']}: " if sp else "") + ", ".join(parts)
