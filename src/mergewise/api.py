@@ -138,7 +138,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
                 mod_writer.finalize()
                 files.append(MODULATORS_FILE)
                 modulators = modulator_report(tmp / MODULATORS_FILE, job, writer.total_size,
-                                              mod_writer.collector.rescalers())
+                                              mod_writer.collector)
             _write_sidecars(tmp, rec, job, paths, records, time.perf_counter() - start,
                             modulators)
         seconds = time.perf_counter() - start
@@ -157,14 +157,16 @@ def _modulator_writer(tmp: Path, job: MergeJob, paths: dict[str, Path]
 
 
 def modulator_report(path: Path, job: MergeJob, unified_bytes: int,
-                     rescalers: list[float]) -> dict[str, Any]:
-    """Sizes of a task-specific merge's output next to what K full experts take."""
+                     collector: ModulatorCollector) -> dict[str, Any]:
+    """Sizes of a task-specific merge's output next to what K full experts take (tensor
+    bytes; ``bytes`` is the whole file, header included, ``mask_bytes`` the packed masks)."""
     experts = sum(s.ckpt.info(n).nbytes for s in job.slots for n in s.ckpt.names())
     size = path.stat().st_size
     tasks = [s.task for s in job.slots]
-    return {"file": MODULATORS_FILE, "bytes": size, "unified_bytes": unified_bytes,
-            "experts_bytes": experts, "ratio_to_experts": size / experts if experts else None,
-            "tasks": tasks, "rescalers": dict(zip(tasks, rescalers, strict=True))}
+    return {"file": MODULATORS_FILE, "bytes": size, "mask_bytes": collector.mask_bytes,
+            "unified_bytes": unified_bytes, "experts_bytes": experts,
+            "ratio_to_experts": size / experts if experts else None, "tasks": tasks,
+            "rescalers": dict(zip(tasks, collector.rescalers(), strict=True))}
 
 
 def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path],
