@@ -130,8 +130,8 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
             writer = ShardedWriter(tmp, out_tensors, size, metadata)
             mod_writer = _modulator_writer(tmp, job, paths)
             with merge_progress(progress, job, summary) as (on_tensor, on_stats):
-                records = job.run(writer.write, on_tensor, on_stats,
-                                  modulator_sink=mod_writer and mod_writer.collector)
+                records = job.run(writer.write, on_tensor, on_stats, modulator_sink=(
+                    mod_writer.collector if mod_writer is not None else None))
             files = writer.finalize()
             modulators = None
             if mod_writer is not None:
@@ -230,9 +230,18 @@ Base model: `{base}`
 {rec.to_yaml().rstrip()}
 ```
 
-Method semantics:
+{_task_specific_note(job)}Method semantics:
 {(job.method.doc or "").strip()}
 """
+
+
+def _task_specific_note(job: MergeJob) -> str:
+    if not job.method.task_specific:
+        return ""
+    tasks = ", ".join(s.task for s in job.slots)
+    return (f"These weights are the unified model of a task-specific merge; each task's model "
+            f"({tasks}) is assembled from them, the base and `{MODULATORS_FILE}`:\n"
+            f"`mergewise materialize DIR --task NAME --out TASK_DIR`.\n\n")
 
 
 StateDict = Mapping[str, torch.Tensor]

@@ -14,6 +14,10 @@ are copied from the reference unchanged and may be absent from experts. A floati
 missing from an expert, present only in an expert, of another shape, or of a non-float dtype
 there is an error. A tensor whose (sparsified) task vectors are all zero is written as the base
 tensor itself, bit for bit (cast only to ``out_dtype``), by every task-vector method.
+
+Task-specific methods (EMR) return the unified tensor plus per-task modulators; ``run`` hands
+the modulators of every merged tensor (None for an all-zero one) to a ``modulator_sink`` and
+refuses to run without one, since the unified tensor alone is no task's model.
 """
 
 from __future__ import annotations

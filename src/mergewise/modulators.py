@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, SafetensorsFile
-from .errors import ModulatorError, UnknownTaskError
+from .engine import all_finite
+from .errors import ModulatorError, NonFiniteError, UnknownTaskError
 from .methods.emr import EMRTensor, assemble, rescalers
 from .writer import OutTensor, StreamingSafetensorsFile
 
@@ -273,5 +274,9 @@ class Modulators:
                 continue
             theta0 = base.read(name).to(device=device, dtype=self.compute_dtype)
             self.check_base_tensor(name, theta0, base.label)
-            out = assemble(theta0, stored, self.mask(t, name), lam)
-            yield name, out.to(dtype=stored.dtype).cpu()
+            out = assemble(theta0, stored, self.mask(t, name), lam).to(dtype=stored.dtype)
+            if not all_finite(out):
+                raise NonFiniteError(f"{self.label}: task '{task}' tensor '{name}' overflows "
+                                     f"{str(stored.dtype).removeprefix('torch.')} (rescaler "
+                                     f"{lam!r}); merge with a wider out_dtype")
+            yield name, out.cpu()
