@@ -26,6 +26,7 @@ from mergewise import (
     ModulatorError,
     OutputError,
     UnknownTaskError,
+    load_task,
     materialize,
     merge,
     merge_task_state_dicts,
@@ -118,6 +119,28 @@ def test_output_layout_and_report(fam3: Family, merged: Path) -> None:
             for s in shape:
                 n *= s
             assert f.get_slice(f"mask.2.{name}").get_shape() == [(n + 7) // 8]
+
+
+def test_model_card_and_dry_run(fam3: Family, merged: Path, tmp_path: Path) -> None:
+    card = (merged / "README.md").read_text()
+    assert "mergewise materialize DIR --task NAME" in card and "alpha, beta, gamma" in card
+    result = merge(emr_recipe(fam3), tmp_path / "dry", dry_run=True)
+    assert result.summary.merged == 21 and not (tmp_path / "dry").exists()
+
+
+def test_load_task_into_a_module(merged: Path) -> None:
+    want = task_state_dict(merged, "gamma")
+    root = torch.nn.Module()
+    for name, t in want.items():  # a module tree with the checkpoint's names
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        mod.register_buffer(leaf, torch.zeros_like(t))
+    load_task(root, merged, "gamma")
+    assert_same(dict(root.state_dict()), want)
 
 
 def test_unified_model_is_base_plus_unified_vector(fam3: Family, merged: Path) -> None:
