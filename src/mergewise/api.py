@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .checkpoint import HF_TAGALONG_FILES, Checkpoint, StateDictCheckpoint, open_checkpoint
 from .engine import MergeJob, PlanSummary
-from .errors import RecipeError
+from .errors import RecipeError, UnknownTaskError
 from .materialize import TaskModels
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
@@ -268,6 +268,10 @@ def merge_state_dicts(base: StateDict | None,
         if not job.method.task_specific:
             raise RecipeError(f"task='{task}' applies to task-specific methods (emr) only; "
                               f"{job.method.name} yields a single merged model")
+        tasks = [s.task for s in job.slots]
+        if task not in tasks:  # before any tensor is merged
+            raise UnknownTaskError(f"merge_state_dicts: no task '{task}'; known tasks: "
+                                   f"{', '.join(tasks)}")
         return _run_task_specific(job, base).task_state_dict(task)
     out: dict[str, torch.Tensor] = {}
     job.run(out.__setitem__)

@@ -373,6 +373,8 @@ class MergeJob:
                 if record is not None:
                     record["merged_delta_norm"] = float(torch.linalg.vector_norm(out - base))
             del deltas
+            if modulator_sink is None:
+                base = None  # free it before the cast (peak memory)
         if not all_finite(out):
             raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "
                                  "check the recipe's weights and lambda")

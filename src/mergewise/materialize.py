@@ -50,7 +50,8 @@ class TaskModels(Mapping[str, dict[str, torch.Tensor]]):
 
     @property
     def modulator_bytes(self) -> int:
-        """Bytes the masks (1 bit per entry per task) and rescalers take, as in the file."""
+        """Tensor bytes of the modulators (masks at 1 bit per entry per task, rescalers, base
+        checksums): ``modulators.safetensors`` minus its header."""
         return self.modulators.nbytes
 
     def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:

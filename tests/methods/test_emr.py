@@ -78,6 +78,8 @@ def test_exact_values_three_tasks() -> None:
     models = merge_task_state_dicts(BASE, EXPERTS)
     assert models.tasks == ["a", "b", "c"] and list(models) == ["a", "b", "c"]
     assert models.rescalers == pytest.approx(LAMBDAS, rel=1e-15)
+    # 3 tasks x (1 byte each for w, v, z) + 3 float64 rescalers + 3 x 2 float64 checksums
+    assert models.modulator_bytes == 9 + 24 + 48
     assert torch.equal(models.unified["w"], BASE["w"] + W_UNI)
     assert torch.equal(models.unified["v"], BASE["v"] + V_UNI)
     assert torch.equal(models.unified["z"], BASE["z"])
@@ -172,6 +174,8 @@ def test_unknown_task_lists_the_known_ones() -> None:
     models = merge_task_state_dicts(BASE, EXPERTS)
     with pytest.raises(UnknownTaskError, match="no task 'd'; known tasks: a, b, c"):
         models["d"]
+    with pytest.raises(UnknownTaskError, match="merge_state_dicts: no task 'd'; known tasks: a"):
+        merge_state_dicts(BASE, EXPERTS, "emr", task="d")
     assert "d" not in models and "a" in models
 
 
