@@ -1,8 +1,8 @@
 """EMR-Merging (Huang et al. 2024): elect, mask, rescale; one model per task, no hyperparameters.
 
 1. Elect: sign = sign(sum_t tau_t) per entry, summed in model order in ``dtype``; an exact 0
-   sum elects - (the official ``(x > 0) * 2 - 1``; its mean has the sign of our sum except
-   where sum / K underflows to 0).
+   sum elects - (the official ``(x > 0) * 2 - 1``). FusionBench sums too; the official code
+   takes the mean, which has the same sign except where sum / K underflows to 0.
 2. Mask: M_t = (tau_t * sign > 0): entries of task t that agree with the elected sign and are
    non-zero (so where the vectors cancel to 0, only the negative entries are kept).
 3. Unified vector: tau_uni = sign * max_t |M_t * tau_t| (0 where no task agrees).
