@@ -75,6 +75,7 @@ def test_elect_mask_unify_one_tensor() -> None:
 
 
 def test_exact_values_three_tasks() -> None:
+    before = [{n: t.clone() for n, t in sd.items()} for sd in (BASE, *EXPERTS.values())]
     models = merge_task_state_dicts(BASE, EXPERTS)
     assert models.tasks == ["a", "b", "c"] and list(models) == ["a", "b", "c"]
     assert models.rescalers == pytest.approx(LAMBDAS, rel=1e-15)
@@ -92,6 +93,8 @@ def test_exact_values_three_tasks() -> None:
         assert torch.equal(sd["z"], BASE["z"]) and torch.equal(sd["ids"], torch.arange(3))
         want = BASE["w"].double() + W_UNI.double() * W_MASKS[i] * LAMBDAS[task]
         assert torch.allclose(sd["w"].double(), want, rtol=1e-6, atol=0)
+    for old, sd in zip(before, (BASE, *EXPERTS.values()), strict=True):  # inputs untouched
+        assert all(torch.equal(old[n], sd[n]) for n in sd)
 
 
 def test_rescalers_follow_the_official_algorithm_on_random_vectors() -> None:
@@ -116,6 +119,31 @@ def test_rescalers_follow_the_official_algorithm_on_random_vectors() -> None:
             new_scales[k] += (tau_uni * masks[k]).double().abs().mean()
     assert list(models.rescalers.values()) == pytest.approx((scales / new_scales).tolist(),
                                                             rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_ties_and_zeros_match_the_official_rule(k: int, seed: int) -> None:
+    """Small integer task vectors (many exact-0 sums and zero entries) against the official
+    per-entry rule: flag = (sum > 0) * 2 - 1, M_t = tau_t * flag > 0, max over agreeing."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randint(-3, 4, (3, 5), generator=g).float(), "b": torch.zeros(4)}
+    taus = [{n: torch.randint(-2, 3, t.shape, generator=g).float() for n, t in base.items()}
+            for _ in range(k)]
+    models = merge_task_state_dicts(base, {f"t{i}": {n: base[n] + d[n] for n in base}
+                                           for i, d in enumerate(taus)})
+    num, den = [0.0] * k, [0.0] * k
+    for n in base:
+        flag = (sum(d[n] for d in taus) > 0) * 2 - 1
+        masks = [d[n] * flag > 0 for d in taus]
+        uni = torch.stack([(m * d[n]).abs() for m, d in zip(masks, taus, strict=True)]).amax(0)
+        assert torch.equal(models.unified[n], base[n] + uni * flag)
+        for i in range(k):
+            assert torch.equal(models.modulators.mask(i, n), masks[i])
+            num[i] += float(taus[i][n].abs().double().mean())
+            den[i] += float((uni * masks[i]).double().mean())
+    want = [a / b if b > 0 else 1.0 for a, b in zip(num, den, strict=True)]
+    assert list(models.rescalers.values()) == pytest.approx(want, rel=1e-12)
 
 
 def test_task_with_nothing_kept_gets_rescaler_one_and_the_base() -> None:
