@@ -86,8 +86,11 @@ def materialize(
     shard_size: Annotated[str, typer.Option("--shard-size", help="max bytes per shard, e.g. 5GB")] = "5GB",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
-    """Write one task's model (base + rescaler * mask * unified task vector) of an EMR merge as
-    a normal checkpoint directory (written atomically)."""
+    """Write one task's model of an EMR merge as a normal checkpoint directory.
+
+    The task's weights are base + rescaler * (mask * unified task vector), from the merge's
+    unified model and modulators.safetensors; the output is written atomically.
+    """
     from .materialize import materialize as run_materialize
 
     try:
