@@ -20,8 +20,8 @@ from mergewise import merge_state_dicts
 from mergewise.checkpoint import open_checkpoint
 from mergewise.cli import app
 
-METHODS = ["breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "linear", "slerp",
-           "task_arithmetic", "ties"]
+METHODS = ["breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "emr", "linear",
+           "slerp", "task_arithmetic", "ties"]
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Python API mirroring the CLI: ``merge`` (files in, files out) and ``merge_state_dicts``.
+"""Python API mirroring the CLI: ``merge`` (files in, files out), ``merge_state_dicts`` and,
+for task-specific methods (EMR), ``merge_task_state_dicts``.
 
 Both run the very same ``MergeJob`` tensor loop; only the sources (files vs dicts) and the sink
 (streaming writer vs dict) differ, which is why their outputs are identical bit for bit.
@@ -19,9 +20,13 @@ import torch
 from . import __version__
 from .checkpoint import HF_TAGALONG_FILES, Checkpoint, StateDictCheckpoint, open_checkpoint
 from .engine import MergeJob, PlanSummary
-from .errors import RecipeError
+from .errors import RecipeError, UnknownTaskError
+from .materialize import TaskModels
+from .modulators import FILE_NAME as MODULATORS_FILE
+from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
 from .progress import merge_progress
 from .recipe import Recipe, load_recipe, parse_recipe
+from .registry import METHODS
 from .report import tensor_rows, write_tables
 from .writer import (
     DEFAULT_SHARD_SIZE,
@@ -42,6 +47,7 @@ class MergeResult:
     report_path: Path | None = None
     seconds: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
+    modulators: dict[str, Any] | None = None  # task-specific methods: sizes and rescalers
 
 
 def _resolve_path(path: str, root: Path | None, key: str) -> Path:
@@ -122,17 +128,50 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         metadata = {"mergewise_version": __version__, "mergewise_recipe": rec.to_yaml()}
         with atomic_directory(target, overwrite) as tmp:
             writer = ShardedWriter(tmp, out_tensors, size, metadata)
+            mod_writer = _modulator_writer(tmp, job, paths)
             with merge_progress(progress, job, summary) as (on_tensor, on_stats):
-                records = job.run(writer.write, on_tensor, on_stats)
+                records = job.run(writer.write, on_tensor, on_stats, modulator_sink=(
+                    mod_writer.collector if mod_writer is not None else None))
             files = writer.finalize()
-            _write_sidecars(tmp, rec, job, paths, records, time.perf_counter() - start)
+            modulators = None
+            if mod_writer is not None:
+                mod_writer.finalize()
+                files.append(MODULATORS_FILE)
+                modulators = modulator_report(tmp / MODULATORS_FILE, job, writer.total_size,
+                                              mod_writer.collector)
+            _write_sidecars(tmp, rec, job, paths, records, time.perf_counter() - start,
+                            modulators)
         seconds = time.perf_counter() - start
         return MergeResult(out=target, summary=summary, files=files,
-                           report_path=target / "report.json", seconds=seconds, records=records)
+                           report_path=target / "report.json", seconds=seconds, records=records,
+                           modulators=modulators)
+
+
+def _modulator_writer(tmp: Path, job: MergeJob, paths: dict[str, Path]
+                      ) -> ModulatorFileWriter | None:
+    if not job.method.task_specific:
+        return None
+    return ModulatorFileWriter(tmp / MODULATORS_FILE, [s.task for s in job.slots],
+                               [(t.name, t.shape) for t in job.tensors if t.merged],
+                               job.compute_dtype, str(paths["base_model"].resolve()))
+
+
+def modulator_report(path: Path, job: MergeJob, unified_bytes: int,
+                     collector: ModulatorCollector) -> dict[str, Any]:
+    """Sizes of a task-specific merge's output next to what K full experts take (tensor
+    bytes; ``bytes`` is the whole file, header included, ``mask_bytes`` the packed masks)."""
+    experts = sum(s.ckpt.info(n).nbytes for s in job.slots for n in s.ckpt.names())
+    size = path.stat().st_size
+    tasks = [s.task for s in job.slots]
+    return {"file": MODULATORS_FILE, "bytes": size, "mask_bytes": collector.mask_bytes,
+            "unified_bytes": unified_bytes, "experts_bytes": experts,
+            "ratio_to_experts": size / experts if experts else None, "tasks": tasks,
+            "rescalers": dict(zip(tasks, collector.rescalers(), strict=True))}
 
 
 def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path],
-                    records: list[dict[str, Any]], seconds: float) -> None:
+                    records: list[dict[str, Any]], seconds: float,
+                    modulators: dict[str, Any] | None = None) -> None:
     ref_dir = job.reference.directory
     copy_tagalong(ref_dir, tmp, [n for n in HF_TAGALONG_FILES if n != "config.json"
                                  and (not rec.tokenizer_source or "token" not in n)])
@@ -160,6 +199,7 @@ def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path
         "seconds": round(seconds, 3),
         "plan": job.summary().__dict__,
         "sparsifiers": job.sparsifier_summary(),
+        **({"modulators": modulators} if modulators is not None else {}),
         "tensors": records,
     }
     write_tables(tmp, report, tensor_rows(records, tasks))
@@ -190,26 +230,105 @@ Base model: `{base}`
 {rec.to_yaml().rstrip()}
 ```
 
-Method semantics:
+{_task_specific_note(job)}Method semantics:
 {(job.method.doc or "").strip()}
 """
 
 
-def merge_state_dicts(base: Mapping[str, torch.Tensor] | None,
-                      models: Sequence[Mapping[str, torch.Tensor]]
-                      | Mapping[str, Mapping[str, torch.Tensor]],
+def _task_specific_note(job: MergeJob) -> str:
+    if not job.method.task_specific:
+        return ""
+    tasks = ", ".join(s.task for s in job.slots)
+    return (f"These weights are the unified model of a task-specific merge; each task's model "
+            f"({tasks}) is assembled from them, the base and `{MODULATORS_FILE}`:\n"
+            f"`mergewise materialize DIR --task NAME --out TASK_DIR`.\n\n")
+
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def merge_state_dicts(base: StateDict | None,
+                      models: Sequence[StateDict] | Mapping[str, StateDict],
                       method: str = "ties", *, parameters: Mapping[str, Any] | None = None,
                       model_parameters: Sequence[Mapping[str, Any]] | None = None,
                       sparsify: Mapping[str, Any] | None = None, dtype: str = "float32",
                       out_dtype: str | None = None, seed: int = 0,
-                      device: str = "cpu",
+                      device: str = "cpu", task: str | None = None,
                       records: list[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
     """Merge state dicts already in memory (e.g. from loaded torch modules); returns a new dict.
 
     ``models`` is a list of state dicts, or a {task name: state dict} mapping. Parameters follow
-    the recipe's rules (``parameters`` method-wide, ``model_parameters`` per model). Pass a list
-    as ``records`` to receive the per-tensor report rows (kept counts, norms, TADrop d and p).
+    the recipe's rules (``parameters`` method-wide, ``model_parameters`` per model). A
+    task-specific method (``emr``) yields one model per task: pass ``task`` to get that task's
+    model (see ``merge_task_state_dicts`` for all of them); without it such a method is refused.
+    Pass a list as ``records`` to receive the per-tensor report rows (kept counts, norms,
+    TADrop d and p).
     """
+    job = _memory_job(base, models, method, parameters=parameters,
+                      model_parameters=model_parameters, sparsify=sparsify, dtype=dtype,
+                      out_dtype=out_dtype, seed=seed, device=device)
+    if task is not None:
+        if not job.method.task_specific:
+            raise RecipeError(f"task='{task}' applies to task-specific methods (emr) only; "
+                              f"{job.method.name} yields a single merged model")
+        tasks = [s.task for s in job.slots]
+        if task not in tasks:  # before any tensor is merged
+            raise UnknownTaskError(f"merge_state_dicts: no task '{task}'; known tasks: "
+                                   f"{', '.join(tasks)}")
+        return _run_task_specific(job, base, records).task_state_dict(task)
+    out: dict[str, torch.Tensor] = {}
+    rows = job.run(out.__setitem__)
+    if records is not None:
+        records.extend(rows)
+    return out
+
+
+def merge_task_state_dicts(base: StateDict, models: Sequence[StateDict] | Mapping[str, StateDict],
+                           method: str = "emr", *, parameters: Mapping[str, Any] | None = None,
+                           model_parameters: Sequence[Mapping[str, Any]] | None = None,
+                           sparsify: Mapping[str, Any] | None = None, dtype: str = "float32",
+                           out_dtype: str | None = None, seed: int = 0,
+                           device: str = "cpu",
+                           records: list[dict[str, Any]] | None = None) -> TaskModels:
+    """Task-specific merge (EMR) of in-memory state dicts: a read-only {task: state dict} mapping.
+
+    Runs the same engine loop as ``mergewise merge``; ``result[task]`` assembles that task's
+    weights (theta0 + lambda_t * (M_t * tau_uni)) on access, bit for bit equal to
+    ``mergewise materialize`` on the files. ``result.unified`` is the unified state dict,
+    ``result.rescalers`` the lambda_t, ``result.load_into(module, task)`` loads a task's weights.
+    """
+    job = _memory_job(base, models, method, parameters=parameters,
+                      model_parameters=model_parameters, sparsify=sparsify, dtype=dtype,
+                      out_dtype=out_dtype, seed=seed, device=device)
+    if not job.method.task_specific:
+        raise RecipeError(f"merge_method {job.method.name} yields a single merged model; use "
+                          "merge_state_dicts (task-specific methods: "
+                          f"{', '.join(m.name for m in METHODS if m.task_specific)})")
+    return _run_task_specific(job, base, records)
+
+
+def _run_task_specific(job: MergeJob, base: StateDict | None,
+                       records: list[dict[str, Any]] | None = None) -> TaskModels:
+    tasks = [s.task for s in job.slots]
+    unified: dict[str, torch.Tensor] = {}
+    store: dict[str, torch.Tensor] = {}
+    collector = ModulatorCollector(tasks, store.__setitem__)
+    rows = job.run(unified.__setitem__, modulator_sink=collector)
+    if records is not None:
+        records.extend(rows)
+    collector.finish()
+    merged = [(t.name, t.shape) for t in job.tensors if t.merged]
+    mods = Modulators(StateDictCheckpoint("modulators", store),
+                      modulator_metadata(tasks, merged, job.compute_dtype, None),
+                      "<memory:modulators>")
+    return TaskModels(unified, mods, StateDictCheckpoint("base", base or {}), job.device)
+
+
+def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[str, StateDict],
+                method: str, *, parameters: Mapping[str, Any] | None,
+                model_parameters: Sequence[Mapping[str, Any]] | None,
+                sparsify: Mapping[str, Any] | None, dtype: str, out_dtype: str | None,
+                seed: int, device: str) -> MergeJob:
     named = (list(models.items()) if isinstance(models, Mapping)
              else [(f"model_{i}", m) for i, m in enumerate(models)])
     entries = []
@@ -229,9 +348,4 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None,
     rec = parse_recipe(data, "merge_state_dicts")
     base_ckpt = StateDictCheckpoint("base", base) if base is not None else None
     model_ckpts = [StateDictCheckpoint(task, sd) for task, sd in named]
-    job = MergeJob(rec, base_ckpt, model_ckpts, device=device)
-    out: dict[str, torch.Tensor] = {}
-    rows = job.run(out.__setitem__)
-    if records is not None:
-        records.extend(rows)
-    return out
+    return MergeJob(rec, base_ckpt, model_ckpts, device=device)

@@ -1,4 +1,4 @@
-"""The ``mergewise`` command line: merge, methods, example.
+"""The ``mergewise`` command line: merge, materialize, methods, inspect, example.
 
 Every user error is printed on one line (``error: ...``) with a non-zero exit; no traceback.
 """
@@ -65,7 +65,41 @@ def merge(
         return
     out.print(f"merged {result.summary.tensors} tensors in {result.seconds:.1f} s", highlight=False)
     out.print(f"output: {result.out}", highlight=False, markup=False)
+    if result.modulators is not None:
+        mods = result.modulators
+        out.print(f"modulators: {mods['bytes']:,} bytes for {len(mods['tasks'])} tasks "
+                  f"(1 bit per parameter per task), {mods['ratio_to_experts']:.4f} of the "
+                  f"{len(mods['tasks'])} full experts' {mods['experts_bytes']:,} bytes; "
+                  f"task models: mergewise materialize {result.out} --task NAME --out DIR",
+                  highlight=False, markup=False)
     out.print(f"report: {result.report_path}", highlight=False, markup=False)
+
+
+@app.command()
+def materialize(
+    merged: Annotated[Path, typer.Argument(help="output directory of an EMR merge")],
+    task: Annotated[str, typer.Option("--task", "-t", help="task name (a model's name in the recipe)")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="where the task's checkpoint goes")],
+    base: Annotated[Path | None, typer.Option("--base", "-b", help="the merge's base model "
+                                              "(default: the path recorded at merge time)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output")] = False,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="max bytes per shard, e.g. 5GB")] = "5GB",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Write one task's model of an EMR merge as a normal checkpoint directory.
+
+    The task's weights are base + rescaler * (mask * unified task vector), from the merge's
+    unified model and modulators.safetensors; the output is written atomically.
+    """
+    from .materialize import materialize as run_materialize
+
+    try:
+        target = run_materialize(merged, task, out_dir, base=base, overwrite=overwrite,
+                                 shard_size=shard_size, device=device)
+    except MergewiseError as exc:
+        _fail(exc)
+        return
+    out.print(f"task '{task}': {target}", highlight=False, markup=False)
 
 
 @app.command()
@@ -82,6 +116,8 @@ def methods(
         return
     for m in METHODS:
         needs = "base required" if m.requires_base else "no base needed"
+        if m.task_specific:
+            needs += "; one model per task: mergewise materialize"
         out.print(f"[bold]{m.name}[/] ({m.space} space, {needs})", highlight=False)
         for p in m.params:
             out.print(f"    {p.describe()}", highlight=False, markup=False)

@@ -32,13 +32,13 @@ def methods_markdown() -> str:
                  else f"{m.min_models} or more")
         out += [f"Space: {m.space}; base model: {needs}; models: {count}; "
                 f"`sparsify:` block: {'accepted' if m.accepts_sparsify else 'not accepted'}.", ""]
-        out += [HEADER]
-        out += [_row(p, "method") for p in m.params]
-        out += [_row(p, "per model") for p in m.model_params]
+        rows = [_row(p, "method") for p in m.params]
+        rows += [_row(p, "per model") for p in m.model_params]
         if m.sparsifier:
             sp = SPARSIFIERS.get(m.sparsifier)
-            out += [_row(p, f"per model ({sp.name} step)")
-                    for p in sparsifier_param_specs(m, sp, from_block=False).values()]
+            rows += [_row(p, f"per model ({sp.name} step)")
+                     for p in sparsifier_param_specs(m, sp, from_block=False).values()]
+        out += [HEADER, *rows] if rows else ["No parameters."]
         out.append("")
     out += ["# Sparsifiers", "",
             "Use in a `sparsify:` block (method-wide or per model) to replace a method's own "

@@ -14,6 +14,10 @@ are copied from the reference unchanged and may be absent from experts. A floati
 missing from an expert, present only in an expert, of another shape, or of a non-float dtype
 there is an error. A tensor whose (sparsified) task vectors are all zero is written as the base
 tensor itself, bit for bit (cast only to ``out_dtype``), by every task-vector method.
+
+Task-specific methods (EMR) return the unified tensor plus per-task modulators; ``run`` hands
+the modulators of every merged tensor (None for an all-zero one) to a ``modulator_sink`` and
+refuses to run without one, since the unified tensor alone is no task's model.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, MergewiseError, NonFiniteError, ShapeMismatchError
+from .errors import CheckpointError, MergewiseError, NonFiniteError, RecipeError, ShapeMismatchError
 from .recipe import Recipe, resolve, sparsifier_for, sparsifier_param_specs
 from .registry import Param, Sparsifier
 from .rng import tensor_generator
@@ -35,6 +39,8 @@ from .statspass import StatsPass
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 MAX_LISTED = 8
+# (tensor name, base in the compute dtype, stored output tensor, the method's modulators or None)
+ModulatorSink = Callable[[str, "torch.Tensor | None", torch.Tensor, Any], None]
 
 
 @dataclass
@@ -338,13 +344,16 @@ class MergeJob:
             deltas.append(delta)
         return deltas
 
-    def merge_tensor(self, plan: TensorPlan, record: dict[str, Any] | None = None
-                     ) -> torch.Tensor:
+    def merge_tensor(self, plan: TensorPlan, record: dict[str, Any] | None = None,
+                     modulator_sink: ModulatorSink | None = None) -> torch.Tensor:
+        """The merged tensor in ``plan.out_dtype``; a task-specific method's per-task
+        modulators go to ``modulator_sink`` (None when every task vector was zero)."""
         name = plan.name
         if not plan.merged:
             return self.reference.read(name).clone()
         params = self.method_params(name)
         weights = self.weights(name)
+        modulators = base = None
         if self.method.space == "weight":
             inputs = [self._load(c, name) for c in self.weight_inputs]
             out = self.method.func(None, inputs, weights, **params)
@@ -359,9 +368,13 @@ class MergeJob:
                 out = self.base.read(name).clone()  # type: ignore[union-attr]
             else:
                 out = self.method.func(base, deltas, weights, **params)
+                if self.method.task_specific:
+                    out, modulators = out.merged, out.modulators
                 if record is not None:
                     record["merged_delta_norm"] = float(torch.linalg.vector_norm(out - base))
-            del deltas, base
+            del deltas
+            if modulator_sink is None:
+                base = None  # free it before the cast (peak memory)
         if not all_finite(out):
             raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "
                                  "check the recipe's weights and lambda")
@@ -371,7 +384,10 @@ class MergeJob:
             raise NonFiniteError(f"{self.method.name}: tensor '{name}' overflows out_dtype {dtype} "
                                  "(values beyond its range); use a wider out_dtype or check the "
                                  "recipe's weights and lambda")
-        return out.cpu()
+        out = out.cpu()
+        if modulator_sink is not None:
+            modulator_sink(name, base, out, modulators)
+        return out
 
     def run_stats_pass(self, progress: Callable[[str, int], None] | None = None) -> None:
         for slot in self.slots:
@@ -399,8 +415,19 @@ class MergeJob:
 
     def run(self, sink: Callable[[str, torch.Tensor], None],
             progress: Callable[[str, int], None] | None = None,
-            stats_progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
-        """Run the stats and merge passes, handing each output tensor to ``sink`` in plan order."""
+            stats_progress: Callable[[str, int], None] | None = None,
+            modulator_sink: ModulatorSink | None = None) -> list[dict[str, Any]]:
+        """Run the stats and merge passes, handing each output tensor to ``sink`` in plan order
+        (and a task-specific method's per-task modulators of each merged tensor to
+        ``modulator_sink``, which such a method requires)."""
+        if self.method.task_specific and modulator_sink is None:
+            tasks = ", ".join(s.task for s in self.slots)
+            raise RecipeError(
+                f"merge_method {self.method.name} yields one model per task (a unified task "
+                "vector plus per-task masks and rescalers), not a single merged model; ask for "
+                f"a task ({tasks}): merge_task_state_dicts(...)[task], "
+                "merge_state_dicts(..., task=NAME), or `mergewise merge` then "
+                "`mergewise materialize OUT --task NAME --out DIR`")
         self.run_stats_pass(stats_progress)
         n_inputs = (len(self.weight_inputs) if self.method.space == "weight"
                     else len(self.slots) + 1)
@@ -409,7 +436,7 @@ class MergeJob:
             start = time.perf_counter()
             record: dict[str, Any] = {"name": plan.name, "shape": list(plan.shape),
                                       "numel": plan.numel, "merged": plan.merged}
-            out = self.merge_tensor(plan, record)
+            out = self.merge_tensor(plan, record, modulator_sink)
             sink(plan.name, out)
             record["seconds"] = round(time.perf_counter() - start, 6)
             records.append(record)

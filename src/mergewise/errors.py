@@ -29,3 +29,11 @@ class NonFiniteError(MergewiseError):
 
 class OutputError(MergewiseError):
     """The output path exists (without --overwrite) or cannot be written."""
+
+
+class ModulatorError(MergewiseError):
+    """Per-task modulators (EMR) are missing, corrupt, or do not match the unified model/base."""
+
+
+class UnknownTaskError(MergewiseError):
+    """A task name that the modulators (or the merge's models) do not contain."""

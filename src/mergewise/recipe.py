@@ -262,6 +262,14 @@ def validate_parameters(recipe: Recipe) -> None:
         want = (f"exactly {method.min_models}" if method.min_models == method.max_models
                 else f"at least {method.min_models}")
         raise RecipeError(f"merge_method {method.name} needs {want} models, the recipe has {n}")
+    if method.task_specific:
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(recipe.models):
+            if entry.task_name in seen:
+                raise RecipeError(
+                    f"models.{i}: task name '{entry.task_name}' is also models.{seen[entry.task_name]}'s;"
+                    f" {method.name} keeps one model per task, so give each model a unique 'name'")
+            seen[entry.task_name] = i
     if method.requires_base and not recipe.base_model:
         raise RecipeError(f"merge_method {method.name} needs base_model (task vectors are "
                           "fine-tuned minus base weights)")

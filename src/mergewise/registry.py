@@ -151,6 +151,19 @@ class MergeMethod:
     # Defaults a ``sparsify:`` block gets under this method when it has such a parameter
     # (the DARE methods make TADrop default to random selection).
     block_defaults: dict[str, Any] = field(default_factory=dict)
+    # True when the method yields one model per task (EMR): ``func`` returns a
+    # ``TaskSpecificOutput`` and the caller assembles a task's model from the unified tensor and
+    # that task's modulators (``api.merge_task_state_dicts``, ``mergewise materialize``).
+    task_specific: bool = False
+
+
+@dataclass
+class TaskSpecificOutput:
+    """A task-specific method's result for one tensor: the unified weights (compute dtype) and
+    the per-task modulators the method's collector stores (EMR: masks and |tau| means)."""
+
+    merged: Any
+    modulators: Any
 
 
 T = TypeVar("T", MergeMethod, Sparsifier)
