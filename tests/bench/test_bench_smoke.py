@@ -65,7 +65,7 @@ def test_outputs_and_rows(smoke):
     labels = [r["label"] for r in doc["rows"]]
     assert labels[:3] == ["pretrained + probe", "pretrained + expert heads",
                           "experts (each on its own task)"]
-    assert {"linear", "task_arithmetic", "ties", "ties+tadrop"} <= set(labels)
+    assert {"linear", "task_arithmetic", "ties", "ties+tadrop", "emr"} <= set(labels)
     for r in doc["rows"]:
         assert set(r["test"]) == set(doc["tasks"])
         assert all(0.0 <= a <= 1.0 for a in r["test"].values())
@@ -120,4 +120,4 @@ def test_studies_run_end_to_end(smoke, monkeypatch):
     doc = studies.run_study("tasks", list(smoke[2]["tasks"]), root / "cache", root / "study", SMOKE_RUN,
                             log=lambda s: None)
     assert sorted({r["size"] for r in doc["rows"]}) == [1, 2]
-    assert len([r for r in doc["rows"] if r["size"] == 1]) == 2  # 2 seeded one-task subsets
+    assert len([r for r in doc["rows"] if r["size"] == 1]) == 2  # one per seed (2 seeds)

@@ -8,8 +8,9 @@ the bench extras installed, ``mergewise --help`` still works and ``bench`` says 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -57,6 +58,18 @@ def _cache(cache: Path | None) -> Path:
     from .zoo import default_cache
 
     return (cache or default_cache()).expanduser()
+
+
+def _guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run an evaluation command: a missing zoo is one line; Ctrl-C keeps the cached results."""
+    try:
+        return run()
+    except FileNotFoundError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: finished evaluations are cached; run the same command to resume")
+        raise typer.Exit(130) from None
 
 
 @bench_app.command()
@@ -128,15 +141,8 @@ def run(
         config = replace(config, methods=names)
     from .runner import run_benchmark
 
-    try:
-        doc = run_benchmark(_tasks(tasks, smoke), _cache(cache), out_dir, config, progress=progress,
-                            log=lambda s: out.print(s, highlight=False))
-    except FileNotFoundError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: finished evaluations are cached; run the same command to resume")
-        raise typer.Exit(130) from None
+    doc = _guarded(lambda: run_benchmark(_tasks(tasks, smoke), _cache(cache), out_dir, config,
+                                         progress=progress, log=lambda s: out.print(s, highlight=False)))
     out.print((out_dir / "results.md").read_text(), highlight=False)
     out.print(f"wrote {out_dir / 'results.md'}, results.json, results.png ({doc['seconds']:.0f} s)",
               highlight=False)
@@ -164,14 +170,7 @@ def study(
         raise typer.Exit(1)
     config = RunConfig()
     config = replace(config, zoo=with_steps(config.zoo, steps))
-    try:
-        doc = run_study(name, _tasks(tasks, False), _cache(cache), out_dir, config,
-                        log=lambda s: out.print(s, highlight=False))
-    except FileNotFoundError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: finished evaluations are cached; run the same command to resume")
-        raise typer.Exit(130) from None
+    doc = _guarded(lambda: run_study(name, _tasks(tasks, False), _cache(cache), out_dir, config,
+                                     log=lambda s: out.print(s, highlight=False)))
     out.print((out_dir / f"study-{name}.md").read_text(), highlight=False)
     out.print(f"wrote {out_dir / f'study-{name}.md'} and .json ({doc['seconds']:.0f} s)", highlight=False)

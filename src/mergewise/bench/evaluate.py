@@ -10,11 +10,13 @@ weights are swapped), because a full run scores a hundred or so candidate encode
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..materialize import TaskModels
 from .data import Task
 from .model import Head, features, load_encoder, load_tokenizer, sorted_batches, tokenize
 
@@ -47,23 +49,31 @@ class Evaluator:
     def sizes(self) -> dict[str, int]:
         return {name: len(p.labels) for name, p in self.data.items()}
 
-    def features(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None
-                 ) -> dict[str, torch.Tensor]:
-        """Pooled features of each task's examples under ``state_dict`` (strict load)."""
-        self.model.load_state_dict(state_dict, strict=True)
-        t0 = time.perf_counter()
-        out = {name: features(self.model, self.data[name].batches, self.data[name].order)
-               for name in (tasks or self.tasks)}
-        self.seconds += time.perf_counter() - t0
+    def features(self, state_dict: Mapping[str, torch.Tensor] | TaskModels,
+                 tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Pooled features of each task's examples under ``state_dict`` (strict load).
+
+        A task-specific merge (``TaskModels``, e.g. EMR) is evaluated task-aware: each task's
+        examples go through that task's own assembled encoder.
+        """
+        out = {}
+        if not isinstance(state_dict, TaskModels):
+            self.model.load_state_dict(state_dict, strict=True)
+        for name in tasks or self.tasks:
+            if isinstance(state_dict, TaskModels):
+                self.model.load_state_dict(state_dict[name], strict=True)
+            t0 = time.perf_counter()
+            out[name] = features(self.model, self.data[name].batches, self.data[name].order)
+            self.seconds += time.perf_counter() - t0
         return out
 
-    def accuracies(self, state_dict: dict[str, torch.Tensor], heads: dict[str, Head],
+    def accuracies(self, state_dict: Mapping[str, torch.Tensor] | TaskModels, heads: dict[str, Head],
                    tasks: list[str] | None = None) -> dict[str, float]:
         """{task: accuracy} with ``heads[task]`` on top of the encoder ``state_dict``."""
         feats = self.features(state_dict, tasks)
         return {name: self.score(heads[name], name, f) for name, f in feats.items()}
 
-    def correct(self, state_dict: dict[str, torch.Tensor], heads: dict[str, Head],
+    def correct(self, state_dict: Mapping[str, torch.Tensor] | TaskModels, heads: dict[str, Head],
                 tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """{task: bool per example (split order)}: what re-selection on subsets and paired
         bootstrap need, at the cost of one evaluation."""

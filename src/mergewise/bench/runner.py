@@ -39,7 +39,7 @@ from .model import Head, load_encoder, load_tokenizer
 from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
 
 TADROP = "+tadrop"
-CORE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs")
+CORE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "emr")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ SMOKE_RUN = RunConfig(zoo=SMOKE, grids=Grids(lambda_sum=(0.5, 1.0), lambda_mean=
                                                       "breadcrumbs": (0.9,)},
                                              drop_rate=(0.8,)),
                       val_limit=64, test_limit=128,
-                      methods=("linear", "task_arithmetic", "ties", "ties" + TADROP))
+                      methods=("linear", "task_arithmetic", "ties", "ties" + TADROP, "emr"))
 
 
 @dataclass(frozen=True)
@@ -200,13 +200,15 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
 
 
 def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,
-          records: list[dict[str, Any]] | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    from ..api import merge_state_dicts
+          records: list[dict[str, Any]] | None = None) -> tuple[Any, float]:
+    """One merge of the zoo: a state dict, or for a task-specific method (EMR) a ``TaskModels``
+    mapping each task to its own encoder (the evaluator then scores each task with its own)."""
+    from ..api import merge_state_dicts, merge_task_state_dicts
 
+    run = merge_task_state_dicts if METHODS.get(v.method).task_specific else merge_state_dicts
     t0 = time.perf_counter()
-    merged = merge_state_dicts(zoo.base, {t: zoo.expert_sd[t] for t in zoo.tasks}, v.method,
-                               parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed,
-                               records=records)
+    merged = run(zoo.base, {t: zoo.expert_sd[t] for t in zoo.tasks}, v.method,
+                 parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed, records=records)
     return merged, time.perf_counter() - t0
 
 

@@ -180,10 +180,10 @@ class StudySession:
         self.evaluations += 1
         return result
 
-    def run_arm(self, v: Variant, seeds: Sequence[int] = SEEDS) -> ArmResult:
+    def run_arm(self, v: Variant, seeds: Sequence[int] | None = None) -> ArmResult:
         sizes = self.zoo.val.sizes()
         out: dict[int, dict[str, Any]] = {}
-        for seed in seeds:
+        for seed in SEEDS if seeds is None else seeds:
             redraw = val_redraw(sizes, seed)
             scored = []
             for cand in v.candidates():
@@ -265,12 +265,12 @@ def run_arm_groups(session: StudySession, groups: list[tuple[str, list[Variant]]
 
 
 # ---------------------------------------------------------------- number of tasks
-def task_subsets(tasks: Sequence[str], size: int, seeds: Sequence[int] = SEEDS) -> list[list[str]]:
+def task_subsets(tasks: Sequence[str], size: int, seeds: Sequence[int] | None = None) -> list[list[str]]:
     """Seeded subsets of ``size`` tasks (all tasks once when size = len(tasks))."""
     if size >= len(tasks):
         return [list(tasks)]
     subsets = []
-    for s in seeds:
+    for s in SEEDS if seeds is None else seeds:
         g = torch.Generator().manual_seed(104729 + s)
         perm = torch.randperm(len(tasks), generator=g).tolist()
         subsets.append([tasks[i] for i in sorted(perm[:size])])
