@@ -73,6 +73,20 @@ def zoo() -> tuple[BertModel, dict[str, dict[str, torch.Tensor]], dict[str, obje
     return base, experts, stats
 
 
+def test_capture_experts_with_one_module(zoo) -> None:
+    from mergewise.features import capture_experts
+
+    base, experts, stats = zoo
+    module = tiny_bert(0)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    got = capture_experts(module, experts, {t: task_batches(k, 16, 0) for k, t in enumerate(TASKS)})
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+    for t in TASKS:  # the very same statistics as one module per expert
+        assert got[t].keys() == stats[t].keys()
+        assert all(torch.equal(got[t].tensor(k), stats[t].tensor(k)) for k in got[t].keys())
+        assert got[t].metadata["probe"] == stats[t].metadata["probe"]
+
+
 def test_hooks_fire_on_every_linear_and_layernorm(zoo) -> None:
     base, _, stats = zoo
     want = {n for n, m in base.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))}

@@ -413,6 +413,24 @@ def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model"
     return FeatureStats(kept, tensors, metadata=metadata, label=f"features of {label}")
 
 
+def capture_experts(module: nn.Module, experts: Mapping[str, Mapping[str, torch.Tensor]],
+                    batches: Mapping[str, Iterable[Batch]]) -> dict[str, FeatureStats]:
+    """{task: statistics}: each expert's state dict loaded (strictly) into one ``module`` and run
+    on its own task's batches. The module's own weights are restored afterwards."""
+    missing = [t for t in experts if t not in batches]
+    if missing:
+        raise FeatureError(f"no calibration batches for task(s) {', '.join(missing)}")
+    original = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    try:
+        out = {}
+        for task, state in experts.items():
+            module.load_state_dict(state, strict=True)
+            out[task] = capture(module, batches[task], label=task)
+        return out
+    finally:
+        module.load_state_dict(original)
+
+
 # --- calibration data ----------------------------------------------------------------------
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
