@@ -350,6 +350,22 @@ def test_recipe_merge_and_cli_features_agree(hf_zoo: Path, tmp_path: Path) -> No
     (hf_zoo / "stale.yaml").write_text(yaml.safe_dump(stale))
     with pytest.raises(FeatureError, match="num_examples"):
         merge(hf_zoo / "stale.yaml", tmp_path / "stale")
+    # the data is identified by content: other texts make the stats file stale, too
+    changed = yaml.safe_load(recipe(hf_zoo, features=True).read_text())
+    (hf_zoo / "other.jsonl").write_text('{"text": "w1 w2"}\n')
+    changed["models"][0]["calibration"]["data"] = "other.jsonl"
+    (hf_zoo / "changed.yaml").write_text(yaml.safe_dump(changed))
+    with pytest.raises(FeatureError, match="data_sha256 differ"):
+        merge(hf_zoo / "changed.yaml", tmp_path / "changed")
+    # ... while the same texts at another path (a moved project) reuse it
+    (hf_zoo / "moved.jsonl").write_bytes((hf_zoo / "alpha.jsonl").read_bytes())
+    changed["models"][0]["calibration"]["data"] = "moved.jsonl"
+    (hf_zoo / "moved.yaml").write_text(yaml.safe_dump(changed))
+    mtime = stats_file.stat().st_mtime_ns
+    moved = merge(hf_zoo / "moved.yaml", tmp_path / "moved")
+    assert stats_file.stat().st_mtime_ns == mtime
+    c = open_checkpoint(moved.out)
+    assert all(torch.equal(a.read(n), c.read(n)) for n in a.names())
 
 
 def test_missing_features_fail_before_any_model_is_loaded(hf_zoo: Path, tmp_path: Path,

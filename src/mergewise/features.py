@@ -645,10 +645,19 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
 
 def calibration_settings(data_path: Path, num_examples: int, batch_size: int, max_length: int,
                          seed: int, text_field: str) -> dict[str, Any]:
-    """What the statistics depend on besides the model (recorded in the stats file)."""
-    return {"data": str(data_path.resolve()), "num_examples": num_examples,
-            "batch_size": batch_size, "max_length": max_length, "seed": seed,
-            "text_field": text_field}
+    """What the statistics depend on besides the model (recorded in the stats file). The data
+    is identified by its content (``data_sha256``), so a moved project keeps its stats files;
+    ``data`` (the path) is informative only."""
+    digest = None
+    if data_path.is_file():
+        h = hashlib.sha256()
+        with open(data_path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    return {"data": str(data_path.resolve()), "data_sha256": digest,
+            "num_examples": num_examples, "batch_size": batch_size, "max_length": max_length,
+            "seed": seed, "text_field": text_field}
 
 
 @dataclass
@@ -711,8 +720,9 @@ def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequ
                 want = calibration_settings(src.data, cal.num_examples, cal.batch_size,  # type: ignore[arg-type]
                                             cal.max_length, seed, cal.text_field)
                 have = json.loads(stats.metadata.get("calibration", "{}"))
-                if have != want:
-                    diff = sorted(k for k in want if have.get(k) != want[k])
+                skip = {"data"} | ({"data_sha256"} if want["data_sha256"] is None else set())
+                diff = sorted(k for k in want if k not in skip and have.get(k) != want[k])
+                if diff:
                     stats.close()
                     raise FeatureError(f"{src.stats_path}: was computed with other calibration "
                                        f"settings ({', '.join(diff)} differ); delete it, or "
