@@ -15,6 +15,7 @@ from . import sparsify as _sparsify  # noqa: E402,F401  (fills SPARSIFIERS)
 from .api import MergeResult, merge, merge_state_dicts, merge_task_state_dicts  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
+    FeatureError,
     MergewiseError,
     ModulatorError,
     NonFiniteError,
@@ -28,7 +29,7 @@ from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from .registry import METHODS, SPARSIFIERS  # noqa: E402
 
 __all__ = [
-    "METHODS", "SPARSIFIERS", "CheckpointError", "MergeResult", "MergewiseError",
+    "METHODS", "SPARSIFIERS", "CheckpointError", "FeatureError", "MergeResult", "MergewiseError",
     "ModulatorError", "NonFiniteError", "OutputError", "Recipe", "RecipeError",
     "ShapeMismatchError", "TaskModels", "UnknownTaskError", "__version__", "load_recipe",
     "load_task", "materialize", "merge", "merge_state_dicts", "merge_task_state_dicts",

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, features
 from .checkpoint import HF_TAGALONG_FILES, Checkpoint, StateDictCheckpoint, open_checkpoint
 from .engine import MergeJob, PlanSummary
-from .errors import RecipeError, UnknownTaskError
+from .errors import FeatureError, RecipeError, UnknownTaskError
 from .materialize import TaskModels
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
@@ -114,6 +115,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         raise RecipeError("merge needs an output directory (--out)")
     if target is not None:  # a dry run with --out checks the output path like a real run
         check_output_target(target, overwrite)
+    sources = _feature_sources(rec, root) if rec.method.features else None
     base, models, paths = open_recipe_checkpoints(rec, root)
     with contextlib.ExitStack() as stack:
         for c in ([base] if base is not None else []) + models:
@@ -124,6 +126,13 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
             return MergeResult(out=target, summary=summary)
         assert target is not None
         start = time.perf_counter()
+        if sources is not None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mergewise-")))
+            stats, _ = features.obtain(sources, seed=rec.seed, tokenizer_paths=_tokenizer_paths(
+                rec, paths), root=root, workdir=workdir, device=device)
+            for st in stats:
+                stack.callback(st.close)
+            job.set_features(stats)
         out_tensors = [OutTensor(t.name, t.shape, t.out_dtype) for t in job.tensors]
         metadata = {"mergewise_version": __version__, "mergewise_recipe": rec.to_yaml()}
         with atomic_directory(target, overwrite) as tmp:
@@ -169,6 +178,52 @@ def modulator_report(path: Path, job: MergeJob, unified_bytes: int,
             "rescalers": dict(zip(tasks, collector.rescalers(), strict=True))}
 
 
+def _feature_sources(rec: Recipe, root: Path | None,
+                     overwrite: bool = False) -> list[features.FeatureSource]:
+    """Every model's stats file / calibration data, all checked before any model is loaded."""
+    model_paths = [_resolve_path(m.model, root, f"models.{i}.model")
+                   for i, m in enumerate(rec.models)]
+    return features.plan_sources(rec, root, model_paths, overwrite)
+
+
+def _tokenizer_paths(rec: Recipe, paths: dict[str, Path]) -> list[Path]:
+    """Where text calibration data finds its tokenizer: tokenizer_source, else the base."""
+    return [paths[k] for k in ("tokenizer_source", "base_model") if k in paths]
+
+
+def compute_features(recipe: Recipe | Mapping[str, Any] | str | Path,
+                     out_dir: str | Path | None = None, *, overwrite: bool = False,
+                     device: str = "cpu",
+                     progress: Callable[[features.CaptureReport], None] | None = None
+                     ) -> list[features.CaptureReport]:
+    """``mergewise features``: capture and write the stats file of every model of a recipe
+    that has a calibration block (to its ``features:`` path, else ``out_dir/TASK...``).
+    Existing stats files are kept unless ``overwrite``."""
+    rec, root = _coerce_recipe(recipe)
+    todo = [i for i, m in enumerate(rec.models) if m.calibration is not None]
+    if not todo:
+        raise RecipeError("no model of the recipe has a 'calibration:' block; nothing to compute")
+    nowhere = [f"models.{i}" for i in todo if rec.models[i].features is None]
+    if nowhere and out_dir is None:
+        raise RecipeError(f"{', '.join(nowhere)} name no 'features:' stats file; give --out-dir")
+    sub = rec.model_copy(update={"models": [rec.models[i] for i in todo]})
+    sources = _feature_sources(sub, root, overwrite=True)
+    tok: list[Path] = []
+    if rec.tokenizer_source and rec.tokenizer_source != "base":
+        tok.append(_resolve_path(rec.tokenizer_source, root, "tokenizer_source"))
+    if rec.base_model:
+        tok.append(_resolve_path(rec.base_model, root, "base_model"))
+    if not overwrite:
+        sources = [s for s in sources if not s.cached]
+    workdir = Path(out_dir).expanduser() if out_dir is not None else None
+    stats, reports = features.obtain(sources, seed=rec.seed, tokenizer_paths=tok, root=root,
+                                     workdir=workdir, overwrite=True, device=device,
+                                     progress=progress)
+    for st in stats:
+        st.close()
+    return reports
+
+
 def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path],
                     records: list[dict[str, Any]], seconds: float,
                     modulators: dict[str, Any] | None = None) -> None:
@@ -200,6 +255,10 @@ def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path
         "plan": job.summary().__dict__,
         "sparsifiers": job.sparsifier_summary(),
         **({"modulators": modulators} if modulators is not None else {}),
+        "features": [{"task": slot.task, "stats": st.label, "examples": st.metadata.get("examples"),
+                      "rows": st.metadata.get("rows"),
+                      "calibration": json.loads(st.metadata.get("calibration", "{}"))}
+                     for slot, st in zip(job.slots, job.features or [], strict=False)],
         "tensors": records,
     }
     write_tables(tmp, report, tensor_rows(records, tasks))
@@ -254,7 +313,10 @@ def merge_state_dicts(base: StateDict | None,
                       sparsify: Mapping[str, Any] | None = None, dtype: str = "float32",
                       out_dtype: str | None = None, seed: int = 0,
                       device: str = "cpu", task: str | None = None,
-                      records: list[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+                      records: list[dict[str, Any]] | None = None,
+                      features: Sequence[features.FeatureStats | str | Path]
+                      | Mapping[str, features.FeatureStats | str | Path] | None = None
+                      ) -> dict[str, torch.Tensor]:
     """Merge state dicts already in memory (e.g. from loaded torch modules); returns a new dict.
 
     ``models`` is a list of state dicts, or a {task name: state dict} mapping. Parameters follow
@@ -262,11 +324,21 @@ def merge_state_dicts(base: StateDict | None,
     task-specific method (``emr``) yields one model per task: pass ``task`` to get that task's
     model (see ``merge_task_state_dicts`` for all of them); without it such a method is refused.
     Pass a list as ``records`` to receive the per-tensor report rows (kept counts, norms,
-    TADrop d and p).
+    TADrop d and p). Data-aware methods (``lot``, ``regmean``) take ``features``: one
+    ``FeatureStats`` (from ``features.capture``) or stats file path per model, in the same order
+    or keyed by task.
     """
     job = _memory_job(base, models, method, parameters=parameters,
                       model_parameters=model_parameters, sparsify=sparsify, dtype=dtype,
-                      out_dtype=out_dtype, seed=seed, device=device)
+                      out_dtype=out_dtype, seed=seed, device=device, features=features)
+    with contextlib.ExitStack() as stack:
+        for st in job.features or []:
+            stack.callback(st.close)  # file-backed statistics: release the handles
+        return _run_memory_job(job, base, task, records)
+
+
+def _run_memory_job(job: MergeJob, base: StateDict | None, task: str | None,
+                    records: list[dict[str, Any]] | None) -> dict[str, torch.Tensor]:
     if task is not None:
         if not job.method.task_specific:
             raise RecipeError(f"task='{task}' applies to task-specific methods (emr) only; "
@@ -328,14 +400,19 @@ def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[st
                 method: str, *, parameters: Mapping[str, Any] | None,
                 model_parameters: Sequence[Mapping[str, Any]] | None,
                 sparsify: Mapping[str, Any] | None, dtype: str, out_dtype: str | None,
-                seed: int, device: str) -> MergeJob:
+                seed: int, device: str, features: Any = None) -> MergeJob:
     named = (list(models.items()) if isinstance(models, Mapping)
              else [(f"model_{i}", m) for i, m in enumerate(models)])
+    if method in METHODS and METHODS.get(method).features and features is None:
+        raise FeatureError(f"{method} needs the calibration statistics of every model: pass "
+                           "features=[...] (from mergewise.features.capture) or stats file paths")
     entries = []
     for i, (task, _) in enumerate(named):
         entry: dict[str, Any] = {"model": f"<memory:{task}>", "name": task}
         if model_parameters is not None:
             entry["parameters"] = dict(model_parameters[i])
+        if features is not None:
+            entry["features"] = f"<memory:{task}>"
         entries.append(entry)
     data: dict[str, Any] = {"merge_method": method, "models": entries,
                             "parameters": dict(parameters or {}), "dtype": dtype, "seed": seed}
@@ -348,4 +425,19 @@ def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[st
     rec = parse_recipe(data, "merge_state_dicts")
     base_ckpt = StateDictCheckpoint("base", base) if base is not None else None
     model_ckpts = [StateDictCheckpoint(task, sd) for task, sd in named]
-    return MergeJob(rec, base_ckpt, model_ckpts, device=device)
+    stats = _memory_features(features, [task for task, _ in named])
+    return MergeJob(rec, base_ckpt, model_ckpts, device=device, features=stats)
+
+
+def _memory_features(given: Any, tasks: list[str]) -> list[features.FeatureStats] | None:
+    if given is None:
+        return None
+    if isinstance(given, Mapping):
+        missing = [t for t in tasks if t not in given]
+        if missing:
+            raise FeatureError(f"features: no statistics for task(s) {', '.join(missing)}; "
+                               f"got {', '.join(map(str, given))}")
+        given = [given[t] for t in tasks]
+    if len(given) != len(tasks):
+        raise FeatureError(f"features: {len(given)} given for {len(tasks)} models")
+    return [g if isinstance(g, features.FeatureStats) else features.load_stats(g) for g in given]

@@ -103,6 +103,33 @@ def materialize(
 
 
 @app.command()
+def features(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe with calibration: blocks")],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out-dir", "-o", help="where stats files of models without a features: path go")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="recompute existing stats files")
+                         ] = False,
+    device: Annotated[str, typer.Option(help="where the experts run: cpu or cuda")] = "cpu",
+) -> None:
+    """Capture calibration features (Gram matrices, norm energies) into stats files, no merge."""
+    from .api import compute_features
+    from .features import CaptureReport
+
+    def show(r: CaptureReport) -> None:
+        out.print(f"{r.task}: {r.examples} examples, {r.rows} rows, {r.layers} layers, "
+                  f"{r.seconds:.1f} s -> {r.path}", highlight=False, markup=False)
+
+    try:
+        reports = compute_features(recipe, out_dir, overwrite=overwrite, device=device,
+                                   progress=show)
+    except MergewiseError as exc:
+        _fail(exc)
+        return
+    if not reports:
+        out.print("every stats file exists already (use --overwrite to recompute)")
+
+
+@app.command()
 def methods(
     markdown: Annotated[bool, typer.Option("--markdown", help="print docs/methods.md")] = False,
 ) -> None:

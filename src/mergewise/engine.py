@@ -30,7 +30,15 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, MergewiseError, NonFiniteError, RecipeError, ShapeMismatchError
+from .errors import (
+    CheckpointError,
+    FeatureError,
+    MergewiseError,
+    NonFiniteError,
+    RecipeError,
+    ShapeMismatchError,
+)
+from .features import FeatureStats
 from .recipe import Recipe, resolve, sparsifier_for, sparsifier_param_specs
 from .registry import Param, Sparsifier
 from .rng import tensor_generator
@@ -142,7 +150,7 @@ class MergeJob:
     """A validated recipe bound to open checkpoints: plan, then run into a sink."""
 
     def __init__(self, recipe: Recipe, base: Checkpoint | None, models: Sequence[Checkpoint],
-                 device: str = "cpu"):
+                 device: str = "cpu", features: Sequence[FeatureStats] | None = None):
         self.recipe = recipe
         self.method = recipe.method
         self.base = base
@@ -169,6 +177,9 @@ class MergeJob:
             self.weight_inputs = [base, *self.weight_inputs]
         self.reference = base if (base is not None) else models[0]
         self.tensors = self._plan()
+        self.features: list[FeatureStats] | None = None
+        if features is not None:
+            self.set_features(features)
 
     # --- planning -----------------------------------------------------------------------
     def _plan(self) -> list[TensorPlan]:
@@ -226,6 +237,22 @@ class MergeJob:
             elif arch != seen[0]:
                 raise ShapeMismatchError(f"mixed architectures: {seen[1]} is {seen[0]} but "
                                          f"{ckpt.label} is {arch}; merge models of one base only")
+
+    def set_features(self, features: Sequence[FeatureStats]) -> None:
+        """Attach one expert's statistics per model (data-aware methods): each is checked
+        against its expert (probe tensors) and every tensor's shape, reading headers only."""
+        if len(features) != len(self.slots):
+            raise FeatureError(f"{self.method.name}: got statistics for {len(features)} models, "
+                               f"the merge has {len(self.slots)}")
+        merged = [t for t in self.tensors if t.merged]
+        for slot, stats in zip(self.slots, features, strict=True):
+            stats.check_model(slot.ckpt)
+            matched = [t for t in merged if stats.kind_of(t.name, t.shape) is not None]
+            if not matched:
+                raise FeatureError(f"{stats.label}: no layer of these statistics matches a tensor "
+                                   f"of {slot.ckpt.label} (task {slot.task}); were they captured "
+                                   "from another architecture?")
+        self.features = list(features)
 
     def summary(self) -> PlanSummary:
         merged = [t for t in self.tensors if t.merged]
@@ -354,6 +381,15 @@ class MergeJob:
         params = self.method_params(name)
         weights = self.weights(name)
         modulators = base = None
+        if self.method.features:
+            if self.features is None:
+                raise FeatureError(f"{self.method.name} needs calibration features for every "
+                                   "model; none were given")
+            params["features"] = [st.for_tensor(name, plan.shape) for st in self.features]
+            params["name"] = name
+            if record is not None:
+                record["unit"] = next((f.kind for f in params["features"] if f is not None),
+                                      "fallback")
         if self.method.space == "weight":
             inputs = [self._load(c, name) for c in self.weight_inputs]
             out = self.method.func(None, inputs, weights, **params)

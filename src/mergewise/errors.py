@@ -37,3 +37,8 @@ class ModulatorError(MergewiseError):
 
 class UnknownTaskError(MergewiseError):
     """A task name that the modulators (or the merge's models) do not contain."""
+
+
+class FeatureError(MergewiseError):
+    """Calibration features cannot be captured or used: missing data or stats file, a stats file
+    from another model, a layer whose statistics do not fit its tensor."""

@@ -35,12 +35,28 @@ class FilterValue(BaseModel):
 ParamValue = bool | int | float | str | list[FilterValue] | ListValue
 
 
+class Calibration(BaseModel):
+    """A model's calibration data for data-aware methods (LOT, RegMean)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(description="text (.txt, .jsonl) or tensor (.pt, .safetensors, .npy) file")
+    num_examples: int = Field(64, ge=1, description="examples drawn (seeded by the recipe's seed)")
+    max_length: int = Field(128, ge=1, description="tokens per text example (truncation)")
+    batch_size: int = Field(8, ge=1)
+    text_field: str = Field("text", description="the text key of each .jsonl line")
+    factory: str | None = Field(None, description="'module:function' building the torch module "
+                                "of a plain (non Hugging Face) checkpoint")
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     name: str | None = Field(None, description="task name (defaults to the directory name)")
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     sparsify: dict[str, ParamValue] | None = None
+    calibration: Calibration | None = None
+    features: str | None = Field(None, description="stats file: read if it exists, else "
+                                 "written from the calibration block")
 
     @property
     def task_name(self) -> str:
@@ -85,6 +101,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 _ALLOWED_TOP = list(Recipe.model_fields)
 _ALLOWED_MODEL = list(ModelEntry.model_fields)
+_ALLOWED_CALIBRATION = list(Calibration.model_fields)
 
 
 _UNION_TAGS = ("bool", "int", "float", "str")
@@ -134,6 +151,8 @@ def _pydantic_message(exc: ValidationError) -> str:
             allowed = ["filter", "value"]  # an entry of a filter list
         elif len(loc) == 3 and loc[0] == "models":
             allowed = _ALLOWED_MODEL
+        elif len(loc) == 4 and loc[0] == "models" and loc[2] == "calibration":
+            allowed = _ALLOWED_CALIBRATION
         else:
             allowed = _ALLOWED_TOP
         close = difflib.get_close_matches(key, allowed, n=1)
@@ -273,6 +292,13 @@ def validate_parameters(recipe: Recipe) -> None:
     if method.requires_base and not recipe.base_model:
         raise RecipeError(f"merge_method {method.name} needs base_model (task vectors are "
                           "fine-tuned minus base weights)")
+    if method.features:
+        lacking = [f"models.{i} ({m.task_name})" for i, m in enumerate(recipe.models)
+                   if m.calibration is None and m.features is None]
+        if lacking:
+            raise RecipeError(f"merge_method {method.name} needs calibration features of every "
+                              f"model; {', '.join(lacking)} has neither a 'calibration:' block "
+                              "nor a 'features:' stats file")
     if not method.accepts_sparsify and (recipe.sparsify or any(m.sparsify for m in recipe.models)):
         raise RecipeError(f"merge_method {method.name} works on full weights and takes no "
                           "sparsify block")

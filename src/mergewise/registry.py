@@ -155,6 +155,9 @@ class MergeMethod:
     # ``TaskSpecificOutput`` and the caller assembles a task's model from the unified tensor and
     # that task's modulators (``api.merge_task_state_dicts``, ``mergewise materialize``).
     task_specific: bool = False
+    # True for data-aware methods (LOT, RegMean): ``func`` also takes ``features`` (one
+    # ``features.TensorFeature`` or None per model) and ``name`` (the tensor's name)
+    features: bool = False
 
 
 @dataclass
