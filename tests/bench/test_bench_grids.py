@@ -7,6 +7,7 @@ import pytest
 import mergewise  # noqa: F401  (fills the registries)
 from mergewise.bench.runner import CORE_METHODS, TADROP, Grids, RunConfig, selected_text, variant
 from mergewise.errors import RecipeError
+from mergewise.registry import METHODS
 
 G = Grids()
 
@@ -43,8 +44,11 @@ def test_every_default_row_is_valid_for_the_registry():
     for name in RunConfig().methods:
         v = variant(name, G)
         for c in v.candidates():
+            models = [{"model": f"<{t}>", "name": t} for t in "ac"]
+            if METHODS.get(v.method).features:  # data-aware: the runner passes captured stats
+                models = [{**m, "features": f"{m['name']}.safetensors"} for m in models]
             data = {"merge_method": v.method, "base_model": "<b>", "parameters": c["parameters"],
-                    "models": [{"model": "<a>"}, {"model": "<c>"}]}
+                    "models": models}
             if c["sparsify"]:
                 data["sparsify"] = c["sparsify"]
             parse_recipe(data, "bench")  # raises on an unknown or out-of-range parameter

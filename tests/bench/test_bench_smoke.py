@@ -65,7 +65,7 @@ def test_outputs_and_rows(smoke):
     labels = [r["label"] for r in doc["rows"]]
     assert labels[:3] == ["pretrained + probe", "pretrained + expert heads",
                           "experts (each on its own task)"]
-    assert {"linear", "task_arithmetic", "ties", "ties+tadrop", "emr"} <= set(labels)
+    assert {"linear", "task_arithmetic", "ties", "ties+tadrop", "emr", "lot"} <= set(labels)
     for r in doc["rows"]:
         assert set(r["test"]) == set(doc["tasks"])
         assert all(0.0 <= a <= 1.0 for a in r["test"].values())

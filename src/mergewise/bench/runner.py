@@ -35,11 +35,12 @@ from .. import __version__
 from ..registry import METHODS, SPARSIFIERS, MergeMethod
 from .data import load_task
 from .evaluate import Evaluator, summarize
-from .model import Head, load_encoder, load_tokenizer
+from .model import Head, load_encoder, load_tokenizer, sorted_batches, tokenize
 from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
 
 TADROP = "+tadrop"
-CORE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "emr")
+CORE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "emr", "lot")
+DATA_AWARE_METHODS = ("regmean",)  # no sparsify block: no TADrop row
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class RunConfig:
     val_limit: int | None = None  # None: the whole split
     test_limit: int | None = None
     seed: int = 0  # DARE / random TADrop masks
-    methods: tuple[str, ...] = tuple(m for c in CORE_METHODS for m in (c, c + TADROP))
+    methods: tuple[str, ...] = (*(m for c in CORE_METHODS for m in (c, c + TADROP)), *DATA_AWARE_METHODS)
 
 
 SMOKE_RUN = RunConfig(zoo=SMOKE, grids=Grids(lambda_sum=(0.5, 1.0), lambda_mean=(1.0,),
@@ -71,7 +72,7 @@ SMOKE_RUN = RunConfig(zoo=SMOKE, grids=Grids(lambda_sum=(0.5, 1.0), lambda_mean=
                                                       "breadcrumbs": (0.9,)},
                                              drop_rate=(0.8,)),
                       val_limit=64, test_limit=128,
-                      methods=("linear", "task_arithmetic", "ties", "ties" + TADROP, "emr"))
+                      methods=("linear", "task_arithmetic", "ties", "ties" + TADROP, "emr", "lot"))
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,9 @@ def variant(name: str, grids: Grids) -> Variant:
             raise ValueError(f"'{method.name}' takes no sparsify block, so it has no TADrop row")
         return Variant(name, "task_arithmetic", {"normalize": True, "lambda": 1.0},
                        {"method": "tadrop"}, (("sparsify.drop_rate", grids.drop_rate),))
-    if "lambda" in param_names:
-        grid.append(("lambda", grids.lambda_mean if "aggregate" in param_names else grids.lambda_sum))
+    if "lambda" in param_names:  # mean-like merged vectors (TIES-style, data-aware solves): λ ≈ 1
+        mean_like = "aggregate" in param_names or method.features
+        grid.append(("lambda", grids.lambda_mean if mean_like else grids.lambda_sum))
     if tadrop:
         grid.append(("sparsify.drop_rate", grids.drop_rate))
         return Variant(name, method.name, fixed, {"method": "tadrop"}, tuple(grid))
@@ -175,6 +177,38 @@ class Zoo:
     probes: dict[str, Head]
     val: Evaluator
     test: Evaluator
+    calibration: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    _features: dict[str, Any] | None = None
+
+    def features(self) -> dict[str, Any]:
+        """Each expert's layer statistics on its own calibration batches (LOT, RegMean);
+        captured once per run, on first use."""
+        if self._features is None:
+            from ..features import capture_experts
+
+            self._features = capture_experts(self.val.model, self.expert_sd, self.calibration)
+        return self._features
+
+
+CALIBRATION = {"examples": 64, "split": "train", "seed": 0, "batch_size": 16}
+
+
+def calibration_batches(task: Any, tokenizer: Any, max_len_cap: int) -> list[dict[str, torch.Tensor]]:
+    """``CALIBRATION['examples']`` unlabeled texts drawn (seeded) from the task's **training**
+    split only, tokenised like the evaluation data."""
+    train = task.split(CALIBRATION["split"])
+    gen = torch.Generator().manual_seed(CALIBRATION["seed"])
+    pick = torch.randperm(len(train), generator=gen)[:CALIBRATION["examples"]].tolist()
+    ids = tokenize(tokenizer, [train.texts[i] for i in pick], min(task.max_len, max_len_cap))
+    return sorted_batches(ids, CALIBRATION["batch_size"], tokenizer.pad_token_id)[0]
+
+
+def merge_spec(v: Variant, cand: dict[str, Any], split: str) -> dict[str, Any]:
+    """What one cached evaluation depends on besides the run context."""
+    spec = {"method": v.method, **cand, "split": split}
+    if METHODS.get(v.method).features:
+        spec["calibration"] = CALIBRATION
+    return spec
 
 
 def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
@@ -196,7 +230,8 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
                heads={n: e.head() for n, e in experts.items()},  # type: ignore[union-attr]
                probes={t.name: find_probe(cache, t, config.zoo.probe) for t in loaded},  # type: ignore[misc]
                val=Evaluator(loaded, "val", config.val_limit, cap, tokenizer=tokenizer, model=model),
-               test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer, model=model))
+               test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer, model=model),
+               calibration={t.name: calibration_batches(t, tokenizer, cap) for t in loaded})
 
 
 def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,
@@ -205,10 +240,13 @@ def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,
     mapping each task to its own encoder (the evaluator then scores each task with its own)."""
     from ..api import merge_state_dicts, merge_task_state_dicts
 
-    run = merge_task_state_dicts if METHODS.get(v.method).task_specific else merge_state_dicts
+    method = METHODS.get(v.method)
+    run = merge_task_state_dicts if method.task_specific else merge_state_dicts
+    extra = {"features": zoo.features()} if method.features else {}  # captured once, not timed
     t0 = time.perf_counter()
     merged = run(zoo.base, {t: zoo.expert_sd[t] for t in zoo.tasks}, v.method,
-                 parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed, records=records)
+                 parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed, records=records,
+                 **extra)
     return merged, time.perf_counter() - t0
 
 
@@ -273,7 +311,7 @@ class _Session:
 
         cands = []
         for cand in v.candidates():
-            r = self.cached(v.label, {"method": v.method, **cand, "split": "val"},
+            r = self.cached(v.label, merge_spec(v, cand, "val"),
                             lambda cand=cand: score(cand))
             cands.append({**cand, "val": r["val"], "merge_seconds": r["merge_seconds"],
                           "val_average": sum(r["val"].values()) / len(zoo.tasks)})
@@ -289,7 +327,7 @@ class _Session:
             return {"test": zoo.test.accuracies(merged, zoo.heads), "merge_seconds": secs,
                     "eval_seconds": time.perf_counter() - t0}
 
-        r = self.cached(v.label, {"method": v.method, **chosen, "split": "test"}, final)
+        r = self.cached(v.label, merge_spec(v, chosen, "test"), final)
         return {"label": v.label, "kind": "tadrop" if v.label.endswith(TADROP) else "merge",
                 "method": v.method, "selected": chosen, "val_average": best["val_average"],
                 "candidates": cands, **r}

@@ -42,6 +42,7 @@ from .runner import (
     _Session,
     load_zoo,
     merge,
+    merge_spec,
     realised_drop_rate,
     run_context,
     selected_text,
@@ -160,8 +161,7 @@ class StudySession:
         self.evaluations = 0
 
     def _spec(self, v: Variant, cand: dict[str, Any], seed: int, split: str) -> dict[str, Any]:
-        return {"study": 1, "method": v.method, **cand, "split": split,
-                "merge_seed": seed if is_random(v) else 0}
+        return {"study": 1, **merge_spec(v, cand, split), "merge_seed": seed if is_random(v) else 0}
 
     def _evaluate(self, v: Variant, cand: dict[str, Any], seed: int, split: str) -> dict[str, Any]:
         spec = self._spec(v, cand, seed, split)
