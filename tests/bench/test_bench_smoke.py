@@ -115,6 +115,7 @@ def test_studies_run_end_to_end(smoke, monkeypatch):
     assert "| ties | ties + tadrop(0.9) |" in (root / "study" / "study-matched.md").read_text()
 
     monkeypatch.setattr(studies, "TASK_COUNTS", (1,))
+    monkeypatch.setattr(studies, "TASK_SUBSET_SEEDS", (0, 1))
     monkeypatch.setattr(studies, "TASKS_METHODS", ("ties",))
     monkeypatch.setattr(studies, "TASKS_GRIDS", Grids(lambda_mean=(1.0,), density={"magnitude": (0.2,)}))
     doc = studies.run_study("tasks", list(smoke[2]["tasks"]), root / "cache", root / "study", SMOKE_RUN,

@@ -35,7 +35,7 @@ def test_ablation_arms_sweep_strength_and_rescale():
 
 
 def test_randomness_follows_the_sparsifier_and_its_mode():
-    (_, ta), (_, ties), (_, dare), _ = matched_arms()
+    (_, ta), (_, ties), (_, dare) = matched_arms()
     assert not any(is_random(a) for a in ta + ties)
     assert all(is_random(a) for a in dare)  # DARE's trim, and TADrop under DARE defaults to random
 
@@ -73,6 +73,6 @@ def test_compare_reports_mean_gain_and_spread():
 def test_task_subsets_are_seeded_and_sorted():
     tasks = list("abcdef")
     subs = task_subsets(tasks, 2)
-    assert subs == task_subsets(tasks, 2) and len(subs) == len(studies.SEEDS)
+    assert subs == task_subsets(tasks, 2) and len(subs) == len(studies.TASK_SUBSET_SEEDS)
     assert all(len(s) == 2 and s == sorted(s, key=tasks.index) for s in subs)
     assert task_subsets(tasks, 6) == [tasks]
