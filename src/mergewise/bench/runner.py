@@ -51,7 +51,7 @@ class Grids:
     """The documented hyperparameter grids (searched on validation only)."""
 
     lambda_sum: tuple[float, ...] = (0.2, 0.3, 0.5, 0.7, 1.0)
-    lambda_mean: tuple[float, ...] = (0.6, 1.0, 1.4, 1.8)
+    lambda_mean: tuple[float, ...] = (0.4, 0.6, 1.0, 1.4, 1.8)
     density: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
         "magnitude": (0.05, 0.1, 0.2, 0.4),  # TIES: fraction kept by |tau|
         "random": (0.2, 0.4, 0.6),  # DARE: keep probability
