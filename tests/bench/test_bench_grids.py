@@ -78,3 +78,14 @@ def test_small_tasks_stop_after_max_epochs_and_are_keyed_by_effective_steps():
     # raising the cap changes nothing for a task the epoch limit already binds
     assert TrainConfig(steps=400).key_fields(570) == cfg.key_fields(570)
     assert "checkpoint_every" not in cfg.key_fields(570)
+
+
+def test_a_methods_own_choices_keep_the_default_candidates_unchanged():
+    lot = variant("lot", G)
+    cands = lot.candidates()
+    assert len(cands) == len(G.lambda_mean) * 2
+    rows = [c for c in cands if "tasks" not in c["parameters"]]  # the default: same cache keys
+    equal = [c for c in cands if c["parameters"].get("tasks") == "equal"]
+    assert len(rows) == len(equal) == len(G.lambda_mean)
+    assert rows[0]["parameters"] == {"lambda": G.lambda_mean[0]}
+    assert len(variant("lot+tadrop", G).candidates()) == len(G.lambda_mean) * 2 * len(G.drop_rate)

@@ -7,10 +7,12 @@ Protocol (why each choice):
 - Heads are not merged: a merged encoder is scored with each task's own expert head.
 - Rows come from the method registry. A method's grid is derived from what it declares, so a
   later method (EMR, LOT, RegMean...) gets a row without any change here:
-  ``lambda`` in its parameters -> the λ grid (``LAMBDA_MEAN`` for TIES-like methods that average
-  agreeing entries, i.e. that declare ``aggregate``; ``LAMBDA_SUM`` otherwise); a default trim
-  step with a density below 1 -> that sparsifier's density grid (``DENSITY``). "X + tadrop"
-  replaces X's trim step with ``sparsify: {method: tadrop}`` and searches ``DROP_RATE`` × λ.
+  ``lambda`` in its parameters -> the λ grid (``Grids.lambda_mean`` for mean-like methods: TIES
+  family (they declare ``aggregate``) and data-aware solves (``features``); ``lambda_sum``
+  otherwise); a default trim step with a density below 1 -> that sparsifier's density grid
+  (``Grids.density``); ``Grids.method`` adds a method's own choices (LOT's ``tasks``). "X + tadrop"
+  replaces X's trim step with ``sparsify: {method: tadrop}`` and searches ``drop_rate`` × λ.
+  Task-specific methods (EMR) are scored task-aware: each task through its own encoder.
   Weight averaging (``linear``) takes no sparsify block, so its TADrop row is the identical
   merge written as ``task_arithmetic`` with ``normalize: true, lambda: 1`` (= mean of task
   vectors) plus TADrop.
@@ -58,6 +60,10 @@ class Grids:
         "breadcrumbs": (0.7, 0.9),  # kept after dropping the top 1 % outliers
     })
     drop_rate: tuple[float, ...] = (0.5, 0.7, 0.9, 0.95)  # TADrop target p̄
+    # A method's own choices searched too (default value first): LOT's Gram weighting
+    method: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = field(default_factory=lambda: {
+        "lot": (("tasks", ("rows", "equal")),),  # raw token sums (paper) | each task weighs the same
+    })
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class Variant:
     parameters: dict[str, Any]
     sparsify: dict[str, Any] | None
     grid: tuple[tuple[str, tuple[Any, ...]], ...]  # ("lambda", ...), ("sparsify.drop_rate", ...)
+    # grid parameters left out of a candidate when at this (registry default) value, so adding a
+    # choice to the grid keeps every cached evaluation of the default
+    omit_defaults: tuple[tuple[str, Any], ...] = ()
 
     def candidates(self) -> list[dict[str, Any]]:
         names = [n for n, _ in self.grid]
@@ -98,7 +107,7 @@ class Variant:
                 if name.startswith("sparsify."):
                     assert sparsify is not None
                     sparsify[name.removeprefix("sparsify.")] = value
-                else:
+                elif (name, value) not in self.omit_defaults:
                     params[name] = value
             out.append({"parameters": params, "sparsify": sparsify})
         return out
@@ -129,13 +138,17 @@ def variant(name: str, grids: Grids) -> Variant:
     if "lambda" in param_names:  # mean-like merged vectors (TIES-style, data-aware solves): λ ≈ 1
         mean_like = "aggregate" in param_names or method.features
         grid.append(("lambda", grids.lambda_mean if mean_like else grids.lambda_sum))
+    own = grids.method.get(method.name, ())
+    grid.extend(own)
+    defaults = {p.name: p.default for p in method.params}
+    omit = tuple((n, defaults[n]) for n, _ in own if n in defaults)
     if tadrop:
         grid.append(("sparsify.drop_rate", grids.drop_rate))
-        return Variant(name, method.name, fixed, {"method": "tadrop"}, tuple(grid))
+        return Variant(name, method.name, fixed, {"method": "tadrop"}, tuple(grid), omit)
     trim = _trim_density(method)
     if trim is not None and trim[0] in grids.density:
         grid.append(("density", grids.density[trim[0]]))
-    return Variant(name, method.name, fixed, None, tuple(grid))
+    return Variant(name, method.name, fixed, None, tuple(grid), omit)
 
 
 # ---------------------------------------------------------------- the run
