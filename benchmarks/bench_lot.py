@@ -33,7 +33,7 @@ from mergewise import merge_state_dicts
 from mergewise.bench.data import load_task
 from mergewise.bench.model import collate, load_encoder, load_tokenizer, tokenize
 from mergewise.bench.zoo import default_cache
-from mergewise.features import capture, load_stats
+from mergewise.features import capture, draw_examples, load_stats
 from mergewise.methods.lot import lot_delta
 from mergewise.methods.regmean import regmean_merge
 
@@ -81,8 +81,7 @@ def main() -> None:
         task_name = json.loads((path / "expert.json").read_text())["task"]
         task = load_task(task_name)
         train = task.split("train")
-        gen = torch.Generator().manual_seed(args.seed)
-        pick = torch.randperm(len(train), generator=gen)[:args.examples].tolist()
+        pick = draw_examples(len(train), args.examples, args.seed)  # as `calibration:` draws
         ids = tokenize(tokenizer, [train.texts[i] for i in pick], task.max_len)
         batches = [collate(ids[s:s + args.batch_size])
                    for s in range(0, len(ids), args.batch_size)]

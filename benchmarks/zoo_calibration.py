@@ -17,12 +17,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 import yaml
 
 from mergewise.bench.data import load_task
 from mergewise.bench.model import load_encoder, load_tokenizer
 from mergewise.bench.zoo import default_cache
+from mergewise.features import draw_examples
 
 
 def main() -> None:
@@ -40,8 +40,7 @@ def main() -> None:
         name = json.loads((path / "expert.json").read_text())["task"]
         task = load_task(name)
         train = task.split("train")
-        gen = torch.Generator().manual_seed(args.seed)
-        pick = torch.randperm(len(train), generator=gen)[:args.examples].tolist()
+        pick = draw_examples(len(train), args.examples, args.seed)  # as `calibration:` draws
         lines = [json.dumps({"text": train.texts[i]}) for i in pick]
         (args.out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
         models.append({"model": str(path), "name": name,

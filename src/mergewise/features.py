@@ -437,7 +437,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
 
 
-def _draw(n: int, num_examples: int, seed: int) -> list[int]:
+def draw_examples(n: int, num_examples: int, seed: int) -> list[int]:
     """``num_examples`` distinct indices out of ``n`` (all of them when n is smaller), seeded."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=gen)[: min(n, num_examples)].tolist()
@@ -504,7 +504,7 @@ def calibration_batches(path: Path, *, num_examples: int = 64, batch_size: int =
     """The seeded draw of ``num_examples`` examples, cut into batches of model inputs."""
     if path.suffix in TEXT_SUFFIXES:
         texts = read_texts(path, text_field)
-        picked = [texts[i] for i in _draw(len(texts), num_examples, seed)]
+        picked = [texts[i] for i in draw_examples(len(texts), num_examples, seed)]
         if tokenizer is None:
             raise FeatureError(f"{path}: text calibration data needs a tokenizer (the base "
                                "model directory, or tokenizer_source, must hold one)")
@@ -514,7 +514,7 @@ def calibration_batches(path: Path, *, num_examples: int = 64, batch_size: int =
     if path.suffix in TENSOR_SUFFIXES:
         data = read_tensor_inputs(path)
         n = data.shape[0] if isinstance(data, torch.Tensor) else next(iter(data.values())).shape[0]
-        idx = torch.tensor(_draw(n, num_examples, seed), dtype=torch.long)
+        idx = torch.tensor(draw_examples(n, num_examples, seed), dtype=torch.long)
         out: list[Batch] = []
         for s in range(0, len(idx), batch_size):
             part = idx[s:s + batch_size]

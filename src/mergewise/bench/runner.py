@@ -213,9 +213,10 @@ CALIBRATION = {"examples": 64, "split": "train", "seed": 0, "batch_size": 16}
 def calibration_batches(task: Any, tokenizer: Any, max_len_cap: int) -> list[dict[str, torch.Tensor]]:
     """``CALIBRATION['examples']`` unlabeled texts drawn (seeded) from the task's **training**
     split only, tokenised like the evaluation data."""
+    from ..features import draw_examples
+
     train = task.split(CALIBRATION["split"])
-    gen = torch.Generator().manual_seed(CALIBRATION["seed"])
-    pick = torch.randperm(len(train), generator=gen)[:CALIBRATION["examples"]].tolist()
+    pick = draw_examples(len(train), CALIBRATION["examples"], CALIBRATION["seed"])
     ids = tokenize(tokenizer, [train.texts[i] for i in pick], min(task.max_len, max_len_cap))
     return sorted_batches(ids, CALIBRATION["batch_size"], tokenizer.pad_token_id)[0]
 
