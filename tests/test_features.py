@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from torch import nn
-from transformers import BertConfig, BertModel
 
 from mergewise import FeatureError, RecipeError, merge, merge_state_dicts
 from mergewise.checkpoint import open_checkpoint
-from mergewise.features import capture, load_stats
+from mergewise.features import capture, load_module, load_stats
+
+# transformers is optional (the bench extra; .ci/run installs it): without it these are skipped
+transformers = pytest.importorskip("transformers", reason="the tiny-BERT feature tests need transformers")
+BertConfig, BertModel = transformers.BertConfig, transformers.BertModel
 
 TASKS = ("alpha", "beta", "gamma")
 VOCAB = 64
@@ -474,3 +478,10 @@ def test_lot_and_regmean_on_cuda_match_cpu(zoo) -> None:
         gpu = merge_state_dicts(base.state_dict(), experts, method, features=stats, device="cuda")
         for k in cpu:
             torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-5, atol=1e-5)
+
+
+def test_a_missing_transformers_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import now fails
+    with pytest.raises(FeatureError, match="needs transformers"):
+        load_module(tmp_path)

@@ -567,8 +567,7 @@ def load_module(path: Path, factory: str | None = None, root: Path | None = None
     if not (path.is_dir() and (path / "config.json").is_file()):
         raise FeatureError(f"{path}: features need the expert as a torch module: a Hugging Face "
                            "directory with config.json, or calibration.factory: 'module:function'")
-    import transformers
-
+    transformers = _transformers(path)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -582,12 +581,22 @@ def load_module(path: Path, factory: str | None = None, root: Path | None = None
         raise FeatureError(f"{path}: transformers cannot load it as a model ({msg[:200]})") from None
 
 
+def _transformers(path: Path) -> Any:
+    """The transformers module, or a one-line error: it is optional (the ``bench`` extra)."""
+    try:
+        import transformers
+    except ImportError:
+        raise FeatureError(f"{path}: loading a Hugging Face model or tokenizer needs transformers; "
+                           "install it (pip install 'transformers>=4.56', or the mergewise[bench] "
+                           "extra) or use calibration.factory with tensor inputs") from None
+    return transformers
+
+
 def load_tokenizer(path: Path | None) -> Any:
     if path is None:
         return None
     directory = path if path.is_dir() else path.parent
-    import transformers
-
+    transformers = _transformers(directory)
     try:
         return transformers.AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError, KeyError):
