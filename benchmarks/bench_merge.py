@@ -164,7 +164,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import mergewise
     from mergewise.checkpoint import open_checkpoint
-    from mergewise.writer import OutTensor, ShardedWriter
+    from mergewise.tensors import TensorInfo
+    from mergewise.writer import ShardedWriter
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -177,7 +178,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         base = inputs[0]
         names = base.names()
         out.mkdir(parents=True)
-        writer = ShardedWriter(out, [OutTensor(n, base.info(n).shape, base.info(n).dtype)
+        writer = ShardedWriter(out, [TensorInfo(n, base.info(n).shape, base.info(n).dtype)
                                      for n in names], spec["shard_size"])
         for name in names:
             tensors = [c.read(name) for c in inputs]

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from mergewise import CheckpointError
-from mergewise.checkpoint import SAFETENSORS_DTYPES, open_checkpoint
+from mergewise.checkpoint import open_checkpoint
+from mergewise.tensors import SAFETENSORS_DTYPES
 
 TINY_NAMES = [n for n, _ in TINY.tensors()]
 

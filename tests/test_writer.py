@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import mergewise
 from mergewise import NonFiniteError, OutputError
+from mergewise.tensors import TensorInfo
 from mergewise.writer import (
-    OutTensor,
     ShardedWriter,
     atomic_directory,
     check_output_target,
@@ -27,11 +27,11 @@ from mergewise.writer import (
 )
 
 
-def t(name: str, n: int, dtype: torch.dtype = torch.float32) -> OutTensor:
-    return OutTensor(name, (n,), dtype)
+def t(name: str, n: int, dtype: torch.dtype = torch.float32) -> TensorInfo:
+    return TensorInfo(name, (n,), dtype)
 
 
-def names(shards: list[list[OutTensor]]) -> list[list[str]]:
+def names(shards: list[list[TensorInfo]]) -> list[list[str]]:
     return [[x.name for x in s] for s in shards]
 
 
@@ -121,7 +121,7 @@ def sample_tensors() -> dict[str, torch.Tensor]:
 
 def write_all(directory: Path, tensors: dict[str, torch.Tensor], shard_size: int,
               metadata: dict[str, str] | None = None) -> ShardedWriter:
-    plan = [OutTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    plan = [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     writer = ShardedWriter(directory, plan, shard_size, metadata)
     for k, v in tensors.items():
         writer.write(k, v)
@@ -133,7 +133,7 @@ def test_streamed_shards_round_trip_through_safetensors(tmp_path: Path, shard_si
     tensors = sample_tensors()
     writer = write_all(tmp_path, tensors, shard_size, {"mergewise_version": "9.9"})
     files = writer.finalize()
-    expected_count = len(plan_shards([OutTensor(k, tuple(v.shape), v.dtype)
+    expected_count = len(plan_shards([TensorInfo(k, tuple(v.shape), v.dtype)
                                       for k, v in tensors.items()], shard_size))
     assert files == shard_names(expected_count)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(files)
@@ -173,7 +173,7 @@ def test_shard_header_is_8_byte_aligned(tmp_path: Path) -> None:
 
 
 def test_writer_refuses_out_of_order_or_wrong_tensor(tmp_path: Path) -> None:
-    plan = [OutTensor("a", (2,), torch.float32), OutTensor("b", (2,), torch.float32)]
+    plan = [TensorInfo("a", (2,), torch.float32), TensorInfo("b", (2,), torch.float32)]
     writer = ShardedWriter(tmp_path, plan, 10**9)
     with pytest.raises(RuntimeError):
         writer.write("b", torch.zeros(2))
@@ -187,7 +187,7 @@ def test_writer_refuses_out_of_order_or_wrong_tensor(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("written", [0, 1, 3])
 def test_finalize_refuses_incomplete_output(tmp_path: Path, written: int) -> None:
-    plan = [OutTensor(n, (4,), torch.float32) for n in "abcd"]
+    plan = [TensorInfo(n, (4,), torch.float32) for n in "abcd"]
     writer = ShardedWriter(tmp_path, plan, 16)  # one tensor per shard
     for n in "abcd"[:written]:
         writer.write(n, torch.zeros(4))

@@ -29,9 +29,9 @@ from .progress import merge_progress
 from .recipe import Recipe, load_recipe, parse_recipe
 from .registry import METHODS
 from .report import tensor_rows, write_tables
+from .tensors import TensorInfo, dtype_name
 from .writer import (
     DEFAULT_SHARD_SIZE,
-    OutTensor,
     ShardedWriter,
     atomic_directory,
     check_output_target,
@@ -133,7 +133,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
             for st in stats:
                 stack.callback(st.close)
             job.set_features(stats)
-        out_tensors = [OutTensor(t.name, t.shape, t.out_dtype) for t in job.tensors]
+        out_tensors = [TensorInfo(t.name, t.shape, t.out_dtype) for t in job.tensors]
         metadata = {"mergewise_version": __version__, "mergewise_recipe": rec.to_yaml()}
         with atomic_directory(target, overwrite) as tmp:
             writer = ShardedWriter(tmp, out_tensors, size, metadata)
@@ -239,10 +239,10 @@ def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path
     if config is not None:
         float_out = {t.out_dtype for t in job.tensors if t.merged}
         if len(float_out) == 1:
-            dtype_name = str(next(iter(float_out))).removeprefix("torch.")
-            config["torch_dtype"] = dtype_name
+            name = dtype_name(next(iter(float_out)))
+            config["torch_dtype"] = name
             if "dtype" in config:
-                config["dtype"] = dtype_name
+                config["dtype"] = name
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "mergewise_recipe.yaml").write_text(rec.to_yaml())
     (tmp / "README.md").write_text(model_card(rec, job))

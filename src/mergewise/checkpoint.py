@@ -16,34 +16,17 @@ message naming the file and tensor. Tests cross-check it against the ``safetenso
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
 import struct
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+from .errors import CheckpointError, first_line
+from .tensors import SAFETENSORS_DTYPES, TensorInfo
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HF_TAGALONG_FILES = (
@@ -60,28 +43,6 @@ HF_TAGALONG_FILES = (
     "chat_template.jinja",
     "preprocessor_config.json",
 )
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What the header says about one tensor: enough to plan a merge before reading data."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    source: str
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype.is_floating_point
 
 
 class Checkpoint:
@@ -308,8 +269,8 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             "checkpoint; convert it to safetensors in a trusted environment"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                              f"({first_line(exc)})") from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "module"):
             inner = obj.get(key)
@@ -393,7 +354,3 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         f"{p}: not a checkpoint (expected a directory, .safetensors, .bin, .pt or .pth)"
     )
 
-
-def iter_infos(ckpt: Checkpoint) -> Iterator[TensorInfo]:
-    for name in ckpt.names():
-        yield ckpt.info(name)

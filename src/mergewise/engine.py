@@ -39,13 +39,13 @@ from .errors import (
     ShapeMismatchError,
 )
 from .features import FeatureStats
+from .numerics import Float64Norm, all_finite, check_finite
 from .recipe import Recipe, resolve, sparsifier_for, sparsifier_param_specs
 from .registry import Param, Sparsifier
 from .rng import tensor_generator
 from .statspass import StatsPass
+from .tensors import FLOAT_DTYPES, dtype_name
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
 MAX_LISTED = 8
 # (tensor name, base in the compute dtype, stored output tensor, the method's modulators or None)
 ModulatorSink = Callable[[str, "torch.Tensor | None", torch.Tensor, Any], None]
@@ -107,45 +107,6 @@ class PlanSummary:
         ]
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """Exactly ``bool(torch.isfinite(t).all())``, in one cheap reduction when the answer is yes.
-
-    A NaN or Inf entry makes the sum NaN or Inf, so a finite sum proves every entry finite; only
-    a non-finite sum (a bad entry, or finite values whose sum overflows) takes the exact check.
-    ``isfinite`` builds several full-size temporaries and costs ~30x a ``sum`` on large tensors.
-    """
-    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-class Float64Norm:
-    """``float(vector_norm(t, dtype=float64))`` through one reused float64 buffer.
-
-    ``dtype=float64`` makes a fresh float64 copy of the tensor on every call (page faults
-    included); copying into a buffer kept for all the tensors of one shape gives the same
-    float64 values in the same contiguous layout, reduced by the same kernel: the same value,
-    4x faster on large tensors.
-    """
-
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
-
-    def __call__(self, t: torch.Tensor) -> float:
-        if t.dtype == torch.float64 or not t.is_contiguous():
-            return float(torch.linalg.vector_norm(t, dtype=torch.float64))
-        if self.buf is None or self.buf.shape != t.shape or self.buf.device != t.device:
-            self.buf = torch.empty(t.shape, dtype=torch.float64, device=t.device)
-        return float(torch.linalg.vector_norm(self.buf.copy_(t)))
-
-
-def _check_finite(t: torch.Tensor, label: str, name: str) -> None:
-    if not all_finite(t):
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(f"{label}: tensor '{name}' has {bad} NaN/Inf value(s); fix or "
-                             "re-export this checkpoint before merging")
-
-
 class MergeJob:
     """A validated recipe bound to open checkpoints: plan, then run into a sink."""
 
@@ -154,7 +115,7 @@ class MergeJob:
         self.recipe = recipe
         self.method = recipe.method
         self.base = base
-        self.compute_dtype = DTYPES[recipe.dtype]
+        self.compute_dtype = FLOAT_DTYPES[recipe.dtype]
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergewiseError("--device cuda was asked for, but torch sees no CUDA device; "
@@ -211,7 +172,7 @@ class MergeJob:
             raise ShapeMismatchError(
                 f"{len(problems)} mismatch(es) between the models and the base: {shown}{more} "
                 "(all models must share the base's architecture)")
-        out_override = DTYPES[self.recipe.out_dtype] if self.recipe.out_dtype else None
+        out_override = FLOAT_DTYPES[self.recipe.out_dtype] if self.recipe.out_dtype else None
         plans = []
         for name, info in ref_infos.items():
             out = (out_override or info.dtype) if info.is_float else info.dtype
@@ -338,7 +299,7 @@ class MergeJob:
         inputs already in the compute dtype): never modify the result in place."""
         t = ckpt.read(name)
         t = t.to(device=self.device, dtype=self.compute_dtype)
-        _check_finite(t, ckpt.label, name)
+        check_finite(t, ckpt.label, name)
         return t
 
     def task_vectors(self, name: str, base: torch.Tensor,
@@ -416,7 +377,7 @@ class MergeJob:
                                  "check the recipe's weights and lambda")
         out = out.to(dtype=plan.out_dtype)
         if not all_finite(out):  # finite in the compute dtype, not in out_dtype
-            dtype = str(plan.out_dtype).removeprefix("torch.")
+            dtype = dtype_name(plan.out_dtype)
             raise NonFiniteError(f"{self.method.name}: tensor '{name}' overflows out_dtype {dtype} "
                                  "(values beyond its range); use a wider out_dtype or check the "
                                  "recipe's weights and lambda")

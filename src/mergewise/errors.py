@@ -6,6 +6,9 @@ and exit non-zero without a traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class MergewiseError(Exception):
     """Base class of every error a user can cause (bad recipe, bad checkpoint, bad output path)."""
@@ -42,3 +45,16 @@ class UnknownTaskError(MergewiseError):
 class FeatureError(MergewiseError):
     """Calibration features cannot be captured or used: missing data or stats file, a stats file
     from another model, a layer whose statistics do not fit its tensor."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none),
+    cut to ``limit`` characters: third-party errors become one readable clause of ours."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of ``known`` to a mistyped ``key``, else ""."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Checkpoint, SafetensorsFile, open_checkpoint
-from .errors import CheckpointError, FeatureError
+from .errors import CheckpointError, FeatureError, first_line
+from .writer import atomic_file
 
 FORMAT_VERSION = "1"
 PROBE_TENSORS = 4
@@ -209,23 +209,13 @@ class FeatureStats:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: self.tensor(k).contiguous() for k in self.keys()}
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
         meta["mergewise_features"] = FORMAT_VERSION
         meta["layers"] = json.dumps({m: {"kind": i.kind, "layout": i.layout}
                                      for m, i in self.layers.items()})
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a stats file is ordinary
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     def keys(self) -> list[str]:
@@ -484,8 +474,7 @@ def read_tensor_inputs(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every reader has its own error types
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FeatureError(f"{path}: cannot read calibration inputs ({msg[:200]})") from None
+        raise FeatureError(f"{path}: cannot read calibration inputs ({first_line(exc)})") from None
     if isinstance(obj, Mapping) and len(obj) == 1:
         obj = next(iter(obj.values()))
     if isinstance(obj, torch.Tensor) and obj.dim() >= 1:
@@ -577,8 +566,8 @@ def load_module(path: Path, factory: str | None = None, root: Path | None = None
         cls = cls or transformers.AutoModel
         return cls.from_pretrained(str(path), dtype=torch.float32).eval()
     except (OSError, ValueError, KeyError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FeatureError(f"{path}: transformers cannot load it as a model ({msg[:200]})") from None
+        raise FeatureError(f"{path}: transformers cannot load it as a model "
+                           f"({first_line(exc)})") from None
 
 
 def _transformers(path: Path) -> Any:

@@ -19,9 +19,9 @@ from . import __version__
 from .checkpoint import HF_TAGALONG_FILES, Checkpoint, StateDictCheckpoint, open_checkpoint
 from .errors import ModulatorError, OutputError
 from .modulators import FILE_NAME, Modulators
+from .tensors import TensorInfo
 from .writer import (
     DEFAULT_SHARD_SIZE,
-    OutTensor,
     ShardedWriter,
     atomic_directory,
     copy_tagalong,
@@ -141,7 +141,7 @@ def materialize(merged: str | Path, task: str, out: str | Path, *,
             raise OutputError(f"{target}: is an input of materialize; choose another --out")
         unified, base_ckpt = o.unified, o.base
         assert unified is not None and base_ckpt is not None
-        tensors = [OutTensor(n, unified.info(n).shape, unified.info(n).dtype)
+        tensors = [TensorInfo(n, unified.info(n).shape, unified.info(n).dtype)
                    for n in unified.names()]
         lam = o.mods.rescalers[task]
         metadata = {"mergewise_version": __version__, "mergewise_task": task,

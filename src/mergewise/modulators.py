@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, SafetensorsFile
-from .engine import all_finite
 from .errors import ModulatorError, NonFiniteError, UnknownTaskError
 from .methods.emr import EMRTensor, assemble, rescalers
-from .writer import OutTensor, StreamingSafetensorsFile
+from .numerics import all_finite
+from .tensors import TensorInfo, dtype_from_name, dtype_name
+from .writer import StreamingSafetensorsFile
 
 FILE_NAME = "modulators.safetensors"
 FORMAT = "mergewise-emr-modulators"
@@ -64,7 +65,7 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int], where: str = "mask")
     numel = math.prod(shape)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (packed_length(numel),):
         raise ModulatorError(f"{where}: expected uint8 [{packed_length(numel)}] (1 bit per entry of "
-                             f"a {list(shape)} tensor), got {str(packed.dtype).removeprefix('torch.')}"
+                             f"a {list(shape)} tensor), got {dtype_name(packed.dtype)}"
                              f" {list(packed.shape)}; the modulators file is corrupt")
     bits = np.unpackbits(packed.numpy(), bitorder=BIT_ORDER)
     if bits[numel:].any():
@@ -73,13 +74,13 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int], where: str = "mask")
 
 
 def modulator_layout(tasks: Sequence[str], tensors: Sequence[tuple[str, tuple[int, ...]]]
-                     ) -> list[OutTensor]:
+                     ) -> list[TensorInfo]:
     """Every entry of the modulators file, in write order (masks tensor by tensor, then the
     rescalers and checksums)."""
-    out = [OutTensor(mask_key(t, name), (packed_length(math.prod(shape)),), torch.uint8)
+    out = [TensorInfo(mask_key(t, name), (packed_length(math.prod(shape)),), torch.uint8)
            for name, shape in tensors for t in range(len(tasks))]
-    return out + [OutTensor(RESCALERS, (len(tasks),), torch.float64),
-                  OutTensor(CHECKSUMS, (len(tensors), 2), torch.float64)]
+    return out + [TensorInfo(RESCALERS, (len(tasks),), torch.float64),
+                  TensorInfo(CHECKSUMS, (len(tensors), 2), torch.float64)]
 
 
 def modulator_metadata(tasks: Sequence[str], tensors: Sequence[tuple[str, tuple[int, ...]]],
@@ -87,7 +88,7 @@ def modulator_metadata(tasks: Sequence[str], tensors: Sequence[tuple[str, tuple[
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
             "tasks": json.dumps(list(tasks)),
             "tensors": json.dumps({name: list(shape) for name, shape in tensors}),
-            "compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "compute_dtype": dtype_name(compute_dtype),
             "base_model": base_model or ""}
 
 
@@ -183,7 +184,12 @@ class Modulators:
                                  "modulators file is corrupt")
         self.tasks: list[str] = tasks
         self.shapes: dict[str, tuple[int, ...]] = {n: tuple(s) for n, s in shapes.items()}
-        self.compute_dtype = getattr(torch, metadata.get("compute_dtype", "float32"))
+        compute = dtype_from_name(metadata.get("compute_dtype", "float32"))
+        if compute is None or not compute.is_floating_point:
+            raise ModulatorError(f"{label}: metadata 'compute_dtype' = "
+                                 f"{metadata.get('compute_dtype')!r} is not a float dtype; the "
+                                 "modulators file is corrupt")
+        self.compute_dtype = compute
         self.base_model = metadata.get("base_model") or None
         names = set(source.names())
         expected = modulator_layout(self.tasks, list(self.shapes.items()))
@@ -194,8 +200,8 @@ class Modulators:
             info = source.info(entry.name)
             if info.shape != entry.shape or info.dtype != entry.dtype:
                 raise ModulatorError(
-                    f"{label}: entry '{entry.name}' is {str(info.dtype).removeprefix('torch.')} "
-                    f"{list(info.shape)}, expected {str(entry.dtype).removeprefix('torch.')} "
+                    f"{label}: entry '{entry.name}' is {dtype_name(info.dtype)} "
+                    f"{list(info.shape)}, expected {dtype_name(entry.dtype)} "
                     f"{list(entry.shape)}; the modulators file is corrupt")
         lam = source.read(RESCALERS)
         if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()):
@@ -277,6 +283,6 @@ class Modulators:
             out = assemble(theta0, stored, self.mask(t, name), lam).to(dtype=stored.dtype)
             if not all_finite(out):
                 raise NonFiniteError(f"{self.label}: task '{task}' tensor '{name}' overflows "
-                                     f"{str(stored.dtype).removeprefix('torch.')} (rescaler "
+                                     f"{dtype_name(stored.dtype)} (rescaler "
                                      f"{lam!r}); merge with a wider out_dtype")
             yield name, out.cpu()

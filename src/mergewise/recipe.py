@@ -9,7 +9,6 @@ entry without ``filter`` matches everything. Per-model values override method-wi
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import RecipeError
+from .errors import RecipeError, did_you_mean
 from .registry import METHODS, SPARSIFIERS, MergeMethod, Param, Scalar, Sparsifier
 
 DTypeName = Literal["float32", "float64", "bfloat16", "float16"]
@@ -155,9 +154,8 @@ def _pydantic_message(exc: ValidationError) -> str:
             allowed = _ALLOWED_CALIBRATION
         else:
             allowed = _ALLOWED_TOP
-        close = difflib.get_close_matches(key, allowed, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"unknown key '{key}' at {where}; {hint}allowed: {', '.join(allowed)}"
+        return (f"unknown key '{key}' at {where}{did_you_mean(key, allowed)}; allowed: "
+                f"{', '.join(allowed)}")
     if err["type"] == "missing":
         return f"missing required key '{loc[-1]}' at {where}"
     return f"{where}: {err['msg']}"
@@ -314,7 +312,7 @@ def validate_parameters(recipe: Recipe) -> None:
             for key, value in block_params.items():
                 if key not in sp_specs:
                     raise RecipeError(f"{where}: unknown parameter '{key}' for sparsifier "
-                                      f"{sp.name}{_did_you_mean(key, sp_specs)}; known: "
+                                      f"{sp.name}{did_you_mean(key, sp_specs)}; known: "
                                       f"{', '.join(sp_specs) or 'none'}")
                 _check_value(sp_specs[key], value, where)
             if not from_block:
@@ -354,18 +352,13 @@ def validate_parameters(recipe: Recipe) -> None:
                 raise RecipeError("scope: global needs one density per model, not a filter list")
 
 
-def _did_you_mean(key: str, known: Any) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _unknown_key_message(key: str, where: str, method: MergeMethod, method_specs: dict,
                          model_keys: set[str], recipe: Recipe) -> str:
     known = sorted(set(method_specs) | model_keys)
     extra = ""
     if key == "density" and (recipe.sparsify or any(m.sparsify for m in recipe.models)):
         extra = " (a sparsify block replaces the method's own trim: put density in that block)"
-    return (f"{where}: unknown parameter '{key}' for {method.name}{_did_you_mean(key, known)}"
+    return (f"{where}: unknown parameter '{key}' for {method.name}{did_you_mean(key, known)}"
             f"{extra}; known: {', '.join(known) or 'none'}")
 
 

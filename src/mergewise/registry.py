@@ -6,12 +6,11 @@ A plug-in declares its parameters once (name, default, type, range, help); recip
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-from .errors import RecipeError
+from .errors import RecipeError, did_you_mean
 
 Scalar = float | int | bool | str
 
@@ -102,9 +101,6 @@ class Param:
 WEIGHT = Param("weight", 1.0, float, "per-model factor on its task vector (or weights, for linear)")
 LAMBDA = Param("lambda", 1.0, float, "scale of the merged task vector: base + lambda * tau",
                arg="lam")
-DENSITY_TOPK = Param("density", 0.2, float, "fraction of each task vector kept (top |tau|)",
-                     low=0.0, high=1.0, low_open=True)
-
 
 @dataclass(frozen=True)
 class Sparsifier:
@@ -189,11 +185,9 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self._items, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
             raise RecipeError(
-                f"unknown {self.kind} '{name}'; {hint}known: {', '.join(sorted(self._items))}"
-            ) from None
+                f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: "
+                f"{', '.join(sorted(self._items))}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -208,7 +202,3 @@ class Registry(Generic[T]):
 METHODS: Registry[MergeMethod] = Registry("merge method")
 SPARSIFIERS: Registry[Sparsifier] = Registry("sparsifier")
 
-
-def suggest(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .writer import OutTensor, ShardedWriter
+from .tensors import TensorInfo, dtype_name
+from .writer import ShardedWriter
 
 TOKENIZER_CONFIG = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                     "model_max_length": 2048, "tokenizer_class": "LlamaTokenizerFast"}
@@ -59,7 +60,7 @@ class LlamaShape:
             "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
             "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-            "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+            "tie_word_embeddings": False, "torch_dtype": dtype_name(dtype),
         }
 
     @property
@@ -112,7 +113,7 @@ def write_checkpoint(directory: Path, shape: LlamaShape, seed: int, dtype: torch
     """Write one HF-style directory (base when ``task`` is None, else base + task vector)."""
     directory.mkdir(parents=True, exist_ok=True)
     specs = shape.tensors()
-    writer = ShardedWriter(directory, [OutTensor(n, s, dtype) for n, s in specs], shard_size)
+    writer = ShardedWriter(directory, [TensorInfo(n, s, dtype) for n, s in specs], shard_size)
     for name, s in specs:
         w = base_tensor(name, s, seed)
         if task is not None:

@@ -11,7 +11,6 @@ never leaves a half-written output.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -19,13 +18,12 @@ import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPE_CODES
 from .errors import OutputError
+from .tensors import DTYPE_CODES, TensorInfo
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -46,20 +44,9 @@ def parse_size(text: str | int | float) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class OutTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def plan_shards(tensors: Sequence[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+def plan_shards(tensors: Sequence[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
     """Greedy, order-preserving split; a tensor larger than ``max_bytes`` gets its own shard."""
-    shards: list[list[OutTensor]] = [[]]
+    shards: list[list[TensorInfo]] = [[]]
     size = 0
     for t in tensors:
         if shards[-1] and size + t.nbytes > max_bytes:
@@ -79,7 +66,7 @@ def shard_names(count: int) -> list[str]:
 class StreamingSafetensorsFile:
     """A safetensors file whose header is written first; tensors must then arrive in order."""
 
-    def __init__(self, path: Path, tensors: Sequence[OutTensor], metadata: dict[str, str]):
+    def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: dict[str, str]):
         self.path = path
         self._order = list(tensors)
         self._next = 0
@@ -119,7 +106,7 @@ class StreamingSafetensorsFile:
 class ShardedWriter:
     """Writes a planned list of tensors into HF-named shards (+ index when more than one)."""
 
-    def __init__(self, directory: Path, tensors: Sequence[OutTensor], shard_size: int,
+    def __init__(self, directory: Path, tensors: Sequence[TensorInfo], shard_size: int,
                  metadata: dict[str, str] | None = None):
         self.directory = directory
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -188,9 +175,7 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.mergewise-tmp-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary dir
+        make_ordinary(tmp, 0o777)  # mkdtemp makes it 0700; the output is an ordinary dir
     except OSError as exc:
         raise OutputError(f"{target}: cannot create the output ({exc.strerror or exc})") from None
     try:
@@ -204,6 +189,30 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
             os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def make_ordinary(path: Path | str, mode: int) -> None:
+    """Give a file or directory made by ``mkstemp``/``mkdtemp`` (0600/0700) the permissions an
+    ordinary ``open``/``mkdir`` would have: ``mode`` less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temp file path next to ``path``; on success it replaces ``path`` (one rename),
+    on any error it is deleted: readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        make_ordinary(tmp, 0o666)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..numerics import weighted_sum
 from ..registry import METHODS, MergeMethod, TaskSpecificOutput
 
 
@@ -54,9 +55,7 @@ class EMRTensor:
 
 def elect_sign(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """+1 where the sum of the task vectors is > 0, -1 elsewhere (an exact 0 counts as -)."""
-    total = torch.zeros_like(tensors[0])
-    for d in tensors:
-        total.add_(d)
+    total = weighted_sum(tensors)
     return torch.where(total > 0, 1.0, -1.0).to(total.dtype)
 
 

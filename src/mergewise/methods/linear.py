@@ -20,14 +20,13 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import RecipeError
+from ..numerics import weighted_sum
 from ..registry import METHODS, WEIGHT, MergeMethod, Param
 
 
 def linear(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], weights: Sequence[float],
            *, normalize: bool = True) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
-    for w, t in zip(weights, tensors, strict=True):
-        out.add_(t, alpha=w)
+    out = weighted_sum(tensors, weights)
     if normalize:
         total = sum(weights)
         if abs(total) < 1e-12:

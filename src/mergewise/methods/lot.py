@@ -42,6 +42,7 @@ import torch
 
 from ..errors import FeatureError
 from ..features import TensorFeature
+from ..numerics import weighted_sum
 from ..registry import LAMBDA, METHODS, MergeMethod, Param
 
 RTOL = Param("rtol", 1e-6, float, "pseudo-inverse cut-off: eigenvalues of the summed Gram below "
@@ -73,10 +74,7 @@ def from_matrix(m: torch.Tensor, like: torch.Tensor, feature: TensorFeature) -> 
 
 
 def mean_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
-    for t in tensors:
-        out.add_(t)
-    return out.div_(len(tensors))
+    return weighted_sum(tensors).div_(len(tensors))
 
 
 def with_stats(tensors: Sequence[torch.Tensor], features: Sequence[TensorFeature | None],

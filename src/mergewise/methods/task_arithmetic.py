@@ -21,14 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import RecipeError
+from ..numerics import weighted_sum
 from ..registry import LAMBDA, METHODS, MergeMethod, Param
-
-
-def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    out = torch.zeros_like(deltas[0])
-    for w, d in zip(weights, deltas, strict=True):
-        out.add_(d, alpha=w)
-    return out
 
 
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],

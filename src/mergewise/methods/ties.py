@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..numerics import weighted_sum
 from ..registry import LAMBDA, METHODS, MergeMethod, Param
 
 AGGREGATE = Param("aggregate", "mean", str,
@@ -45,9 +46,7 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     agree = w*tau * sign > 0; merged += where(agree, w*tau, 0); divisor = count of agreeing
     models (0 -> 1); base + lambda * merged/divisor.
     """
-    total = torch.zeros_like(tensors[0])
-    for w, d in zip(weights, tensors, strict=True):
-        total.add_(d, alpha=w)
+    total = weighted_sum(tensors, weights)
     agree = torch.ge(total, 0)  # scratch mask from here on
     disagree = torch.empty_like(agree)
     sign = total.copy_(agree).mul_(2.0).sub_(1.0)  # where(total >= 0, 1, -1), in total's storage

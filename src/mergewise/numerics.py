@@ -1,0 +1,64 @@
+"""Small numeric kernels shared by the engine, the methods and the modulators: cheap finite
+checks, float64 norms through a reused buffer, the weighted sum of task vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import NonFiniteError
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Exactly ``bool(torch.isfinite(t).all())``, in one cheap reduction when the answer is yes.
+
+    A NaN or Inf entry makes the sum NaN or Inf, so a finite sum proves every entry finite; only
+    a non-finite sum (a bad entry, or finite values whose sum overflows) takes the exact check.
+    ``isfinite`` builds several full-size temporaries and costs ~30x a ``sum`` on large tensors.
+    """
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def check_finite(t: torch.Tensor, label: str, name: str) -> None:
+    """Raise a one-line NonFiniteError naming the input and tensor when ``t`` has NaN/Inf."""
+    if not all_finite(t):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{label}: tensor '{name}' has {bad} NaN/Inf value(s); fix or "
+                             "re-export this checkpoint before merging")
+
+
+class Float64Norm:
+    """``float(vector_norm(t, dtype=float64))`` through one reused float64 buffer.
+
+    ``dtype=float64`` makes a fresh float64 copy of the tensor on every call (page faults
+    included); copying into a buffer kept for all the tensors of one shape gives the same
+    float64 values in the same contiguous layout, reduced by the same kernel: the same value,
+    4x faster on large tensors.
+    """
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def __call__(self, t: torch.Tensor) -> float:
+        if t.dtype == torch.float64 or not t.is_contiguous():
+            return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+        if self.buf is None or self.buf.shape != t.shape or self.buf.device != t.device:
+            self.buf = torch.empty(t.shape, dtype=torch.float64, device=t.device)
+        return float(torch.linalg.vector_norm(self.buf.copy_(t)))
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None
+                 ) -> torch.Tensor:
+    """sum_k w_k t_k (every w_k = 1 when ``weights`` is None), accumulated in model order into a
+    fresh tensor of ``tensors[0]``'s dtype: zeros, then one in-place add per model."""
+    out = torch.zeros_like(tensors[0])
+    if weights is None:
+        for t in tensors:
+            out.add_(t)
+    else:
+        for w, t in zip(weights, tensors, strict=True):
+            out.add_(t, alpha=w)
+    return out
