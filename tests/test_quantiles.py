@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergewise.stats import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles
+from mergewise.selection import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles
 
 LEVELS = [0.0, 0.05, 0.5, 0.9, 0.95, 1.0]
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergewise import stats
-from mergewise.stats import kth_largest, topk_mask
+from mergewise import selection
+from mergewise.selection import kth_largest, topk_mask
 
-N = stats.SELECT_DIRECT + 12_345
+N = selection.SELECT_DIRECT + 12_345
 
 
 def reference_mask(x: torch.Tensor, k: int) -> torch.Tensor:

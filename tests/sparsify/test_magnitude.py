@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergewise import SPARSIFIERS
+from mergewise.selection import keep_count
 from mergewise.sparsify.magnitude import GlobalTopK, magnitude
-from mergewise.stats import keep_count
 
 
 def test_registered() -> None:

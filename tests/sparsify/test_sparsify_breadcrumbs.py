@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergewise import SPARSIFIERS
+from mergewise.selection import keep_count, round_half_up
 from mergewise.sparsify.breadcrumbs import breadcrumbs
-from mergewise.stats import keep_count, round_half_up
 
 
 def test_registered() -> None:

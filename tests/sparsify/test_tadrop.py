@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergewise as mw
+from mergewise.selection import keep_count_from_drop
 from mergewise.sparsify.tadrop import TADropStats, drop_rate_for, tadrop
-from mergewise.stats import keep_count_from_drop
 
 PARAMS = {"drop_rate": 0.5, "strength": 1.0, "quantiles": [0.5, 0.95], "min_drop": 0.0,
           "max_drop": 0.99, "skip": []}

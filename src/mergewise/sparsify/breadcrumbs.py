@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..registry import SPARSIFIERS, Param, Sparsifier
-from ..stats import keep_count, round_half_up, topk_mask
+from ..selection import keep_count, round_half_up, topk_mask
 
 
 def breadcrumbs(delta: torch.Tensor, *, density: float, gamma: float = 0.01,

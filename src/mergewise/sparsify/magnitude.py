@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..registry import SPARSIFIERS, Param, Sparsifier
-from ..stats import keep_count, kth_largest, threshold_mask, topk_mask
+from ..selection import keep_count, kth_largest, threshold_mask, topk_mask
 from ..statspass import StatsPass
 
 BINS = 1 << 16

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import RecipeError
 from ..registry import SPARSIFIERS, Param, Sparsifier
-from ..stats import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles, topk_mask
+from ..selection import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles, topk_mask
 from ..statspass import StatsPass
 
 NORM_EPS = 1e-12

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergewise.stats import keep_count, kth_largest, round_half_up, threshold_mask, topk_mask
+from mergewise.selection import keep_count, kth_largest, round_half_up, threshold_mask, topk_mask
 
 T, F = True, False
 
