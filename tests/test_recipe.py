@@ -13,8 +13,9 @@ from ckpt_helpers import Family, load_dir, write_recipe
 from safetensors.torch import load_file
 
 import mergewise
+import mergewise.inputs
 from mergewise import RecipeError, load_recipe, merge, merge_state_dicts, parse_recipe
-from mergewise.recipe import resolve
+from mergewise.params import resolve
 
 
 def base_recipe(**changes: Any) -> dict[str, Any]:
@@ -419,7 +420,7 @@ def test_missing_model_path_is_named_before_anything_is_opened(
     def no_reading(*a: object, **k: object) -> None:  # pragma: no cover - must not be reached
         raise AssertionError("opened a checkpoint before every path was checked")
 
-    monkeypatch.setattr(mergewise.api, "open_checkpoint", no_reading)
+    monkeypatch.setattr(mergewise.inputs, "open_checkpoint", no_reading)
     with pytest.raises(RecipeError) as exc:
         merge(recipe, tmp_path / "out")
     msg = str(exc.value)
@@ -434,7 +435,7 @@ def test_invalid_recipe_is_refused_before_any_file_is_touched(
     def no_reading(*a: object, **k: object) -> None:  # pragma: no cover
         raise AssertionError("touched a checkpoint")
 
-    monkeypatch.setattr(mergewise.api, "open_checkpoint", no_reading)
+    monkeypatch.setattr(mergewise.inputs, "open_checkpoint", no_reading)
     with pytest.raises(RecipeError):
         merge(base_recipe(parameters={"density": 2.0}), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

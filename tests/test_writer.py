@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import mergewise
+import mergewise.inputs
 from mergewise import NonFiniteError, OutputError
 from mergewise.tensors import TensorInfo
 from mergewise.writer import (
@@ -318,7 +319,7 @@ def test_merge_output_under_a_file_reads_nothing(family_f32: Family, tmp_path: P
     def no_reading(*a: object, **k: object) -> None:  # pragma: no cover - must not be reached
         raise AssertionError("opened a checkpoint before checking the output path")
 
-    monkeypatch.setattr(mergewise.api, "open_checkpoint", no_reading)
+    monkeypatch.setattr(mergewise.inputs, "open_checkpoint", no_reading)
     with pytest.raises(OutputError) as exc:
         mergewise.merge(recipe_for(family_f32, "ties"), blocker / "merged")
     assert str(blocker) in one_line(exc)

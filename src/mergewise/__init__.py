@@ -8,8 +8,6 @@ methods (EMR): ``merge_task_state_dicts`` (in memory), ``materialize`` / ``task_
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import methods as _methods  # noqa: E402,F401  (fills METHODS)
 from . import sparsify as _sparsify  # noqa: E402,F401  (fills SPARSIFIERS)
 from .api import MergeResult, merge, merge_state_dicts, merge_task_state_dicts  # noqa: E402
@@ -27,6 +25,7 @@ from .errors import (  # noqa: E402
 from .materialize import TaskModels, load_task, materialize, task_state_dict  # noqa: E402
 from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from .registry import METHODS, SPARSIFIERS  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "METHODS", "SPARSIFIERS", "CheckpointError", "FeatureError", "MergeResult", "MergewiseError",

@@ -1,8 +1,9 @@
-"""Python API mirroring the CLI: ``merge`` (files in, files out), ``merge_state_dicts`` and,
-for task-specific methods (EMR), ``merge_task_state_dicts``.
+"""Python API mirroring the CLI: ``merge`` (files in, files out), ``compute_features``,
+``merge_state_dicts`` and, for task-specific methods (EMR), ``merge_task_state_dicts``.
 
-Both run the very same ``MergeJob`` tensor loop; only the sources (files vs dicts) and the sink
-(streaming writer vs dict) differ, which is why their outputs are identical bit for bit.
+All of them run the very same ``MergeJob`` tensor loop; only the sources (files vs dicts) and
+the sink (the output directory vs a dict) differ, which is why their outputs are identical bit
+for bit.
 """
 
 from __future__ import annotations
@@ -18,26 +19,22 @@ from typing import Any
 
 import torch
 
-from . import __version__, features
-from .checkpoint import HF_TAGALONG_FILES, Checkpoint, StateDictCheckpoint, open_checkpoint
-from .engine import MergeJob, PlanSummary
+from .checkpoint import StateDictCheckpoint
+from .engine import MergeJob
 from .errors import FeatureError, RecipeError, UnknownTaskError
+from .features import CaptureReport, FeatureSource, FeatureStats, load_stats, obtain, plan_sources
+from .inputs import InputPaths, open_inputs, resolve_inputs
 from .materialize import TaskModels
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
+from .outputs import CONFIG, HF_TAGALONG_FILES, TOKENIZER_FILES, OutputDirectory, Tagalong, merge_card
+from .plan import PlanSummary
 from .progress import merge_progress
 from .recipe import Recipe, load_recipe, parse_recipe
 from .registry import METHODS
-from .report import tensor_rows, write_tables
-from .tensors import TensorInfo, dtype_name
-from .writer import (
-    DEFAULT_SHARD_SIZE,
-    ShardedWriter,
-    atomic_directory,
-    check_output_target,
-    copy_tagalong,
-    parse_size,
-)
+from .report import tensor_rows
+from .version import __version__
+from .writer import DEFAULT_SHARD_SIZE, check_output_target, parse_size
 
 
 @dataclass
@@ -51,52 +48,12 @@ class MergeResult:
     modulators: dict[str, Any] | None = None  # task-specific methods: sizes and rescalers
 
 
-def _resolve_path(path: str, root: Path | None, key: str) -> Path:
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        candidates = [p]
-    else:
-        candidates = ([root / p] if root is not None else []) + [Path.cwd() / p]
-    for c in candidates:
-        if c.exists():
-            return c
-    tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
-    raise RecipeError(f"{key}: '{path}' does not exist (looked for {tried})")
-
-
 def _coerce_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Recipe, Path | None]:
     if isinstance(recipe, Recipe):
         return recipe, None
     if isinstance(recipe, Mapping):
         return parse_recipe(dict(recipe)), None
     return load_recipe(recipe)
-
-
-def open_recipe_checkpoints(recipe: Recipe, root: Path | None
-                            ) -> tuple[Checkpoint | None, list[Checkpoint], dict[str, Path]]:
-    """Resolve every path first (all missing files are reported before anything is opened)."""
-    paths: dict[str, Path] = {}
-    if recipe.base_model:
-        paths["base_model"] = _resolve_path(recipe.base_model, root, "base_model")
-    for i, m in enumerate(recipe.models):
-        paths[f"models.{i}"] = _resolve_path(m.model, root, f"models.{i}.model")
-    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
-        paths["tokenizer_source"] = _resolve_path(recipe.tokenizer_source, root,
-                                                  "tokenizer_source")
-    opened: list[Checkpoint] = []
-    try:
-        base = open_checkpoint(paths["base_model"]) if "base_model" in paths else None
-        if base is not None:
-            opened.append(base)
-        models = []
-        for i in range(len(recipe.models)):
-            models.append(open_checkpoint(paths[f"models.{i}"]))
-            opened.append(models[-1])
-    except BaseException:
-        for c in opened:
-            c.close()
-        raise
-    return base, models, paths
 
 
 def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | None = None, *,
@@ -115,11 +72,10 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         raise RecipeError("merge needs an output directory (--out)")
     if target is not None:  # a dry run with --out checks the output path like a real run
         check_output_target(target, overwrite)
-    sources = _feature_sources(rec, root) if rec.method.features else None
-    base, models, paths = open_recipe_checkpoints(rec, root)
-    with contextlib.ExitStack() as stack:
-        for c in ([base] if base is not None else []) + models:
-            stack.callback(c.close)
+    paths = resolve_inputs(rec, root)
+    sources = plan_sources(rec, root, paths.models) if rec.method.features else None
+    with open_inputs(paths.base, paths.models) as (base, models), \
+            contextlib.ExitStack() as stack:
         job = MergeJob(rec, base, models, device=device)
         summary = job.summary()
         if dry_run:
@@ -128,41 +84,54 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         start = time.perf_counter()
         if sources is not None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mergewise-")))
-            stats, _ = features.obtain(sources, seed=rec.seed, tokenizer_paths=_tokenizer_paths(
-                rec, paths), root=root, workdir=workdir, device=device)
+            stats, _ = obtain(sources, seed=rec.seed, tokenizer_paths=paths.tokenizer_candidates(),
+                              root=root, workdir=workdir, device=device)
             for st in stats:
                 stack.callback(st.close)
             job.set_features(stats)
-        out_tensors = [TensorInfo(t.name, t.shape, t.out_dtype) for t in job.tensors]
         metadata = {"mergewise_version": __version__, "mergewise_recipe": rec.to_yaml()}
-        with atomic_directory(target, overwrite) as tmp:
-            writer = ShardedWriter(tmp, out_tensors, size, metadata)
-            mod_writer = _modulator_writer(tmp, job, paths)
+        with OutputDirectory(target, [t.out for t in job.tensors], shard_size=size,
+                             metadata=metadata, overwrite=overwrite) as output:
+            mod_writer = _modulator_writer(output, job, paths)
             with merge_progress(progress, job, summary) as (on_tensor, on_stats):
-                records = job.run(writer.write, on_tensor, on_stats, modulator_sink=(
+                records = job.run(output.write, on_tensor, on_stats, modulator_sink=(
                     mod_writer.collector if mod_writer is not None else None))
-            files = writer.finalize()
+            output.end_shards()
             modulators = None
             if mod_writer is not None:
                 mod_writer.finalize()
-                files.append(MODULATORS_FILE)
-                modulators = modulator_report(tmp / MODULATORS_FILE, job, writer.total_size,
-                                              mod_writer.collector)
-            _write_sidecars(tmp, rec, job, paths, records, time.perf_counter() - start,
-                            modulators)
-        seconds = time.perf_counter() - start
-        return MergeResult(out=target, summary=summary, files=files,
-                           report_path=target / "report.json", seconds=seconds, records=records,
+                modulators = modulator_report(output.tmp / MODULATORS_FILE, job,
+                                              output.tensor_bytes, mod_writer.collector)
+            report = _merge_report(job, records, time.perf_counter() - start, modulators)
+            output.finish(tagalong=_tagalong(rec, job, paths), config=job.reference.config,
+                          texts={"mergewise_recipe.yaml": rec.to_yaml()},
+                          card=merge_card(rec, job.method, [s.task for s in job.slots]),
+                          report=(report, tensor_rows(records, report["tasks"])))
+        return MergeResult(out=target, summary=summary, files=output.files,
+                           report_path=target / "report.json",
+                           seconds=time.perf_counter() - start, records=records,
                            modulators=modulators)
 
 
-def _modulator_writer(tmp: Path, job: MergeJob, paths: dict[str, Path]
+def _tagalong(rec: Recipe, job: MergeJob, paths: InputPaths) -> list[Tagalong]:
+    """Config-free HF files from the reference; tokenizer files from ``tokenizer_source``
+    (a path, or the base) when it is set."""
+    if not rec.tokenizer_source:
+        return [(job.reference.directory, [n for n in HF_TAGALONG_FILES if n != CONFIG])]
+    others = [n for n in HF_TAGALONG_FILES if n != CONFIG and n not in TOKENIZER_FILES]
+    found = paths.tokenizer_candidates()
+    tok_dir = (found[0] if found[0].is_dir() else found[0].parent) if found else None
+    return [(job.reference.directory, others), (tok_dir, TOKENIZER_FILES)]
+
+
+def _modulator_writer(output: OutputDirectory, job: MergeJob, paths: InputPaths
                       ) -> ModulatorFileWriter | None:
     if not job.method.task_specific:
         return None
-    return ModulatorFileWriter(tmp / MODULATORS_FILE, [s.task for s in job.slots],
+    assert paths.base is not None
+    return ModulatorFileWriter(output.path(MODULATORS_FILE), [s.task for s in job.slots],
                                [(t.name, t.shape) for t in job.tensors if t.merged],
-                               job.compute_dtype, str(paths["base_model"].resolve()))
+                               job.compute_dtype, str(paths.base.resolve()))
 
 
 def modulator_report(path: Path, job: MergeJob, unified_bytes: int,
@@ -178,24 +147,29 @@ def modulator_report(path: Path, job: MergeJob, unified_bytes: int,
             "rescalers": dict(zip(tasks, collector.rescalers(), strict=True))}
 
 
-def _feature_sources(rec: Recipe, root: Path | None,
-                     overwrite: bool = False) -> list[features.FeatureSource]:
-    """Every model's stats file / calibration data, all checked before any model is loaded."""
-    model_paths = [_resolve_path(m.model, root, f"models.{i}.model")
-                   for i, m in enumerate(rec.models)]
-    return features.plan_sources(rec, root, model_paths, overwrite)
-
-
-def _tokenizer_paths(rec: Recipe, paths: dict[str, Path]) -> list[Path]:
-    """Where text calibration data finds its tokenizer: tokenizer_source, else the base."""
-    return [paths[k] for k in ("tokenizer_source", "base_model") if k in paths]
+def _merge_report(job: MergeJob, records: list[dict[str, Any]], seconds: float,
+                  modulators: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "mergewise_version": __version__,
+        "merge_method": job.recipe.merge_method,
+        "tasks": [s.task for s in job.slots],
+        "seconds": round(seconds, 3),
+        "plan": job.summary().__dict__,
+        "sparsifiers": job.sparsifier_summary(),
+        **({"modulators": modulators} if modulators is not None else {}),
+        "features": [{"task": slot.task, "stats": st.label, "examples": st.metadata.get("examples"),
+                      "rows": st.metadata.get("rows"),
+                      "calibration": json.loads(st.metadata.get("calibration", "{}"))}
+                     for slot, st in zip(job.slots, job.features or [], strict=False)],
+        "tensors": records,
+    }
 
 
 def compute_features(recipe: Recipe | Mapping[str, Any] | str | Path,
                      out_dir: str | Path | None = None, *, overwrite: bool = False,
                      device: str = "cpu",
-                     progress: Callable[[features.CaptureReport], None] | None = None
-                     ) -> list[features.CaptureReport]:
+                     progress: Callable[[CaptureReport], None] | None = None
+                     ) -> list[CaptureReport]:
     """``mergewise features``: capture and write the stats file of every model of a recipe
     that has a calibration block (to its ``features:`` path, else ``out_dir/TASK...``).
     Existing stats files are kept unless ``overwrite``."""
@@ -207,100 +181,17 @@ def compute_features(recipe: Recipe | Mapping[str, Any] | str | Path,
     if nowhere and out_dir is None:
         raise RecipeError(f"{', '.join(nowhere)} name no 'features:' stats file; give --out-dir")
     sub = rec.model_copy(update={"models": [rec.models[i] for i in todo]})
-    sources = _feature_sources(sub, root, overwrite=True)
-    tok: list[Path] = []
-    if rec.tokenizer_source and rec.tokenizer_source != "base":
-        tok.append(_resolve_path(rec.tokenizer_source, root, "tokenizer_source"))
-    if rec.base_model:
-        tok.append(_resolve_path(rec.base_model, root, "base_model"))
+    paths = resolve_inputs(sub, root)
+    sources: list[FeatureSource] = plan_sources(sub, root, paths.models, overwrite=True)
     if not overwrite:
         sources = [s for s in sources if not s.cached]
     workdir = Path(out_dir).expanduser() if out_dir is not None else None
-    stats, reports = features.obtain(sources, seed=rec.seed, tokenizer_paths=tok, root=root,
-                                     workdir=workdir, overwrite=True, device=device,
-                                     progress=progress)
+    stats, reports = obtain(sources, seed=rec.seed, tokenizer_paths=paths.tokenizer_candidates(),
+                            root=root, workdir=workdir, overwrite=True, device=device,
+                            progress=progress)
     for st in stats:
         st.close()
     return reports
-
-
-def _write_sidecars(tmp: Path, rec: Recipe, job: MergeJob, paths: dict[str, Path],
-                    records: list[dict[str, Any]], seconds: float,
-                    modulators: dict[str, Any] | None = None) -> None:
-    ref_dir = job.reference.directory
-    copy_tagalong(ref_dir, tmp, [n for n in HF_TAGALONG_FILES if n != "config.json"
-                                 and (not rec.tokenizer_source or "token" not in n)])
-    if rec.tokenizer_source:
-        tok_path = (paths["tokenizer_source"] if rec.tokenizer_source != "base"
-                    else (Path(paths["base_model"]) if "base_model" in paths else None))
-        tok_dir = tok_path if tok_path is None or tok_path.is_dir() else tok_path.parent
-        copy_tagalong(tok_dir, tmp, [n for n in HF_TAGALONG_FILES if "token" in n])
-    config = job.reference.config
-    if config is not None:
-        float_out = {t.out_dtype for t in job.tensors if t.merged}
-        if len(float_out) == 1:
-            name = dtype_name(next(iter(float_out)))
-            config["torch_dtype"] = name
-            if "dtype" in config:
-                config["dtype"] = name
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "mergewise_recipe.yaml").write_text(rec.to_yaml())
-    (tmp / "README.md").write_text(model_card(rec, job))
-    tasks = [s.task for s in job.slots]
-    report = {
-        "mergewise_version": __version__,
-        "merge_method": rec.merge_method,
-        "tasks": tasks,
-        "seconds": round(seconds, 3),
-        "plan": job.summary().__dict__,
-        "sparsifiers": job.sparsifier_summary(),
-        **({"modulators": modulators} if modulators is not None else {}),
-        "features": [{"task": slot.task, "stats": st.label, "examples": st.metadata.get("examples"),
-                      "rows": st.metadata.get("rows"),
-                      "calibration": json.loads(st.metadata.get("calibration", "{}"))}
-                     for slot, st in zip(job.slots, job.features or [], strict=False)],
-        "tensors": records,
-    }
-    write_tables(tmp, report, tensor_rows(records, tasks))
-
-
-def model_card(rec: Recipe, job: MergeJob) -> str:
-    base = rec.base_model or "(none)"
-    models = "\n".join(f"- `{m.model}` (task: {m.task_name})" for m in rec.models)
-    return f"""---
-library_name: transformers
-tags:
-- mergewise
-- merge
-base_model: {base}
----
-# {rec.name or "Merged model"}
-
-This model was merged with [mergewise](https://pypi.org/project/mergewise/) {__version__}
-using the **{rec.merge_method}** method.
-
-## Inputs
-Base model: `{base}`
-
-{models}
-
-## Recipe
-```yaml
-{rec.to_yaml().rstrip()}
-```
-
-{_task_specific_note(job)}Method semantics:
-{(job.method.doc or "").strip()}
-"""
-
-
-def _task_specific_note(job: MergeJob) -> str:
-    if not job.method.task_specific:
-        return ""
-    tasks = ", ".join(s.task for s in job.slots)
-    return (f"These weights are the unified model of a task-specific merge; each task's model "
-            f"({tasks}) is assembled from them, the base and `{MODULATORS_FILE}`:\n"
-            f"`mergewise materialize DIR --task NAME --out TASK_DIR`.\n\n")
 
 
 StateDict = Mapping[str, torch.Tensor]
@@ -314,8 +205,8 @@ def merge_state_dicts(base: StateDict | None,
                       out_dtype: str | None = None, seed: int = 0,
                       device: str = "cpu", task: str | None = None,
                       records: list[dict[str, Any]] | None = None,
-                      features: Sequence[features.FeatureStats | str | Path]
-                      | Mapping[str, features.FeatureStats | str | Path] | None = None
+                      features: Sequence[FeatureStats | str | Path]
+                      | Mapping[str, FeatureStats | str | Path] | None = None
                       ) -> dict[str, torch.Tensor]:
     """Merge state dicts already in memory (e.g. from loaded torch modules); returns a new dict.
 
@@ -429,7 +320,7 @@ def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[st
     return MergeJob(rec, base_ckpt, model_ckpts, device=device, features=stats)
 
 
-def _memory_features(given: Any, tasks: list[str]) -> list[features.FeatureStats] | None:
+def _memory_features(given: Any, tasks: list[str]) -> list[FeatureStats] | None:
     if given is None:
         return None
     if isinstance(given, Mapping):
@@ -440,4 +331,4 @@ def _memory_features(given: Any, tasks: list[str]) -> list[features.FeatureStats
         given = [given[t] for t in tasks]
     if len(given) != len(tasks):
         raise FeatureError(f"features: {len(given)} given for {len(tasks)} models")
-    return [g if isinstance(g, features.FeatureStats) else features.load_stats(g) for g in given]
+    return [g if isinstance(g, FeatureStats) else load_stats(g) for g in given]

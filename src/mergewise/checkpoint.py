@@ -29,20 +29,6 @@ from .errors import CheckpointError, first_line
 from .tensors import SAFETENSORS_DTYPES, TensorInfo
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-HF_TAGALONG_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-)
 
 
 class Checkpoint:

@@ -134,7 +134,7 @@ def methods(
     markdown: Annotated[bool, typer.Option("--markdown", help="print docs/methods.md")] = False,
 ) -> None:
     """List merge methods and sparsifiers with their parameters and defaults."""
-    from .recipe import sparsifier_param_specs
+    from .params import step_specs
 
     if markdown:
         from .docs import methods_markdown
@@ -152,7 +152,7 @@ def methods(
             out.print(f"    {p.describe()} [per model]", highlight=False, markup=False)
         if m.sparsifier:
             sp = SPARSIFIERS.get(m.sparsifier)
-            for p in sparsifier_param_specs(m, sp, from_block=False).values():
+            for p in step_specs(m, sp, from_block=False).values():
                 out.print(f"    {p.describe()} [per model, {sp.name} step]", highlight=False,
                           markup=False)
     out.print("\n[bold]sparsifiers[/] (use in a `sparsify:` block: {method: NAME, ...})")
@@ -194,7 +194,7 @@ def inspect(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
     """TADrop statistics of experts' task vectors (d, drop rate per tensor) and plots, no merge."""
-    from .diagnose import inspect_experts
+    from .inspection import inspect_experts
     from .report import kind_summary
 
     try:

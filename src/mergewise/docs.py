@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from .recipe import sparsifier_param_specs
+from .params import step_specs
 from .registry import METHODS, SPARSIFIERS, Param
 
 
@@ -37,7 +37,7 @@ def methods_markdown() -> str:
         if m.sparsifier:
             sp = SPARSIFIERS.get(m.sparsifier)
             rows += [_row(p, f"per model ({sp.name} step)")
-                     for p in sparsifier_param_specs(m, sp, from_block=False).values()]
+                     for p in step_specs(m, sp, from_block=False).values()]
         out += [HEADER, *rows] if rows else ["No parameters."]
         out.append("")
     out += ["# Sparsifiers", "",

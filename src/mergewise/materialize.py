@@ -15,18 +15,12 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .checkpoint import HF_TAGALONG_FILES, Checkpoint, StateDictCheckpoint, open_checkpoint
+from .checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from .errors import ModulatorError, OutputError
 from .modulators import FILE_NAME, Modulators
-from .tensors import TensorInfo
-from .writer import (
-    DEFAULT_SHARD_SIZE,
-    ShardedWriter,
-    atomic_directory,
-    copy_tagalong,
-    parse_size,
-)
+from .outputs import CONFIG, HF_TAGALONG_FILES, OutputDirectory, task_card
+from .version import __version__
+from .writer import DEFAULT_SHARD_SIZE, parse_size
 
 
 class TaskModels(Mapping[str, dict[str, torch.Tensor]]):
@@ -141,21 +135,19 @@ def materialize(merged: str | Path, task: str, out: str | Path, *,
             raise OutputError(f"{target}: is an input of materialize; choose another --out")
         unified, base_ckpt = o.unified, o.base
         assert unified is not None and base_ckpt is not None
-        tensors = [TensorInfo(n, unified.info(n).shape, unified.info(n).dtype)
-                   for n in unified.names()]
+        tensors = [unified.info(n) for n in unified.names()]
         lam = o.mods.rescalers[task]
         metadata = {"mergewise_version": __version__, "mergewise_task": task,
                     "mergewise_rescaler": repr(lam)}
-        with atomic_directory(target, overwrite) as tmp:
-            writer = ShardedWriter(tmp, tensors, size, metadata)
+        with OutputDirectory(target, tensors, shard_size=size, metadata=metadata,
+                             overwrite=overwrite) as output:
             for name, tensor in o.mods.task_tensors(task, unified, base_ckpt, device):
-                writer.write(name, tensor)
-            writer.finalize()
-            copy_tagalong(o.directory, tmp, [*HF_TAGALONG_FILES, "mergewise_recipe.yaml"])
-            (tmp / "README.md").write_text(
-                f"# {task}\n\nTask model materialized by mergewise {__version__} from the "
-                f"EMR merge `{o.directory}`: theta0 + lambda * (mask * (unified - theta0)), "
-                f"lambda = {lam!r}, base `{base_ckpt.label}`.\n")
+                output.write(name, tensor)
+            output.end_shards()
+            output.finish(tagalong=[(o.directory, [n for n in HF_TAGALONG_FILES if n != CONFIG]
+                                     + ["mergewise_recipe.yaml"])],
+                          config=unified.config,
+                          card=task_card(task, o.directory, lam, base_ckpt.label))
     return target
 
 

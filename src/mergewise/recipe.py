@@ -9,7 +9,6 @@ entry without ``filter`` matches everything. Per-model values override method-wi
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,21 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError, did_you_mean
-from .registry import METHODS, SPARSIFIERS, MergeMethod, Param, Scalar, Sparsifier
+from .params import ParamValue, resolve_job
+from .registry import METHODS, MergeMethod
 
 DTypeName = Literal["float32", "float64", "bfloat16", "float16"]
-
-
-ListValue = list[float] | list[str]
-
-
-class FilterValue(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    filter: str | None = None
-    value: bool | int | float | str | ListValue
-
-
-ParamValue = bool | int | float | str | list[FilterValue] | ListValue
 
 
 class Calibration(BaseModel):
@@ -170,7 +158,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_pydantic_message(exc)}") from None
     try:
-        validate_parameters(recipe)
+        resolve_job(recipe)
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}") from None
     return recipe
@@ -209,165 +197,3 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{p}: invalid YAML{at}: {problem}") from None
     return parse_recipe(data, str(p)), p.resolve().parent
-
-
-# --- parameter schema ------------------------------------------------------------------------
-
-def sparsifier_for(recipe: Recipe, model_index: int) -> tuple[Sparsifier | None, dict[str, ParamValue],
-                                                                 bool]:
-    """The sparsifier of one model: (sparsifier, its explicit params, from_block).
-
-    ``from_block`` is True when a ``sparsify:`` block (per model or method-wide) replaces the
-    method's own trim/drop step; its params then come from the block only.
-    """
-    method = recipe.method
-    block = recipe.models[model_index].sparsify or recipe.sparsify
-    if block is not None:
-        name = block.get("method")
-        if not isinstance(name, str):
-            raise RecipeError("a sparsify block needs 'method: NAME' (e.g. method: magnitude)")
-        params = {k: v for k, v in block.items() if k != "method"}
-        global_block = recipe.sparsify or {}
-        if recipe.models[model_index].sparsify is not None and global_block.get("method") == name:
-            params = {**{k: v for k, v in global_block.items() if k != "method"}, **params}
-        try:
-            sparsifier = SPARSIFIERS.get(name)
-        except RecipeError as exc:
-            where = (f"models.{model_index}.sparsify" if recipe.models[model_index].sparsify
-                     else "sparsify")
-            raise RecipeError(f"{where}.method: {exc}") from None
-        return sparsifier, params, True
-    if method.sparsifier is None:
-        return None, {}, False
-    return SPARSIFIERS.get(method.sparsifier), {}, False
-
-
-def sparsifier_param_specs(method: MergeMethod, sparsifier: Sparsifier, from_block: bool
-                           ) -> dict[str, Param]:
-    """The sparsifier's params, with the method's own defaults when it is the default step."""
-    specs = {}
-    overrides = method.block_defaults if from_block else method.sparsifier_defaults
-    for p in sparsifier.params:
-        if p.name in overrides:
-            p = Param(**{**p.__dict__, "default": overrides[p.name]})
-        specs[p.name] = p
-    return specs
-
-
-def _is_filter_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], FilterValue)
-
-
-def _check_value(param: Param, value: ParamValue, where: str) -> None:
-    if _is_filter_list(value):
-        for i, entry in enumerate(value):
-            param.check(entry.value, f"{where}.{param.name}[{i}]")
-    else:
-        param.check(value, where)
-
-
-def validate_parameters(recipe: Recipe) -> None:
-    """Check every key, type and range of every parameter; raise on the first problem."""
-    try:
-        method = recipe.method
-    except RecipeError as exc:
-        raise RecipeError(f"merge_method: {exc}") from None
-    n = len(recipe.models)
-    if method.max_models is not None and method.max_models == 2 and recipe.base_model and n == 1:
-        n = 2  # slerp-like: the base is the first end point
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        want = (f"exactly {method.min_models}" if method.min_models == method.max_models
-                else f"at least {method.min_models}")
-        raise RecipeError(f"merge_method {method.name} needs {want} models, the recipe has {n}")
-    if method.task_specific:
-        seen: dict[str, int] = {}
-        for i, entry in enumerate(recipe.models):
-            if entry.task_name in seen:
-                raise RecipeError(
-                    f"models.{i}: task name '{entry.task_name}' is also models.{seen[entry.task_name]}'s;"
-                    f" {method.name} keeps one model per task, so give each model a unique 'name'")
-            seen[entry.task_name] = i
-    if method.requires_base and not recipe.base_model:
-        raise RecipeError(f"merge_method {method.name} needs base_model (task vectors are "
-                          "fine-tuned minus base weights)")
-    if method.features:
-        lacking = [f"models.{i} ({m.task_name})" for i, m in enumerate(recipe.models)
-                   if m.calibration is None and m.features is None]
-        if lacking:
-            raise RecipeError(f"merge_method {method.name} needs calibration features of every "
-                              f"model; {', '.join(lacking)} has neither a 'calibration:' block "
-                              "nor a 'features:' stats file")
-    if not method.accepts_sparsify and (recipe.sparsify or any(m.sparsify for m in recipe.models)):
-        raise RecipeError(f"merge_method {method.name} works on full weights and takes no "
-                          "sparsify block")
-    method_specs = {p.name: p for p in method.params}
-    model_specs_base = {p.name: p for p in method.model_params}
-    per_model_specs: list[dict[str, Param]] = []
-    for i in range(len(recipe.models)):
-        specs = dict(model_specs_base)
-        sp, block_params, from_block = sparsifier_for(recipe, i)
-        if sp is not None:
-            sp_specs = sparsifier_param_specs(method, sp, from_block)
-            where = f"models.{i}.sparsify" if recipe.models[i].sparsify else "sparsify"
-            for key, value in block_params.items():
-                if key not in sp_specs:
-                    raise RecipeError(f"{where}: unknown parameter '{key}' for sparsifier "
-                                      f"{sp.name}{did_you_mean(key, sp_specs)}; known: "
-                                      f"{', '.join(sp_specs) or 'none'}")
-                _check_value(sp_specs[key], value, where)
-            if not from_block:
-                specs.update(sp_specs)
-        per_model_specs.append(specs)
-    all_model_keys = set().union(*per_model_specs) if per_model_specs else set()
-    for key, value in recipe.parameters.items():
-        if key in method_specs:
-            _check_value(method_specs[key], value, "parameters")
-        elif key in all_model_keys:
-            for specs in per_model_specs:
-                if key in specs:
-                    _check_value(specs[key], value, "parameters")
-        else:
-            raise RecipeError(_unknown_key_message(key, "parameters", method, method_specs,
-                                                   all_model_keys, recipe))
-    for i, entry in enumerate(recipe.models):
-        for key, value in entry.parameters.items():
-            where = f"models.{i}.parameters"
-            if key in per_model_specs[i]:
-                _check_value(per_model_specs[i][key], value, where)
-            elif key in method_specs:
-                raise RecipeError(f"{where}: '{key}' is method-wide; move it to the top-level "
-                                  "parameters")
-            else:
-                raise RecipeError(_unknown_key_message(key, where, method, method_specs,
-                                                       set(per_model_specs[i]), recipe))
-    scope_global = any(
-        isinstance(v, str) and v == "global"
-        for src in [recipe.parameters, *(m.parameters for m in recipe.models),
-                    recipe.sparsify or {}, *((m.sparsify or {}) for m in recipe.models)]
-        for k, v in src.items() if k == "scope"
-    )
-    if scope_global:
-        for src in [recipe.parameters, *(m.parameters for m in recipe.models)]:
-            if _is_filter_list(src.get("density")):
-                raise RecipeError("scope: global needs one density per model, not a filter list")
-
-
-def _unknown_key_message(key: str, where: str, method: MergeMethod, method_specs: dict,
-                         model_keys: set[str], recipe: Recipe) -> str:
-    known = sorted(set(method_specs) | model_keys)
-    extra = ""
-    if key == "density" and (recipe.sparsify or any(m.sparsify for m in recipe.models)):
-        extra = " (a sparsify block replaces the method's own trim: put density in that block)"
-    return (f"{where}: unknown parameter '{key}' for {method.name}{did_you_mean(key, known)}"
-            f"{extra}; known: {', '.join(known) or 'none'}")
-
-
-def resolve(value: ParamValue | None, tensor_name: str) -> Scalar | None:
-    """The value that applies to ``tensor_name``: scalars apply everywhere; first filter match."""
-    if value is None or not _is_filter_list(value):
-        return value
-    for entry in value:
-        if entry.filter is None or entry.filter == "*" or fnmatch.fnmatchcase(tensor_name,
-                                                                                entry.filter):
-            return entry.value
-    return None

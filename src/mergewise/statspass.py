@@ -1,16 +1,27 @@
 """The stats pass: per-model statistics over the whole model, gathered before the merge pass.
 
 Methods and sparsifiers that need global information (global TIES top-k, TADrop's budget) return
-a ``StatsPass`` for each model. The engine streams every tensor's task vector through
-``observe`` once per declared pass, calls ``end_pass`` after each, and hands ``for_tensor(name)``
-to the sparsifier in the merge pass. Only small per-tensor results are kept.
+a ``StatsPass`` for each model. ``run_stats_pass`` streams every tensor's task vector through
+``observe`` once per declared pass and calls ``end_pass`` after each; the merge pass then hands
+``for_tensor(name)`` to the sparsifier as its ``stats`` argument. Only small per-tensor results
+are kept.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .plan import TensorPlan
+
+# (checkpoint, tensor name) -> the tensor on the compute device in the compute dtype
+Reader = Callable[["Checkpoint", str], torch.Tensor]
+Progress = Callable[[str, int], None]
 
 
 class StatsPass:
@@ -25,3 +36,36 @@ class StatsPass:
 
     def for_tensor(self, name: str) -> Any:
         raise NotImplementedError
+
+
+@dataclass
+class Observer:
+    """One model's stats pass: its checkpoint, the pass, and its parameters per tensor."""
+
+    ckpt: Checkpoint
+    stats: StatsPass
+    params: Callable[[str], dict[str, Any]]
+
+
+def run_stats_pass(read: Reader, base: Checkpoint, observers: Sequence[Observer],
+                   tensors: Sequence[TensorPlan], progress: Progress | None = None) -> None:
+    """Stream the task vector (model - base) of every merged tensor through each observer, once
+    per pass it declares; the base tensor is read once per tensor and pass."""
+    if not observers:
+        return
+    passes = max(o.stats.passes for o in observers)
+    merged = [t for t in tensors if t.merged]
+    for p in range(passes):
+        for plan in merged:
+            base_tensor = read(base, plan.name)
+            for o in observers:
+                if p >= o.stats.passes:
+                    continue
+                delta = read(o.ckpt, plan.name) - base_tensor
+                o.stats.observe(p, plan.name, delta, o.params(plan.name))
+                del delta
+            if progress is not None:
+                progress(plan.name, plan.numel * plan.in_dtype.itemsize * (len(observers) + 1))
+        for o in observers:
+            if p < o.stats.passes:
+                o.stats.end_pass(p)

@@ -1,0 +1,63 @@
+"""A recipe's inputs on disk: every path resolved once, then the checkpoints opened lazily.
+
+Relative paths are resolved against the recipe's directory, then the current directory; every
+missing path is an error naming the recipe key before anything is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import RecipeError
+from .recipe import Recipe
+
+
+def resolve_path(path: str, root: Path | None, key: str) -> Path:
+    """``path`` as given in the recipe at ``key``: absolute, or under ``root``, or under the
+    current directory; the first that exists."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = ([root / p] if root is not None else []) + [Path.cwd() / p]
+    for c in candidates:
+        if c.exists():
+            return c
+    tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    raise RecipeError(f"{key}: '{path}' does not exist (looked for {tried})")
+
+
+@dataclass(frozen=True)
+class InputPaths:
+    """Where a recipe's base, models and tokenizer live."""
+
+    base: Path | None
+    models: list[Path]
+    tokenizer_source: Path | None  # an explicit tokenizer_source path (not "base")
+
+    def tokenizer_candidates(self) -> list[Path]:
+        """Where a tokenizer is looked for, in order: the explicit ``tokenizer_source``, then
+        the base (text calibration data, and the tokenizer files of the output)."""
+        return [p for p in (self.tokenizer_source, self.base) if p is not None]
+
+
+def resolve_inputs(recipe: Recipe, root: Path | None) -> InputPaths:
+    base = resolve_path(recipe.base_model, root, "base_model") if recipe.base_model else None
+    models = [resolve_path(m.model, root, f"models.{i}.model")
+              for i, m in enumerate(recipe.models)]
+    tok = (resolve_path(recipe.tokenizer_source, root, "tokenizer_source")
+           if recipe.tokenizer_source and recipe.tokenizer_source != "base" else None)
+    return InputPaths(base, models, tok)
+
+
+@contextlib.contextmanager
+def open_inputs(base: Path | str | None, models: Sequence[Path | str]
+                ) -> Iterator[tuple[Checkpoint | None, list[Checkpoint]]]:
+    """Open the base and the models (headers only); all are closed on exit or on error."""
+    with contextlib.ExitStack() as stack:
+        base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
+        yield base_ckpt, [stack.enter_context(open_checkpoint(m)) for m in models]

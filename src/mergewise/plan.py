@@ -1,0 +1,156 @@
+"""The plan: which tensors a merge reads and writes, checked before any tensor data is read.
+
+Every checkpoint is compared with the reference (the base, or the first model when the method
+needs no base) by its headers alone: names, shapes, float-vs-integer dtypes and the config's
+architecture; every mismatch is reported at once. Floating-point tensors are merged; integer and
+bool buffers (``position_ids``...) are copied from the reference and may be absent from experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, ShapeMismatchError
+from .tensors import TensorInfo
+
+MAX_LISTED = 8
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor of the output: its reference header, the dtype it is written in, and whether
+    it is merged (floating point) or copied from the reference."""
+
+    info: TensorInfo
+    out_dtype: torch.dtype
+    merged: bool
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def in_dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.info.numel
+
+    @property
+    def out(self) -> TensorInfo:
+        """What the writer is told about this tensor."""
+        return TensorInfo(self.name, self.shape, self.out_dtype)
+
+
+def check_configs(ckpts: Sequence[Checkpoint]) -> None:
+    """Refuse quantized checkpoints and a mix of architectures (from ``config.json``)."""
+    seen: tuple[str, str] | None = None
+    for ckpt in ckpts:
+        cfg = ckpt.config
+        if cfg is None:
+            continue
+        if cfg.get("quantization_config"):
+            raise CheckpointError(f"{ckpt.label}: is a quantized checkpoint "
+                                  f"({cfg['quantization_config'].get('quant_method', '?')}); "
+                                  "dequantize it to float16/bfloat16 first")
+        arch = ",".join(cfg.get("architectures") or []) or str(cfg.get("model_type", "?"))
+        if seen is None:
+            seen = (arch, ckpt.label)
+        elif arch != seen[0]:
+            raise ShapeMismatchError(f"mixed architectures: {seen[1]} is {seen[0]} but "
+                                     f"{ckpt.label} is {arch}; merge models of one base only")
+
+
+def _mismatches(reference: Checkpoint, ref_infos: dict[str, TensorInfo],
+                ckpt: Checkpoint) -> list[str]:
+    problems = []
+    names = set(ckpt.names())
+    for name, info in ref_infos.items():
+        if name not in names:
+            if info.is_float:
+                problems.append(f"{ckpt.label}: missing tensor '{name}'")
+            continue
+        other = ckpt.info(name)
+        if other.shape != info.shape:
+            problems.append(f"{ckpt.label}: tensor '{name}' has shape {list(other.shape)}, "
+                            f"{reference.label} has {list(info.shape)}")
+        elif other.is_float != info.is_float:
+            problems.append(f"{ckpt.label}: tensor '{name}' is {other.dtype}, "
+                            f"{reference.label} has {info.dtype}")
+    for name in names - set(ref_infos):
+        if ckpt.info(name).is_float:
+            problems.append(f"{ckpt.label}: extra tensor '{name}' not in {reference.label}")
+    return problems
+
+
+def plan_tensors(reference: Checkpoint, others: Sequence[Checkpoint],
+                 out_dtype: torch.dtype | None = None) -> list[TensorPlan]:
+    """The output's tensors in the reference's order; every mismatch of ``others`` reported at
+    once. ``out_dtype`` overrides the reference's dtype of merged tensors."""
+    check_configs([reference, *others])
+    ref_infos = {n: reference.info(n) for n in reference.names()}
+    problems = [p for ckpt in others if ckpt is not reference
+                for p in _mismatches(reference, ref_infos, ckpt)]
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED])
+        more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise ShapeMismatchError(
+            f"{len(problems)} mismatch(es) between the models and the base: {shown}{more} "
+            "(all models must share the base's architecture)")
+    plans = [TensorPlan(info, (out_dtype or info.dtype) if info.is_float else info.dtype,
+                        info.is_float) for info in ref_infos.values()]
+    if not any(p.merged for p in plans):
+        raise CheckpointError(f"{reference.label}: no floating-point tensors to merge")
+    return plans
+
+
+@dataclass
+class PlanSummary:
+    tensors: int
+    merged: int
+    copied: int
+    parameters: int
+    bytes_read: int
+    bytes_written: int
+    largest_tensor: str
+    peak_bytes_estimate: int
+    stats_passes: int
+
+    def lines(self) -> list[str]:
+        gb = 1e9
+        return [
+            f"tensors: {self.tensors} ({self.merged} merged, {self.copied} copied from the base)",
+            f"parameters: {self.parameters:,}",
+            f"read: {self.bytes_read / gb:.3f} GB, write: {self.bytes_written / gb:.3f} GB",
+            f"largest tensor: {self.largest_tensor}",
+            f"estimated peak working memory: {self.peak_bytes_estimate / gb:.3f} GB "
+            "(K+4 copies of the largest tensor in the compute dtype)",
+            f"passes over the inputs: {1 + self.stats_passes} "
+            f"({self.stats_passes} stats pass(es) + merge)",
+        ]
+
+
+def summarize(tensors: Sequence[TensorPlan], n_models: int, n_inputs: int,
+              compute_dtype: torch.dtype, stats_passes: int) -> PlanSummary:
+    """Sizes of a plan: ``n_inputs`` checkpoints are read (K models, plus the base when the
+    method works on task vectors); peak memory is K + 4 copies of the largest tensor."""
+    merged = [t for t in tensors if t.merged]
+    largest = max(merged, key=lambda t: t.numel)
+    return PlanSummary(
+        tensors=len(tensors), merged=len(merged), copied=len(tensors) - len(merged),
+        parameters=sum(t.numel for t in tensors),
+        bytes_read=sum(t.numel * t.in_dtype.itemsize for t in tensors) * n_inputs,
+        bytes_written=sum(t.numel * t.out_dtype.itemsize for t in tensors),
+        largest_tensor=f"{largest.name} {list(largest.shape)}",
+        peak_bytes_estimate=largest.numel * compute_dtype.itemsize * (n_models + 4),
+        stats_passes=stats_passes,
+    )
