@@ -230,7 +230,6 @@ def warm_page_cache(family: Path) -> float:
 # --- machine and report -------------------------------------------------------------------------
 
 def machine() -> dict[str, Any]:
-    import psutil
     import torch
 
     cpu = platform.processor() or "?"
@@ -244,7 +243,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "loadavg_1min_at_start": os.getloadavg()[0],

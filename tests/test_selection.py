@@ -1,4 +1,4 @@
-"""Exact keep counts and top-k masks (stats.py): round-half-up, at least one, ties by index."""
+"""Exact keep counts and top-k masks (selection.py): round-half-up, at least one, ties by index."""
 
 from __future__ import annotations
 

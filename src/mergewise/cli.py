@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
+from .version import __version__
 from .errors import MergewiseError
 from .registry import METHODS, SPARSIFIERS
 

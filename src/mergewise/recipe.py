@@ -1,10 +1,10 @@
-"""Recipes: pydantic models, YAML loading and full validation before any tensor is read.
+"""Recipes: the pydantic schema of a recipe and YAML loading, with one-line errors.
 
 The shape follows mergekit's core fields (``merge_method``, ``base_model``, ``models`` with
 per-model ``parameters``, method-wide ``parameters``, ``dtype``, ``out_dtype``) so its users can
-switch. A parameter value is a scalar or a list of ``{filter: GLOB, value: X}`` entries matched
-against the tensor name with shell-style globs (``*`` crosses dots); the first match wins and an
-entry without ``filter`` matches everything. Per-model values override method-wide ones.
+switch. What a parameter value may be (scalars, filter lists) and every rule about parameters
+(validation, precedence, resolution per tensor) live in ``params.py``; ``parse_recipe`` runs
+that validation, so a parsed ``Recipe`` is a valid one.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import RecipeError, did_you_mean
+from .errors import RecipeError, did_you_mean, first_line
 from .params import ParamValue, resolve_job
 from .registry import METHODS, MergeMethod
+from .tensors import FLOAT_DTYPES
 
-DTypeName = Literal["float32", "float64", "bfloat16", "float16"]
+DTypeName = Literal[tuple(FLOAT_DTYPES)]  # type: ignore[valid-type]  # the one dtype table
 
 
 class Calibration(BaseModel):
@@ -194,6 +195,6 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise RecipeError(f"{p}: invalid YAML{at}: {problem}") from None
     return parse_recipe(data, str(p)), p.resolve().parent

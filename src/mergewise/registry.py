@@ -118,7 +118,7 @@ class Sparsifier:
     random: bool = False
     # True when ``func`` accepts ``info=dict`` and fills it with per-tensor diagnostics (report)
     reports: bool = False
-    # Factory of a StatsPass (see engine.StatsPass) when global information is needed; called with
+    # Factory of a StatsPass (see statspass.py) when global information is needed; called with
     # the resolved per-model parameters; returns None when this configuration needs no stats.
     stats: Callable[..., Any] | None = None
 
