@@ -13,9 +13,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .version import __version__
 from .errors import MergewiseError
 from .registry import METHODS, SPARSIFIERS
+from .version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge fine-tuned models of one pretrained base (TADrop, TIES, DARE, ...).")
