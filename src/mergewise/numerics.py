@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import NonFiniteError
+from .errors import NonFiniteError, RecipeError
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -62,3 +62,11 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float] | Non
         for w, t in zip(weights, tensors, strict=True):
             out.add_(t, alpha=w)
     return out
+
+
+def divide_by_weight_sum(t: torch.Tensor, weights: Sequence[float], method: str) -> torch.Tensor:
+    """``t / sum(weights)`` in place (``normalize: true``); a sum of 0 is a recipe error."""
+    total = sum(weights)
+    if abs(total) < 1e-12:
+        raise RecipeError(f"{method}: the model weights sum to 0; set normalize: false")
+    return t.div_(total)

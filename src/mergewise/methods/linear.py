@@ -19,20 +19,14 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import RecipeError
-from ..numerics import weighted_sum
+from ..numerics import divide_by_weight_sum, weighted_sum
 from ..registry import METHODS, WEIGHT, MergeMethod, Param
 
 
 def linear(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], weights: Sequence[float],
            *, normalize: bool = True) -> torch.Tensor:
     out = weighted_sum(tensors, weights)
-    if normalize:
-        total = sum(weights)
-        if abs(total) < 1e-12:
-            raise RecipeError("linear: the model weights sum to 0; set normalize: false")
-        out.div_(total)
-    return out
+    return divide_by_weight_sum(out, weights, "linear") if normalize else out
 
 
 METHODS.register(MergeMethod(

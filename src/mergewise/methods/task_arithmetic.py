@@ -20,8 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import RecipeError
-from ..numerics import weighted_sum
+from ..numerics import divide_by_weight_sum, weighted_sum
 from ..registry import LAMBDA, METHODS, MergeMethod, Param
 
 
@@ -29,10 +28,7 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
                     *, lam: float = 1.0, normalize: bool = False) -> torch.Tensor:
     tau = weighted_sum(tensors, weights)
     if normalize:
-        total = sum(weights)
-        if abs(total) < 1e-12:
-            raise RecipeError("task_arithmetic: weights sum to 0; set normalize: false")
-        tau.div_(total)
+        divide_by_weight_sum(tau, weights, "task_arithmetic")
     return base + lam * tau
 
 
