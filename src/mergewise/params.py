@@ -23,16 +23,13 @@ import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from .errors import RecipeError, did_you_mean
 from .registry import METHODS, SPARSIFIERS, MergeMethod, Param, Scalar, Sparsifier
 from .statspass import StatsPass
-
-if TYPE_CHECKING:  # annotations only: recipe.py imports this module
-    from .recipe import Recipe
 
 ListValue = list[float] | list[str]
 
@@ -46,6 +43,35 @@ class FilterValue(BaseModel):
 
 
 ParamValue = bool | int | float | str | list[FilterValue] | ListValue
+Block = Mapping[str, ParamValue]
+
+
+class ModelView(Protocol):
+    """What the parameter rules read of a recipe's model entry (``recipe.ModelEntry``)."""
+
+    parameters: Block
+    sparsify: Block | None
+    calibration: object | None
+    features: str | None
+
+    @property
+    def task_name(self) -> str: ...
+
+
+class Recipe(Protocol):
+    """What the parameter rules read of a recipe (``recipe.Recipe``, which imports this
+    module for its value types)."""
+
+    merge_method: str
+    base_model: str | None
+    parameters: Block
+    sparsify: Block | None
+
+    @property
+    def models(self) -> Sequence[ModelView]: ...
+
+    @property
+    def method(self) -> MergeMethod: ...
 
 
 def is_filter_list(value: Any) -> bool:
