@@ -2,7 +2,7 @@
 
 A recipe's parameters are checked once against the plug-ins' declared ``Param``s and compiled
 into one typed ``JobParams`` (``resolve_job``); the engine then asks it one question per tensor
-(``method_params``, ``weights``, ``sparsifier_params``). Values:
+(``method_params``, ``weights``, each model's ``step.params``). Values:
 
 - a scalar (or a list, for list-typed parameters) applies to every tensor;
 - a list of ``{filter: GLOB, value: X}`` entries is matched against the tensor name with
@@ -174,10 +174,6 @@ class JobParams:
 
     def method_params(self, tensor_name: str) -> dict[str, Any]:
         return {s.spec.python_name: s.at(tensor_name) for s in self.settings}
-
-    def sparsifier_params(self, index: int, tensor_name: str) -> dict[str, Any]:
-        step = self.models[index].step
-        return step.params(tensor_name) if step is not None else {}
 
     def weights(self, tensor_name: str) -> list[float]:
         """One weight per input of the method: per model, and 1 for a prepended base."""
