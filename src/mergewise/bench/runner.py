@@ -38,6 +38,7 @@ from ..registry import METHODS, SPARSIFIERS, MergeMethod
 from .data import load_task
 from .evaluate import Evaluator, summarize
 from .model import Head, load_encoder, load_tokenizer, sorted_batches, tokenize
+from .report import selected_text, write_outputs
 from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
 
 TADROP = "+tadrop"
@@ -364,8 +365,6 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
     """Run every row, write results.{json,md,png} into ``out``; returns the JSON document."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .report import write_outputs
-
     t_start = time.perf_counter()
     tasks = list(tasks)
     variants = [variant(m, config.grids) for m in config.methods]
@@ -394,12 +393,3 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
     write_outputs(out, doc)
     return doc
 
-
-def selected_text(chosen: dict[str, Any] | None) -> str:
-    if not chosen:
-        return ""
-    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-             for k, v in chosen.get("parameters", {}).items()]
-    sp = chosen.get("sparsify") or {}
-    parts += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sp.items() if k != "method"]
-    return (f"{sp['method']}: " if sp else "") + ", ".join(parts)
