@@ -22,7 +22,6 @@ Protocol (why each choice):
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import time
@@ -37,6 +36,7 @@ from .. import __version__
 from ..registry import METHODS, SPARSIFIERS, MergeMethod
 from .data import load_task
 from .evaluate import Evaluator, summarize
+from .keys import key_hash
 from .model import Head, load_encoder, load_tokenizer, sorted_batches, tokenize
 from .report import selected_text, write_outputs
 from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
@@ -153,10 +153,6 @@ def variant(name: str, grids: Grids) -> Variant:
 
 
 # ---------------------------------------------------------------- the run
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)[:40]
 
@@ -170,7 +166,7 @@ class ResultCache:
         self.context = context
 
     def path(self, label: str, spec: dict[str, Any]) -> Path:
-        return self.root / f"{_slug(label)}-{_hash({**self.context, **spec})}.json"
+        return self.root / f"{_slug(label)}-{key_hash({**self.context, **spec})}.json"
 
     def get(self, label: str, spec: dict[str, Any]) -> dict[str, Any] | None:
         p = self.path(label, spec)

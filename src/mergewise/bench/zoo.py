@@ -16,7 +16,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import json
 import math
@@ -32,6 +31,7 @@ import torch
 
 from . import DATA_DISTS, MODEL_DIST
 from .data import Task, load_task
+from .keys import key_hash
 from .model import (
     Head,
     base_model_dir,
@@ -119,17 +119,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def expert_key(task: Task, cfg: TrainConfig) -> str:
-    return _hash({"kind": "expert", "task": task.name, "data": task.fingerprint(),
+    return key_hash({"kind": "expert", "task": task.name, "data": task.fingerprint(),
                   "train": cfg.key_fields(len(task.train)), "versions": versions()})
 
 
 def probe_key(task: Task, cfg: ProbeConfig) -> str:
-    return _hash({"kind": "probe", "task": task.name, "data": task.fingerprint(),
+    return key_hash({"kind": "probe", "task": task.name, "data": task.fingerprint(),
                   "probe": asdict(cfg), "versions": versions()})
 
 
