@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from mergewise import merge_state_dicts
-from mergewise.bench.data import load_task
+from mergewise.bench.data import load_task_data
 from mergewise.bench.model import collate, load_encoder, load_tokenizer, tokenize
 from mergewise.bench.zoo import default_cache
 from mergewise.features import capture, draw_examples, load_stats
@@ -79,7 +79,7 @@ def main() -> None:
     states, stats_paths = {}, {}
     for path in experts:
         task_name = json.loads((path / "expert.json").read_text())["task"]
-        task = load_task(task_name)
+        task = load_task_data(task_name)
         train = task.split("train")
         pick = draw_examples(len(train), args.examples, args.seed)  # as `calibration:` draws
         ids = tokenize(tokenizer, [train.texts[i] for i in pick], task.max_len)

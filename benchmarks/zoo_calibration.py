@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from mergewise.bench.data import load_task
+from mergewise.bench.data import load_task_data
 from mergewise.bench.model import load_encoder, load_tokenizer
 from mergewise.bench.zoo import default_cache
 from mergewise.features import draw_examples
@@ -38,7 +38,7 @@ def main() -> None:
     for path in sorted(p for p in (default_cache() / "experts").iterdir()
                        if (p / "expert.json").is_file()):
         name = json.loads((path / "expert.json").read_text())["task"]
-        task = load_task(name)
+        task = load_task_data(name)
         train = task.split("train")
         pick = draw_examples(len(train), args.examples, args.seed)  # as `calibration:` draws
         lines = [json.dumps({"text": train.texts[i]}) for i in pick]

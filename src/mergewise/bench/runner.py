@@ -34,7 +34,7 @@ import torch
 
 from .. import __version__
 from ..registry import METHODS, SPARSIFIERS, MergeMethod
-from .data import load_task
+from .data import load_task_data
 from .evaluate import Evaluator, summarize
 from .keys import key_hash
 from .model import Head, load_encoder, load_tokenizer, sorted_batches, tokenize
@@ -227,7 +227,7 @@ def merge_spec(v: Variant, cand: dict[str, Any], split: str) -> dict[str, Any]:
 
 
 def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
-    loaded = [load_task(t) for t in tasks]
+    loaded = [load_task_data(t) for t in tasks]
     missing = [t.name for t in loaded if find_expert(cache, t, config.zoo.train) is None
                or find_probe(cache, t, config.zoo.probe) is None]
     if missing:
@@ -351,7 +351,7 @@ class _Session:
 def run_context(zoo: Zoo, config: RunConfig) -> dict[str, Any]:
     """Everything a cached evaluation depends on besides its own merge spec."""
     return {"tasks": zoo.tasks, "experts": {t: e.key for t, e in zoo.experts.items()},
-            "probes": {t: probe_key(load_task(t), config.zoo.probe) for t in zoo.tasks},
+            "probes": {t: probe_key(load_task_data(t), config.zoo.probe) for t in zoo.tasks},
             "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
             "mergewise": __version__}
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import DATA_DISTS, MODEL_DIST
-from .data import Task, load_task
+from .data import Task, load_task_data
 from .keys import key_hash
 from .model import (
     Head,
@@ -354,7 +354,7 @@ def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progre
     )
 
     cache.mkdir(parents=True, exist_ok=True)
-    loaded = [load_task(t) for t in tasks]
+    loaded = [load_task_data(t) for t in tasks]
     tokenizer = load_tokenizer()
     todo = [t for t in loaded if find_expert(cache, t, config.train) is None]
     for t in loaded:
