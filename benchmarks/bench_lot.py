@@ -31,7 +31,7 @@ import torch
 
 from mergewise import merge_state_dicts
 from mergewise.bench.data import load_task_data
-from mergewise.bench.model import collate, load_encoder, load_tokenizer, tokenize
+from mergewise.bench.model import collate, load_encoder, load_minilm_tokenizer, tokenize
 from mergewise.bench.zoo import default_cache
 from mergewise.features import capture, draw_examples, load_stats
 from mergewise.methods.lot import lot_delta
@@ -69,7 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     experts = sorted(p for p in (default_cache() / "experts").iterdir()
                      if (p / "expert.json").is_file())
-    tokenizer = load_tokenizer()
+    tokenizer = load_minilm_tokenizer()
     base = load_encoder()
     base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
     workdir = Path(tempfile.mkdtemp(prefix="bench-lot-"))

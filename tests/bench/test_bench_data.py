@@ -53,12 +53,12 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     import torch
 
     from mergewise.bench.data import load_task_data
-    from mergewise.bench.model import load_tokenizer
+    from mergewise.bench.model import load_minilm_tokenizer
     from mergewise.bench.zoo import SMOKE, train_expert
 
     task = load_task_data("gi_word_polarity")
     cfg = dataclasses.replace(SMOKE.train, steps=4, checkpoint_every=2, batch_size=8)
-    tok = load_tokenizer()
+    tok = load_minilm_tokenizer()
     straight, head_a, _ = train_expert(task, cfg, tok, tmp_path / "a.pt")
 
     def stop_at_3(step: int, loss: float) -> None:

@@ -37,7 +37,7 @@ from ..registry import METHODS, SPARSIFIERS, MergeMethod
 from .data import load_task_data
 from .evaluate import Evaluator, summarize
 from .keys import key_hash
-from .model import Head, load_encoder, load_tokenizer, sorted_batches, tokenize
+from .model import Head, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
 from .report import selected_text, write_outputs
 from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
 
@@ -207,9 +207,10 @@ class Zoo:
 CALIBRATION = {"examples": 64, "split": "train", "seed": 0, "batch_size": 16}
 
 
-def calibration_batches(task: Any, tokenizer: Any, max_len_cap: int) -> list[dict[str, torch.Tensor]]:
+def task_calibration_batches(task: Any, tokenizer: Any, max_len_cap: int) -> list[dict[str, torch.Tensor]]:
     """``CALIBRATION['examples']`` unlabeled texts drawn (seeded) from the task's **training**
-    split only, tokenised like the evaluation data."""
+    split only, tokenised like the evaluation data (length-sorted batches). The recipe path,
+    ``mergewise.features.calibration_batches``, draws from a calibration file instead."""
     from ..features import draw_examples
 
     train = task.split(CALIBRATION["split"])
@@ -236,7 +237,7 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
             f"no cached expert/probe for {', '.join(missing)} in {cache} with this recipe; run "
             f"`mergewise bench build --cache {cache} --tasks {' '.join(tasks)}{smoke}` first")
     experts = {t.name: find_expert(cache, t, config.zoo.train) for t in loaded}
-    tokenizer = load_tokenizer()
+    tokenizer = load_minilm_tokenizer()
     cap = config.zoo.train.max_len_cap
     model = load_encoder()  # one module for both evaluators; the base weights are cloned first
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -246,7 +247,7 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
                probes={t.name: find_probe(cache, t, config.zoo.probe) for t in loaded},  # type: ignore[misc]
                val=Evaluator(loaded, "val", config.val_limit, cap, tokenizer=tokenizer, model=model),
                test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer, model=model),
-               calibration={t.name: calibration_batches(t, tokenizer, cap) for t in loaded})
+               calibration={t.name: task_calibration_batches(t, tokenizer, cap) for t in loaded})
 
 
 def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,

@@ -39,7 +39,7 @@ from .model import (
     encode,
     features,
     load_encoder,
-    load_tokenizer,
+    load_minilm_tokenizer,
     sorted_batches,
     tokenize,
 )
@@ -355,7 +355,7 @@ def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progre
 
     cache.mkdir(parents=True, exist_ok=True)
     loaded = [load_task_data(t) for t in tasks]
-    tokenizer = load_tokenizer()
+    tokenizer = load_minilm_tokenizer()
     todo = [t for t in loaded if find_expert(cache, t, config.train) is None]
     for t in loaded:
         if t not in todo:
