@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from mergewise import merge_state_dicts
-from mergewise.bench.data import load_task
-from mergewise.bench.model import collate, load_encoder, load_tokenizer, tokenize
+from mergewise.bench.data import load_task_data
+from mergewise.bench.model import collate, load_encoder, load_minilm_tokenizer, tokenize
 from mergewise.bench.zoo import default_cache
 from mergewise.features import capture, draw_examples, load_stats
 from mergewise.methods.lot import lot_delta
@@ -69,7 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     experts = sorted(p for p in (default_cache() / "experts").iterdir()
                      if (p / "expert.json").is_file())
-    tokenizer = load_tokenizer()
+    tokenizer = load_minilm_tokenizer()
     base = load_encoder()
     base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
     workdir = Path(tempfile.mkdtemp(prefix="bench-lot-"))
@@ -79,7 +79,7 @@ def main() -> None:
     states, stats_paths = {}, {}
     for path in experts:
         task_name = json.loads((path / "expert.json").read_text())["task"]
-        task = load_task(task_name)
+        task = load_task_data(task_name)
         train = task.split("train")
         pick = draw_examples(len(train), args.examples, args.seed)  # as `calibration:` draws
         ids = tokenize(tokenizer, [train.texts[i] for i in pick], task.max_len)

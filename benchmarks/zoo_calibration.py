@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from mergewise.bench.data import load_task
-from mergewise.bench.model import load_encoder, load_tokenizer
+from mergewise.bench.data import load_task_data
+from mergewise.bench.model import load_encoder, load_minilm_tokenizer
 from mergewise.bench.zoo import default_cache
 from mergewise.features import draw_examples
 
@@ -33,12 +33,12 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     load_encoder().save_pretrained(str(args.out / "base"))
-    load_tokenizer().save_pretrained(str(args.out / "base"))
+    load_minilm_tokenizer().save_pretrained(str(args.out / "base"))
     models = []
     for path in sorted(p for p in (default_cache() / "experts").iterdir()
                        if (p / "expert.json").is_file()):
         name = json.loads((path / "expert.json").read_text())["task"]
-        task = load_task(name)
+        task = load_task_data(name)
         train = task.split("train")
         pick = draw_examples(len(train), args.examples, args.seed)  # as `calibration:` draws
         lines = [json.dumps({"text": train.texts[i]}) for i in pick]

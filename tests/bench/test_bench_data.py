@@ -22,9 +22,9 @@ CLASSES = {"debate_party": 3, "drug_review_sentiment": 3}
 
 @pytest.mark.parametrize("name", list(SIZES))
 def test_splits_are_fixed_and_disjoint(name):
-    from mergewise.bench.data import LOADERS, load_task
+    from mergewise.bench.data import LOADERS, load_task_data
 
-    task = load_task(name)
+    task = load_task_data(name)
     again = LOADERS[name]()  # a fresh load, not the cached object
     assert again.fingerprint() == task.fingerprint()
     assert (len(task.val), len(task.test)) == SIZES[name]
@@ -38,9 +38,9 @@ def test_splits_are_fixed_and_disjoint(name):
 
 
 def test_review_vs_plot_is_balanced():
-    from mergewise.bench.data import load_task
+    from mergewise.bench.data import load_task_data
 
-    t = load_task("rt_review_vs_plot")
+    t = load_task_data("rt_review_vs_plot")
     n = len(t.train) + len(t.val) + len(t.test)
     plots = int(t.train.labels.sum() + t.val.labels.sum() + t.test.labels.sum())
     assert plots * 2 == n
@@ -52,13 +52,13 @@ def test_training_resumes_to_the_same_weights(tmp_path):
 
     import torch
 
-    from mergewise.bench.data import load_task
-    from mergewise.bench.model import load_tokenizer
+    from mergewise.bench.data import load_task_data
+    from mergewise.bench.model import load_minilm_tokenizer
     from mergewise.bench.zoo import SMOKE, train_expert
 
-    task = load_task("gi_word_polarity")
+    task = load_task_data("gi_word_polarity")
     cfg = dataclasses.replace(SMOKE.train, steps=4, checkpoint_every=2, batch_size=8)
-    tok = load_tokenizer()
+    tok = load_minilm_tokenizer()
     straight, head_a, _ = train_expert(task, cfg, tok, tmp_path / "a.pt")
 
     def stop_at_3(step: int, loss: float) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import mergewise  # noqa: F401  (fills the registries)
-from mergewise.bench.runner import CORE_METHODS, TADROP, Grids, RunConfig, selected_text, variant
+from mergewise.bench.report import selected_text
+from mergewise.bench.runner import CORE_METHODS, TADROP, Grids, RunConfig, variant
 from mergewise.errors import RecipeError
 from mergewise.registry import METHODS
 

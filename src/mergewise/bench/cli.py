@@ -76,10 +76,10 @@ def _guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def tasks() -> None:
     """List the six tasks with their split sizes and class counts."""
     _require()
-    from .data import TASKS, describe, load_task
+    from .data import TASKS, describe, load_task_data
 
     for name in TASKS:
-        out.print(describe(load_task(name)), highlight=False)
+        out.print(describe(load_task_data(name)), highlight=False)
 
 
 @bench_app.command()

@@ -208,7 +208,9 @@ TASKS: tuple[str, ...] = tuple(LOADERS)
 
 
 @cache
-def load_task(name: str) -> Task:
+def load_task_data(name: str) -> Task:
+    """A benchmark task's texts, labels and fixed splits (loaded once per process). Not to be
+    confused with ``mergewise.load_task``, which loads an EMR task's weights into a module."""
     if name not in LOADERS:
         raise KeyError(f"unknown task '{name}'; known: {', '.join(TASKS)}")
     return LOADERS[name]()

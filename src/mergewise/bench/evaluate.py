@@ -18,7 +18,7 @@ import torch
 
 from ..materialize import TaskModels
 from .data import Task
-from .model import Head, features, load_encoder, load_tokenizer, sorted_batches, tokenize
+from .model import Head, features, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Evaluator:
                  model: torch.nn.Module | None = None):
         self.split = split
         self.tasks = [t.name for t in tasks]
-        tokenizer = tokenizer or load_tokenizer()
+        tokenizer = tokenizer or load_minilm_tokenizer()
         self.model = model if model is not None else load_encoder()  # shareable: weights are swapped
         self.data: dict[str, _Prepared] = {}
         for t in tasks:

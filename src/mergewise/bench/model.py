@@ -47,7 +47,9 @@ def load_encoder(path: str | Path | None = None) -> torch.nn.Module:
     return model.eval()
 
 
-def load_tokenizer(path: str | Path | None = None) -> Any:
+def load_minilm_tokenizer(path: str | Path | None = None) -> Any:
+    """The encoder's tokenizer from ``path`` (default: the pretrained base); raises if absent.
+    (``mergewise.features.load_tokenizer`` instead answers None for a directory without one.)"""
     from transformers import AutoTokenizer
 
     quiet_transformers()

@@ -20,10 +20,18 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def selected_text(row: dict[str, Any]) -> str:
-    from .runner import selected_text as text
+def _setting(key: str, value: Any) -> str:
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
 
-    return text(row.get("selected"))
+
+def selected_text(chosen: dict[str, Any] | None) -> str:
+    """A selected candidate in one line: ``tadrop: lambda=1, drop_rate=0.8`` (empty for none)."""
+    if not chosen:
+        return ""
+    parts = [_setting(k, v) for k, v in chosen.get("parameters", {}).items()]
+    sp = chosen.get("sparsify") or {}
+    parts += [_setting(k, v) for k, v in sp.items() if k != "method"]
+    return (f"{sp['method']}: " if sp else "") + ", ".join(parts)
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
@@ -33,7 +41,7 @@ def markdown_table(doc: dict[str, Any]) -> str:
     for r in doc["rows"]:
         secs = r.get("merge_seconds")
         cells = [r["label"], *(_pct(r["test"].get(t)) for t in tasks), _pct(r["average"]),
-                 _pct(r["normalized"]), "-" if secs is None else f"{secs:.1f}", selected_text(r)]
+                 _pct(r["normalized"]), "-" if secs is None else f"{secs:.1f}", selected_text(r.get("selected"))]
         lines.append("| " + " | ".join(cells) + " |")
     sizes = ", ".join(f"{t} {n}" for t, n in doc["test_sizes"].items())
     return ("\n".join(lines) + "\n\nTest accuracy in %. avg: mean over tasks; norm: mean over tasks "

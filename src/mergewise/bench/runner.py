@@ -22,7 +22,6 @@ Protocol (why each choice):
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import time
@@ -35,9 +34,11 @@ import torch
 
 from .. import __version__
 from ..registry import METHODS, SPARSIFIERS, MergeMethod
-from .data import load_task
+from .data import load_task_data
 from .evaluate import Evaluator, summarize
-from .model import Head, load_encoder, load_tokenizer, sorted_batches, tokenize
+from .keys import key_hash
+from .model import Head, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
+from .report import selected_text, write_outputs
 from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
 
 TADROP = "+tadrop"
@@ -152,10 +153,6 @@ def variant(name: str, grids: Grids) -> Variant:
 
 
 # ---------------------------------------------------------------- the run
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)[:40]
 
@@ -169,7 +166,7 @@ class ResultCache:
         self.context = context
 
     def path(self, label: str, spec: dict[str, Any]) -> Path:
-        return self.root / f"{_slug(label)}-{_hash({**self.context, **spec})}.json"
+        return self.root / f"{_slug(label)}-{key_hash({**self.context, **spec})}.json"
 
     def get(self, label: str, spec: dict[str, Any]) -> dict[str, Any] | None:
         p = self.path(label, spec)
@@ -210,9 +207,10 @@ class Zoo:
 CALIBRATION = {"examples": 64, "split": "train", "seed": 0, "batch_size": 16}
 
 
-def calibration_batches(task: Any, tokenizer: Any, max_len_cap: int) -> list[dict[str, torch.Tensor]]:
+def task_calibration_batches(task: Any, tokenizer: Any, max_len_cap: int) -> list[dict[str, torch.Tensor]]:
     """``CALIBRATION['examples']`` unlabeled texts drawn (seeded) from the task's **training**
-    split only, tokenised like the evaluation data."""
+    split only, tokenised like the evaluation data (length-sorted batches). The recipe path,
+    ``mergewise.features.calibration_batches``, draws from a calibration file instead."""
     from ..features import draw_examples
 
     train = task.split(CALIBRATION["split"])
@@ -230,7 +228,7 @@ def merge_spec(v: Variant, cand: dict[str, Any], split: str) -> dict[str, Any]:
 
 
 def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
-    loaded = [load_task(t) for t in tasks]
+    loaded = [load_task_data(t) for t in tasks]
     missing = [t.name for t in loaded if find_expert(cache, t, config.zoo.train) is None
                or find_probe(cache, t, config.zoo.probe) is None]
     if missing:
@@ -239,7 +237,7 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
             f"no cached expert/probe for {', '.join(missing)} in {cache} with this recipe; run "
             f"`mergewise bench build --cache {cache} --tasks {' '.join(tasks)}{smoke}` first")
     experts = {t.name: find_expert(cache, t, config.zoo.train) for t in loaded}
-    tokenizer = load_tokenizer()
+    tokenizer = load_minilm_tokenizer()
     cap = config.zoo.train.max_len_cap
     model = load_encoder()  # one module for both evaluators; the base weights are cloned first
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -249,7 +247,7 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
                probes={t.name: find_probe(cache, t, config.zoo.probe) for t in loaded},  # type: ignore[misc]
                val=Evaluator(loaded, "val", config.val_limit, cap, tokenizer=tokenizer, model=model),
                test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer, model=model),
-               calibration={t.name: calibration_batches(t, tokenizer, cap) for t in loaded})
+               calibration={t.name: task_calibration_batches(t, tokenizer, cap) for t in loaded})
 
 
 def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,
@@ -354,7 +352,7 @@ class _Session:
 def run_context(zoo: Zoo, config: RunConfig) -> dict[str, Any]:
     """Everything a cached evaluation depends on besides its own merge spec."""
     return {"tasks": zoo.tasks, "experts": {t: e.key for t, e in zoo.experts.items()},
-            "probes": {t: probe_key(load_task(t), config.zoo.probe) for t in zoo.tasks},
+            "probes": {t: probe_key(load_task_data(t), config.zoo.probe) for t in zoo.tasks},
             "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
             "mergewise": __version__}
 
@@ -363,8 +361,6 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
                   *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every row, write results.{json,md,png} into ``out``; returns the JSON document."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .report import write_outputs
 
     t_start = time.perf_counter()
     tasks = list(tasks)
@@ -394,12 +390,3 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
     write_outputs(out, doc)
     return doc
 
-
-def selected_text(chosen: dict[str, Any] | None) -> str:
-    if not chosen:
-        return ""
-    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-             for k, v in chosen.get("parameters", {}).items()]
-    sp = chosen.get("sparsify") or {}
-    parts += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sp.items() if k != "method"]
-    return (f"{sp['method']}: " if sp else "") + ", ".join(parts)

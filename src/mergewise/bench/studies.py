@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..registry import METHODS, SPARSIFIERS
+from .report import selected_text
 from .runner import (
     TADROP,
     Grids,
@@ -46,7 +47,6 @@ from .runner import (
     merge_spec,
     realised_drop_rate,
     run_context,
-    selected_text,
     variant,
 )
 

@@ -16,7 +16,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import json
 import math
@@ -31,7 +30,8 @@ from typing import Any
 import torch
 
 from . import DATA_DISTS, MODEL_DIST
-from .data import Task, load_task
+from .data import Task, load_task_data
+from .keys import key_hash
 from .model import (
     Head,
     base_model_dir,
@@ -39,7 +39,7 @@ from .model import (
     encode,
     features,
     load_encoder,
-    load_tokenizer,
+    load_minilm_tokenizer,
     sorted_batches,
     tokenize,
 )
@@ -119,17 +119,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def expert_key(task: Task, cfg: TrainConfig) -> str:
-    return _hash({"kind": "expert", "task": task.name, "data": task.fingerprint(),
+    return key_hash({"kind": "expert", "task": task.name, "data": task.fingerprint(),
                   "train": cfg.key_fields(len(task.train)), "versions": versions()})
 
 
 def probe_key(task: Task, cfg: ProbeConfig) -> str:
-    return _hash({"kind": "probe", "task": task.name, "data": task.fingerprint(),
+    return key_hash({"kind": "probe", "task": task.name, "data": task.fingerprint(),
                   "probe": asdict(cfg), "versions": versions()})
 
 
@@ -345,6 +341,47 @@ def build_probe(cache: Path, task: Task, cfg: ProbeConfig, encoder: torch.nn.Mod
     return entry
 
 
+def _build_expert(cache: Path, task: Task, config: ZooConfig, tokenizer: Any, bar: Any,
+                  log: Callable[[str], None]) -> None:
+    """Train one expert (resuming a partial run), score it on val, save it and its manifest entry."""
+    key = expert_key(task, config.train)
+    rel = Path("experts") / f"{task.name}-{key}"
+    state_path = cache / "partial" / f"{task.name}-{key}.pt"
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    if state_path.exists():
+        log(f"{task.name}: resuming from {state_path}")
+    bar_id = bar.add_task(task.name, total=config.train.steps_for(len(task.train)), loss="-")
+    encoder, head, info = train_expert(
+        task, config.train, tokenizer, state_path,
+        lambda step, loss, b=bar_id: bar.update(b, completed=step, loss=f"{loss:.3f}"))
+    va = task.val.head(config.probe.val_limit)
+    max_len = min(task.max_len, config.train.max_len_cap)
+    val_acc = accuracy(head, split_features(encoder, tokenizer, va.texts, max_len), va.labels)
+    meta = {"task": task.name, "classes": list(task.classes), "key": key,
+            "config": config.train.key_fields(len(task.train)), "versions": versions(),
+            "data_fingerprint": task.fingerprint(), "val_accuracy": round(val_acc, 4),
+            **{k: v for k, v in info.items() if k != "losses"},
+            "final_loss": sum(info["losses"][-20:]) / max(1, len(info["losses"][-20:]))}
+    _save_expert(cache / rel, encoder, tokenizer, head, {**meta, "losses": info["losses"]})
+    Manifest(cache).put("experts", key, {"path": str(rel), **meta})
+    state_path.unlink(missing_ok=True)
+    log(f"{task.name}: expert val accuracy {val_acc:.4f} "
+        f"({info['train_seconds']:.0f} s, {config.train.steps_for(len(task.train))} steps)")
+
+
+def _build_probes(cache: Path, tasks: list[Task], cfg: ProbeConfig, tokenizer: Any,
+                  log: Callable[[str], None]) -> None:
+    """A linear probe on the pretrained encoder for each task that has none cached."""
+    todo = [t for t in tasks if find_probe(cache, t, cfg) is None]
+    if not todo:
+        return
+    encoder = load_encoder()
+    for task in todo:
+        entry = build_probe(cache, task, cfg, encoder, tokenizer)
+        log(f"{task.name}: linear probe on the pretrained encoder, val accuracy "
+            f"{entry['val_accuracy']:.4f} (l2 {entry['l2']:g})")
+
+
 def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Build (or find) every task's expert and probe; returns {task: manifest entry of its expert}."""
@@ -358,8 +395,8 @@ def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progre
     )
 
     cache.mkdir(parents=True, exist_ok=True)
-    loaded = [load_task(t) for t in tasks]
-    tokenizer = load_tokenizer()
+    loaded = [load_task_data(t) for t in tasks]
+    tokenizer = load_minilm_tokenizer()
     todo = [t for t in loaded if find_expert(cache, t, config.train) is None]
     for t in loaded:
         if t not in todo:
@@ -368,36 +405,8 @@ def build_zoo(tasks: list[str], cache: Path, config: ZooConfig = FULL, *, progre
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         for task in todo:
-            key = expert_key(task, config.train)
-            rel = Path("experts") / f"{task.name}-{key}"
-            state_path = cache / "partial" / f"{task.name}-{key}.pt"
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            if state_path.exists():
-                log(f"{task.name}: resuming from {state_path}")
-            bar_id = bar.add_task(task.name, total=config.train.steps_for(len(task.train)), loss="-")
-            encoder, head, info = train_expert(
-                task, config.train, tokenizer, state_path,
-                lambda step, loss, b=bar_id: bar.update(b, completed=step, loss=f"{loss:.3f}"))
-            va = task.val.head(config.probe.val_limit)
-            max_len = min(task.max_len, config.train.max_len_cap)
-            val_acc = accuracy(head, split_features(encoder, tokenizer, va.texts, max_len), va.labels)
-            meta = {"task": task.name, "classes": list(task.classes), "key": key,
-                    "config": config.train.key_fields(len(task.train)), "versions": versions(),
-                    "data_fingerprint": task.fingerprint(), "val_accuracy": round(val_acc, 4),
-                    **{k: v for k, v in info.items() if k != "losses"},
-                    "final_loss": sum(info["losses"][-20:]) / max(1, len(info["losses"][-20:]))}
-            _save_expert(cache / rel, encoder, tokenizer, head, {**meta, "losses": info["losses"]})
-            Manifest(cache).put("experts", key, {"path": str(rel), **meta})
-            state_path.unlink(missing_ok=True)
-            log(f"{task.name}: expert val accuracy {val_acc:.4f} "
-                f"({info['train_seconds']:.0f} s, {config.train.steps_for(len(task.train))} steps)")
-    probes_todo = [t for t in loaded if find_probe(cache, t, config.probe) is None]
-    if probes_todo:
-        encoder = load_encoder()
-        for task in probes_todo:
-            entry = build_probe(cache, task, config.probe, encoder, tokenizer)
-            log(f"{task.name}: linear probe on the pretrained encoder, val accuracy "
-                f"{entry['val_accuracy']:.4f} (l2 {entry['l2']:g})")
+            _build_expert(cache, task, config, tokenizer, bar, log)
+    _build_probes(cache, loaded, config.probe, tokenizer, log)
     manifest = Manifest(cache)
     return {t.name: manifest.get("experts", expert_key(t, config.train)) or {} for t in loaded}
 
