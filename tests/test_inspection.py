@@ -56,6 +56,8 @@ def test_inspect_writes_tables_and_plots(family_f32: Family, tmp_path: Path) -> 
         assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5_000
     report = json.loads((out / "inspect.json").read_text())
     assert report["tadrop"]["drop_rate"] == 0.8 and len(report["rows"]) == len(result.rows)
+    # inspect decides rates without dropping: no realised drop rate is claimed
+    assert all(k["realised_drop_rate"] is None for k in report["by_kind"] + report["by_task"])
     with open(out / "inspect.csv") as fh:
         assert len(list(csv.DictReader(fh))) == len(result.rows)
     assert tree_hashes(family_f32.root) == before  # inputs untouched

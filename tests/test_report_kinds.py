@@ -1,9 +1,9 @@
 """Module kinds and layer depth from real tensor names (Llama, BERT, GPT-2), and the per-kind /
 per-task summaries of the report on hand-made rows.
 
-Expected kinds are what a user reading a per-kind table expects; the ones ``mergewise.report``
-gets wrong today are strict xfails (report.py is not changed here), so fixing a rule turns them
-into failures that ask for the mark to be removed.
+Expected kinds are what a user reading a per-kind table expects (BERT's embedding LayerNorm is a
+norm; a bare GPT2Model/LlamaModel's block names still carry their layer index); rows without a
+kept count (``mergewise inspect``) are left out of realised drop rates.
 """
 
 from __future__ import annotations
@@ -11,19 +11,6 @@ from __future__ import annotations
 import pytest
 
 from mergewise.report import kind_summary, layer_index, module_kind, task_summary
-
-
-def wrong(name: str, kind: str, layer: int | None, reason: str):
-    return pytest.param(name, kind, layer, id=name,
-                        marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
-EMBEDDING_NORM = ("BERT's embedding LayerNorm is a norm: the 'embeddings' rule comes first, so "
-                  "its weight is counted as an embedding")
-EMBEDDING_NORM_BIAS = ("every other LayerNorm bias is 'norm'; the embedding LayerNorm's bias "
-                       "matches the 'embeddings' rule first and becomes 'bias'")
-NO_PREFIX = ("a base model saved without its head wrapper (GPT2Model, LlamaModel) names blocks "
-             "'h.0.' / 'layers.3.' at the start; the layer pattern needs a '.' before them")
 
 LLAMA = [
     ("model.embed_tokens.weight", "embedding", None),
@@ -42,15 +29,15 @@ LLAMA = [
     # LlamaModel.save_pretrained (no ``model.`` prefix)
     ("embed_tokens.weight", "embedding", None),
     ("norm.weight", "norm", None),
-    wrong("layers.3.self_attn.q_proj.weight", "attn_q", 3, NO_PREFIX),
+    ("layers.3.self_attn.q_proj.weight", "attn_q", 3),
 ]
 
 BERT = [
     ("bert.embeddings.word_embeddings.weight", "embedding", None),
     ("bert.embeddings.position_embeddings.weight", "embedding", None),
     ("bert.embeddings.token_type_embeddings.weight", "embedding", None),
-    wrong("bert.embeddings.LayerNorm.weight", "norm", None, EMBEDDING_NORM),
-    wrong("bert.embeddings.LayerNorm.bias", "norm", None, EMBEDDING_NORM_BIAS),
+    ("bert.embeddings.LayerNorm.weight", "norm", None),
+    ("bert.embeddings.LayerNorm.bias", "norm", None),
     ("bert.encoder.layer.0.attention.self.query.weight", "attn_q", 0),
     ("bert.encoder.layer.0.attention.self.key.weight", "attn_k", 0),
     ("bert.encoder.layer.0.attention.self.value.weight", "attn_v", 0),
@@ -77,7 +64,7 @@ BERT = [
     ("embeddings.word_embeddings.weight", "embedding", None),
     ("encoder.layer.5.attention.self.query.weight", "attn_q", 5),
     ("encoder.layer.5.output.dense.weight", "mlp_down", 5),
-    wrong("embeddings.LayerNorm.weight", "norm", None, EMBEDDING_NORM),
+    ("embeddings.LayerNorm.weight", "norm", None),
 ]
 
 GPT2 = [
@@ -101,11 +88,11 @@ GPT2 = [
     # GPT2Model.save_pretrained (no ``transformer.`` prefix)
     ("wte.weight", "embedding", None),
     ("ln_f.weight", "norm", None),
-    wrong("h.0.ln_1.weight", "norm", 0, NO_PREFIX),
-    wrong("h.0.attn.c_attn.weight", "attn_qkv", 0, NO_PREFIX),
-    wrong("h.0.attn.c_proj.weight", "attn_o", 0, NO_PREFIX),
-    wrong("h.0.mlp.c_fc.weight", "mlp_up", 0, NO_PREFIX),
-    wrong("h.0.mlp.c_proj.weight", "mlp_down", 0, NO_PREFIX),
+    ("h.0.ln_1.weight", "norm", 0),
+    ("h.0.attn.c_attn.weight", "attn_qkv", 0),
+    ("h.0.attn.c_proj.weight", "attn_o", 0),
+    ("h.0.mlp.c_fc.weight", "mlp_up", 0),
+    ("h.0.mlp.c_proj.weight", "mlp_down", 0),
 ]
 
 
@@ -123,7 +110,7 @@ def test_kind_and_layer_of_real_tensor_names(name, kind, layer):
     ("h.0.attn.c_attn.weight", "attn_qkv"), ("h.0.attn.c_proj.weight", "attn_o"),
     ("h.0.mlp.c_fc.weight", "mlp_up"), ("h.0.mlp.c_proj.weight", "mlp_down")])
 def test_kind_without_the_wrapper_prefix(name, kind):
-    """The kinds of the unprefixed names are right; only their layer index is lost (xfail above)."""
+    """The unprefixed names of a bare base model keep their kinds."""
     assert module_kind(name) == kind
 
 
@@ -170,18 +157,13 @@ def test_task_summary_exact_numbers():
     assert a["realised_drop_rate"] == pytest.approx(1.0 - 116 / 416, rel=1e-15)
 
 
-UNKNOWN_KEPT = ("a tensor whose kept count is unknown (kept None: every row of `mergewise "
-                "inspect`, which merges nothing) is summed as 0 kept, so it counts as fully "
-                "dropped: inspect.json reports a realised drop rate of 1.0 for every kind and task")
 
 
-@pytest.mark.xfail(strict=True, reason=UNKNOWN_KEPT)
 def test_no_known_kept_gives_no_realised_drop_rate():
     assert kind_summary(ROWS)[2]["realised_drop_rate"] is None
     assert task_summary(ROWS)[1]["realised_drop_rate"] is None
 
 
-@pytest.mark.xfail(strict=True, reason=UNKNOWN_KEPT)
 def test_unknown_kept_is_left_out_of_the_rate():
     rows = [_row("a", "x.q_proj.weight", "attn_q", 100, 0.5, 40, 1.0),
             _row("a", "y.q_proj.weight", "attn_q", 300, 0.5, None, 1.0)]

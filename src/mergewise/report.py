@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 _KIND_RULES: list[tuple[str, re.Pattern[str]]] = [
+    # first: a norm inside the embeddings (BERT's embeddings.LayerNorm) is a norm
+    ("norm", re.compile(r"(norm|ln_|\.ln\d|layernorm|layer_norm|LayerNorm)", re.IGNORECASE)),
     ("embedding", re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|"
                              r"token_type_embeddings|shared\.weight|patch_embed|class_embedding|"
                              r"positional_embedding)")),
     ("head", re.compile(r"(lm_head|classifier|score\.|pooler|head\.)")),
-    ("norm", re.compile(r"(norm|ln_|\.ln\d|layernorm|layer_norm|LayerNorm)", re.IGNORECASE)),
     ("attn_q", re.compile(r"(q_proj|\.query\.|\.q\.|q_lin|wq\b)")),
     ("attn_k", re.compile(r"(k_proj|\.key\.|\.k\.|k_lin|wk\b)")),
     ("attn_v", re.compile(r"(v_proj|\.value\.|\.v\.|v_lin|wv\b)")),
@@ -31,7 +32,7 @@ _KIND_RULES: list[tuple[str, re.Pattern[str]]] = [
     ("mlp_up", re.compile(r"(up_proj|fc1|c_fc|intermediate\.dense|\.wi\.|\.wi_1\.|lin1|w3\b)")),
     ("mlp_down", re.compile(r"(down_proj|fc2|mlp\.c_proj|\.output\.dense|\.wo\.|lin2|w2\b)")),
 ]
-_LAYER = re.compile(r"\.(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
 
 
 def module_kind(name: str) -> str:
@@ -78,17 +79,23 @@ def kind_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(r["task"], r["kind"])].append(r)
     out = []
     for (task, kind), rs in sorted(groups.items()):
-        numel = sum(r["numel"] for r in rs)
-        kept = sum(r["kept"] for r in rs if r["kept"] is not None)
         ds = [r["d"] for r in rs if r["d"] is not None]
         scales = [r["rescale"] for r in rs if r["rescale"] is not None]
         out.append({
-            "task": task, "kind": kind, "tensors": len(rs), "numel": numel,
+            "task": task, "kind": kind, "tensors": len(rs), "numel": sum(r["numel"] for r in rs),
             "mean_d": sum(ds) / len(ds) if ds else None,
-            "realised_drop_rate": 1.0 - kept / numel if numel else None,
+            "realised_drop_rate": realised_drop_rate(rs),
             "mean_rescale": sum(scales) / len(scales) if scales else None,
         })
     return out
+
+
+def realised_drop_rate(rows: Sequence[dict[str, Any]]) -> float | None:
+    """1 - kept / elements over the rows whose kept count is known (a merge's rows; ``inspect``
+    decides rates without dropping, so its rows have none), None when no row has one."""
+    known = [r for r in rows if r["kept"] is not None]
+    numel = sum(r["numel"] for r in known)
+    return 1.0 - sum(r["kept"] for r in known) / numel if numel else None
 
 
 def task_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -96,13 +103,8 @@ def task_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(r)
-    out = []
-    for task, rs in by_task.items():
-        numel = sum(r["numel"] for r in rs)
-        kept = sum(r["kept"] for r in rs if r["kept"] is not None)
-        out.append({"task": task, "numel": numel,
-                    "realised_drop_rate": 1.0 - kept / numel if numel else None})
-    return out
+    return [{"task": task, "numel": sum(r["numel"] for r in rs),
+             "realised_drop_rate": realised_drop_rate(rs)} for task, rs in by_task.items()]
 
 
 def write_tables(directory: Path, report: dict[str, Any], rows: Sequence[dict[str, Any]],

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..registry import METHODS, SPARSIFIERS, MergeMethod
+from ..version import __version__
 from .data import load_task_data
 from .evaluate import Evaluator, summarize
 from .keys import key_hash
