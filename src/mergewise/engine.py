@@ -38,7 +38,7 @@ from .errors import (
     RecipeError,
     ShapeMismatchError,
 )
-from .features import FeatureStats
+from .features.statsfile import FeatureStats
 from .numerics import Float64Norm, all_finite, check_finite
 from .recipe import Recipe, resolve, sparsifier_for, sparsifier_param_specs
 from .registry import Param, Sparsifier
