@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -26,6 +26,11 @@ from ..checkpoint import open_checkpoint
 from ..errors import FeatureError, first_line
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
+# What text calibration data is tokenized with: a transformers tokenizer, called as
+# ``tokenizer(texts, truncation=True, max_length=n, padding=True, return_tensors="pt")`` and
+# returning a BatchEncoding (a mapping of tensors). transformers is optional and imported only at
+# run time, so its tokenizer classes cannot be named here; any callable of that shape will do.
+Tokenizer = Callable[..., Mapping[str, torch.Tensor]]
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
@@ -70,7 +75,7 @@ def read_tensor_inputs(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
         if path.suffix == ".npy":
             import numpy as np
 
-            obj: Any = torch.from_numpy(np.load(path, allow_pickle=False))
+            obj: object = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -92,7 +97,7 @@ def read_tensor_inputs(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
 
 
 def calibration_batches(path: Path, *, num_examples: int = 64, batch_size: int = 8,
-                        max_length: int = 128, seed: int = 0, tokenizer: Any = None,
+                        max_length: int = 128, seed: int = 0, tokenizer: Tokenizer | None = None,
                         text_field: str = "text") -> list[Batch]:
     """The seeded draw of ``num_examples`` examples, cut into batches of model inputs."""
     if path.suffix in TEXT_SUFFIXES:
@@ -174,7 +179,7 @@ def load_module(path: Path, factory: str | None = None, root: Path | None = None
                            f"({first_line(exc)})") from None
 
 
-def _transformers(path: Path) -> Any:
+def _transformers(path: Path) -> ModuleType:
     """The transformers module, or a one-line error: it is optional (the ``bench`` extra)."""
     try:
         import transformers
@@ -185,7 +190,8 @@ def _transformers(path: Path) -> Any:
     return transformers
 
 
-def load_tokenizer(path: Path | None) -> Any:
+def load_tokenizer(path: Path | None) -> Tokenizer | None:
+    """The tokenizer of a model directory (or of a file's directory), None where it holds none."""
     if path is None:
         return None
     directory = path if path.is_dir() else path.parent
@@ -197,7 +203,7 @@ def load_tokenizer(path: Path | None) -> Any:
 
 
 def calibration_settings(data_path: Path, num_examples: int, batch_size: int, max_length: int,
-                         seed: int, text_field: str) -> dict[str, Any]:
+                         seed: int, text_field: str) -> dict[str, str | int | None]:
     """What the statistics depend on besides the model (recorded in the stats file). The data
     is identified by its content (``data_sha256``), so a moved project keeps its stats files;
     ``data`` (the path) is informative only."""

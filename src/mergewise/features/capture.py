@@ -33,7 +33,15 @@ from torch import nn
 
 from ..checkpoint import open_checkpoint
 from ..errors import FeatureError
-from .calibration import TEXT_SUFFIXES, Batch, calibration_batches, calibration_settings, load_module, load_tokenizer
+from .calibration import (
+    TEXT_SUFFIXES,
+    Batch,
+    Tokenizer,
+    calibration_batches,
+    calibration_settings,
+    load_module,
+    load_tokenizer,
+)
 from .statsfile import FeatureStats, LayerInfo, probe_hash
 
 PROBE_TENSORS = 4
@@ -123,7 +131,7 @@ def _hook(acc: _Accumulator, name: str, m: nn.Module) -> Callable[..., None]:
 
 
 def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model",
-            calibration: Mapping[str, Any] | None = None,
+            calibration: Mapping[str, object] | None = None,
             probe_from: Iterable[str] | None = None) -> FeatureStats:
     """Run ``module`` on ``batches`` and return the float64 accumulators of every layer.
 
@@ -229,7 +237,7 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
     """
     settings = calibration_settings(data_path, num_examples, batch_size, max_length, seed,
                                     text_field)
-    tokenizer = None
+    tokenizer: Tokenizer | None = None
     if data_path.suffix in TEXT_SUFFIXES:
         for candidate in (*tokenizer_paths, model_path):
             tokenizer = load_tokenizer(candidate)
