@@ -102,7 +102,7 @@ class _Accumulator:
             self.rows[module] = self.rows.get(module, 0) + rows
 
 
-def _hook(acc: _Accumulator, name: str, m: nn.Module) -> Callable[..., None]:
+def _hook(acc: _Accumulator, name: str, m: nn.Module, kind: str) -> Callable[..., None]:
     def linear(_: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
         if isinstance(m, nn.Conv2d):
@@ -127,7 +127,7 @@ def _hook(acc: _Accumulator, name: str, m: nn.Module) -> Callable[..., None]:
         rows = acc.rows_of(xh, dims)
         acc.add(f"energy:{name}", name, rows.pow(2).sum(0), rows.shape[0])
 
-    return norm if _layer_kind(m).kind == "norm" else linear  # type: ignore[union-attr]
+    return norm if kind == "norm" else linear
 
 
 def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model",
@@ -149,9 +149,22 @@ def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model"
         info = _layer_kind(m)
         if info is not None:
             layers[name] = info
-            handles.append(m.register_forward_pre_hook(_hook(acc, name, m)))
+            handles.append(m.register_forward_pre_hook(_hook(acc, name, m, info.kind)))
     if not layers:
         raise FeatureError(f"{label}: has no Linear, Conv2d or norm layer to capture features of")
+    try:
+        examples = _run(module, batches, acc)
+    finally:
+        acc.last = None
+        for h in handles:
+            h.remove()
+    return _collect(module, layers, acc, examples, label=label, calibration=calibration,
+                    probe_from=probe_from)
+
+
+def _run(module: nn.Module, batches: Iterable[Batch], acc: _Accumulator) -> int:
+    """Forward every batch (eval mode, no autograd; the training flag is restored afterwards),
+    keeping ``acc.mask`` the batch's token mask; the number of examples seen."""
     was_training = module.training
     module.eval()
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -173,10 +186,14 @@ def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model"
                                       if isinstance(v, torch.Tensor)), 0)
                 module(**inputs)
     finally:
-        acc.last = None
-        for h in handles:
-            h.remove()
         module.train(was_training)
+    return examples
+
+
+def _collect(module: nn.Module, layers: Mapping[str, LayerInfo], acc: _Accumulator, examples: int,
+             *, label: str, calibration: Mapping[str, object] | None,
+             probe_from: Iterable[str] | None) -> FeatureStats:
+    """The accumulators of the layers that ran, with the stats file's metadata and probe."""
     kept = {m: info for m, info in layers.items() if acc.rows.get(m, 0) > 0}
     tensors: dict[str, torch.Tensor] = {}
     for m in kept:
