@@ -230,6 +230,7 @@ def capture_experts(module: nn.Module, experts: Mapping[str, Mapping[str, torch.
     finally:
         module.load_state_dict(original)
 
+
 @dataclass
 class CaptureReport:
     """What one capture did (for the CLI, the report and the benchmark)."""
