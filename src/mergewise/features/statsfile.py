@@ -79,6 +79,8 @@ class FeatureStats:
         self.layers = dict(layers)
         self._tensors = dict(tensors or {})
         self._source = source
+        # a stats file's metadata is str -> str; in memory a value may be any JSON value, which
+        # save() writes as JSON: hence Any, not str
         self.metadata = dict(metadata or {})
         self.label = label
         self._resolved: dict[str, str | None] = {}
