@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import FeatureError, MergewiseError, NonFiniteError, RecipeError
-from .features import FeatureStats
+from .features.statsfile import FeatureStats
 from .numerics import Float64Norm, all_finite, check_finite
 from .params import JobParams, SparsifyStep, resolve_job
 from .plan import PlanSummary, TensorPlan, plan_tensors, summarize

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import FeatureError
-from ..features import TensorFeature
+from ..features.statsfile import TensorFeature
 from ..numerics import weighted_sum
 from ..registry import LAMBDA, METHODS, MergeMethod, Param
 

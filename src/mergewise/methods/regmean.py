@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..features import TensorFeature
+from ..features.statsfile import TensorFeature
 from ..registry import METHODS, MergeMethod, Param
 from .lot import accumulate, as_matrix, feature_kind, from_matrix, mean_of, stat, with_stats
 

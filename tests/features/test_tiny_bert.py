@@ -1,9 +1,14 @@
-"""Feature capture on a tiny random BERT built here; LOT / RegMean merges from its statistics."""
+"""Feature capture on a tiny random BERT built here; LOT / RegMean merges from its statistics.
+
+The end-to-end tests that need transformers (the optional bench extra; .ci/run installs it): the
+BERT zoo, Hugging Face directories, text calibration through a tokenizer, recipes and the CLI.
+Capture on plain torch modules, the stats file, calibration data and the reuse rules are tested
+without it (test_capture.py, test_statsfile.py, test_calibration.py, test_sources.py).
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ from torch import nn
 
 from mergewise import FeatureError, RecipeError, merge, merge_state_dicts
 from mergewise.checkpoint import open_checkpoint
-from mergewise.features import capture, load_module, load_stats
+from mergewise.features import capture, load_stats
 
 # transformers is optional (the bench extra; .ci/run installs it): without it these are skipped
 transformers = pytest.importorskip("transformers", reason="the tiny-BERT feature tests need transformers")
@@ -22,15 +27,6 @@ BertConfig, BertModel = transformers.BertConfig, transformers.BertModel
 TASKS = ("alpha", "beta", "gamma")
 VOCAB = 64
 SEQ = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add OpenMP overhead (100x on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_bert(seed: int) -> BertModel:
@@ -117,71 +113,6 @@ def test_padded_tokens_are_excluded() -> None:
         torch.testing.assert_close(stats.gram(name), alone.gram(name), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stats.energy("embeddings.LayerNorm"),
                                alone.energy("embeddings.LayerNorm"), rtol=1e-5, atol=1e-4)
-
-
-def test_norm_energy_is_of_the_normalized_input() -> None:
-    ln = nn.LayerNorm(3)
-    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
-    xhat = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)
-    stats = capture(nn.Sequential(ln), [x])
-    torch.testing.assert_close(stats.energy("0"), (xhat.double() ** 2).sum(0))
-    assert stats.rows("0") == 2
-
-
-def test_rmsnorm_energy() -> None:
-    norm = nn.RMSNorm(2, eps=0.0)
-    x = torch.tensor([[3.0, 4.0], [1.0, 1.0]])  # rms 3.5355 and 1: x̂ = x / rms
-    stats = capture(nn.Sequential(norm), [x])
-    want = (x.double() / torch.sqrt((x.double() ** 2).mean(1, keepdim=True))) ** 2
-    torch.testing.assert_close(stats.energy("0"), want.sum(0))
-    assert stats.for_tensor("0.weight", (2,)).kind == "scale"  # type: ignore[union-attr]
-
-
-def test_conv2d_gram_through_unfold() -> None:
-    conv = nn.Conv2d(2, 3, kernel_size=2, stride=1, padding=1)
-    x = torch.randn(2, 2, 4, 4)
-    stats = capture(nn.Sequential(conv), [x])
-    cols = nn.functional.unfold(x, 2, padding=1).transpose(1, 2).reshape(-1, 8).double()
-    torch.testing.assert_close(stats.gram("0"), cols.T @ cols)
-    assert stats.rows("0") == cols.shape[0]
-    feat = stats.for_tensor("0.weight", (3, 2, 2, 2))
-    assert feat is not None and feat.kind == "matmul"
-
-
-class FusedQKV(nn.Module):
-    """One Linear produces Q, K and V (split afterwards), as open_clip's in_proj."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(6, 18)
-        self.out = nn.Linear(6, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).split(6, dim=-1)
-        att = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
-        return self.out(att @ v)
-
-
-def test_fused_projection_is_one_unit() -> None:
-    torch.manual_seed(0)
-    base = FusedQKV()
-    g = torch.Generator().manual_seed(1)
-    sds, stats, inputs = [], [], []
-    for k in range(2):
-        sd = {n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in base.state_dict().items()}
-        model = FusedQKV()
-        model.load_state_dict(sd)
-        x = torch.zeros(8, 5, 6)
-        x[..., 3 * k:3 * k + 3] = torch.randn(8, 5, 3, generator=g)  # orthogonal input spaces
-        sds.append(sd)
-        inputs.append(x)
-        stats.append(capture(model, [x]))
-    merged = merge_state_dicts(base.state_dict(), sds, "lot", features=stats)
-    # orthogonal row spaces: the merged fused projection reproduces each expert's Q, K and V
-    for sd, x in zip(sds, inputs, strict=True):
-        delta = sd["qkv.weight"] - base.state_dict()["qkv.weight"]
-        got = merged["qkv.weight"] - base.state_dict()["qkv.weight"]
-        torch.testing.assert_close(x @ got.T, x @ delta.T, rtol=1e-4, atol=1e-4)
 
 
 def layer_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -379,7 +310,7 @@ def test_missing_features_fail_before_any_model_is_loaded(hf_zoo: Path, tmp_path
     def no_loading(*a: object, **k: object) -> None:
         raise AssertionError("a checkpoint was opened")
 
-    monkeypatch.setattr(api, "open_recipe_checkpoints", no_loading)
+    monkeypatch.setattr(api, "open_inputs", no_loading)
     data = yaml.safe_load(recipe(hf_zoo).read_text())
     del data["models"][1]["calibration"]
     with pytest.raises(RecipeError, match=r"models\.1 \(beta\) has neither"):
@@ -410,47 +341,6 @@ def test_regmean_recipe_without_base(hf_zoo: Path, tmp_path: Path) -> None:
     assert not torch.allclose(out.read(q), sum(e.read(q) for e in experts) / 3, atol=1e-5)
 
 
-FACTORY = '''
-import torch
-from torch import nn
-
-
-def build():
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(32, 3), nn.LayerNorm(3))
-'''
-
-
-def test_plain_torch_checkpoints_through_a_factory(tmp_path: Path) -> None:
-    import numpy as np
-    from safetensors.torch import save_file
-
-    (tmp_path / "lot_test_factory.py").write_text(FACTORY)
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(32, 3), nn.LayerNorm(3))
-    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    torch.save(base, tmp_path / "base.pt")
-    models = []
-    for k in range(2):
-        save_file({n: v + 0.1 * torch.randn(v.shape) for n, v in base.items()},
-                  str(tmp_path / f"e{k}.safetensors"))
-        np.save(tmp_path / f"x{k}.npy", np.random.default_rng(k).normal(size=(12, 1, 6, 6))
-                .astype(np.float32))
-        models.append({"model": f"e{k}.safetensors", "calibration": {
-            "data": f"x{k}.npy", "num_examples": 10, "batch_size": 4,
-            "factory": "lot_test_factory:build"}})
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(
-        {"merge_method": "lot", "base_model": "base.pt", "models": models}))
-    result = merge(tmp_path / "r.yaml", tmp_path / "out")
-    units = {r["name"]: r.get("unit") for r in result.records}
-    assert units == {"0.weight": "matmul", "0.bias": "shift", "2.weight": "matmul",
-                     "2.bias": "shift", "3.weight": "scale", "3.bias": "shift"}
-    models[1]["calibration"]["factory"] = "lot_test_factory:nothing"
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(
-        {"merge_method": "lot", "base_model": "base.pt", "models": models}))
-    with pytest.raises(FeatureError, match="lot_test_factory:nothing"):
-        merge(tmp_path / "r.yaml", tmp_path / "out2")
-
-
 def test_cli_errors_are_one_line(hf_zoo: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -478,10 +368,3 @@ def test_lot_and_regmean_on_cuda_match_cpu(zoo) -> None:
         gpu = merge_state_dicts(base.state_dict(), experts, method, features=stats, device="cuda")
         for k in cpu:
             torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-5, atol=1e-5)
-
-
-def test_a_missing_transformers_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
-    (tmp_path / "config.json").write_text("{}")
-    monkeypatch.setitem(sys.modules, "transformers", None)  # import now fails
-    with pytest.raises(FeatureError, match="needs transformers"):
-        load_module(tmp_path)

@@ -1,0 +1,219 @@
+"""Calibration data and experts as torch modules, for the feature capture.
+
+- The seeded draw of examples (``draw_examples``, also used by the benchmark), text (.txt,
+  .jsonl) and tensor (.pt, .pth, .safetensors, .npy) readers, and ``calibration_batches``: the
+  draw cut into batches of model inputs (texts tokenized).
+- ``calibration_settings``: what the statistics depend on besides the model, the data identified
+  by content hash (recorded in the stats file, compared when it is reused).
+- ``load_module``: an expert as a float32 module, from a ``module:function`` factory or a Hugging
+  Face directory through transformers, which is optional (a one-line error without it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ..checkpoint import open_checkpoint
+from ..errors import FeatureError, first_line
+
+Batch = Mapping[str, torch.Tensor] | torch.Tensor
+# What text calibration data is tokenized with: a transformers tokenizer, called as
+# ``tokenizer(texts, truncation=True, max_length=n, padding=True, return_tensors="pt")`` and
+# returning a BatchEncoding (a mapping of tensors). transformers is optional and imported only at
+# run time, so its tokenizer classes cannot be named here; any callable of that shape will do.
+Tokenizer = Callable[..., Mapping[str, torch.Tensor]]
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
+
+
+def draw_examples(n: int, num_examples: int, seed: int) -> list[int]:
+    """``num_examples`` distinct indices out of ``n`` (all of them when n is smaller), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[: min(n, num_examples)].tolist()
+
+
+def read_texts(path: Path, text_field: str = "text") -> list[str]:
+    """One example per non-empty line (.txt) or the ``text_field`` of each JSON line (.jsonl)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FeatureError(f"{path}: cannot read calibration texts ({exc})") from None
+    if path.suffix == ".txt":
+        texts = [ln for ln in lines if ln.strip()]
+    else:
+        texts = []
+        for i, ln in enumerate(lines, 1):
+            if not ln.strip():
+                continue
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as exc:
+                raise FeatureError(f"{path}: line {i} is not JSON ({exc.msg})") from None
+            value = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(value, str):
+                raise FeatureError(f"{path}: line {i} has no string field '{text_field}' "
+                                   "(set calibration.text_field)")
+            texts.append(value)
+    if not texts:
+        raise FeatureError(f"{path}: holds no calibration examples")
+    return texts
+
+
+def read_tensor_inputs(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A tensor of model inputs (first dim = examples), or a dict of them (``input_ids``...)."""
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            obj: object = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every reader has its own error types
+        raise FeatureError(f"{path}: cannot read calibration inputs ({first_line(exc)})") from None
+    if isinstance(obj, Mapping) and len(obj) == 1:
+        obj = next(iter(obj.values()))
+    if isinstance(obj, torch.Tensor) and obj.dim() >= 1:
+        return obj
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sizes = {v.shape[0] for v in obj.values()}
+        if len(sizes) == 1:
+            return dict(obj)
+    raise FeatureError(f"{path}: calibration inputs must be a tensor or a dict of tensors with "
+                       "one first dimension (examples)")
+
+
+def calibration_batches(path: Path, *, num_examples: int = 64, batch_size: int = 8,
+                        max_length: int = 128, seed: int = 0, tokenizer: Tokenizer | None = None,
+                        text_field: str = "text") -> list[Batch]:
+    """The seeded draw of ``num_examples`` examples, cut into batches of model inputs."""
+    if path.suffix in TEXT_SUFFIXES:
+        texts = read_texts(path, text_field)
+        picked = [texts[i] for i in draw_examples(len(texts), num_examples, seed)]
+        if tokenizer is None:
+            raise FeatureError(f"{path}: text calibration data needs a tokenizer (the base "
+                               "model directory, or tokenizer_source, must hold one)")
+        return [dict(tokenizer(picked[s:s + batch_size], truncation=True, max_length=max_length,
+                               padding=True, return_tensors="pt"))
+                for s in range(0, len(picked), batch_size)]
+    if path.suffix in TENSOR_SUFFIXES:
+        data = read_tensor_inputs(path)
+        n = data.shape[0] if isinstance(data, torch.Tensor) else next(iter(data.values())).shape[0]
+        idx = torch.tensor(draw_examples(n, num_examples, seed), dtype=torch.long)
+        out: list[Batch] = []
+        for s in range(0, len(idx), batch_size):
+            part = idx[s:s + batch_size]
+            out.append(data[part] if isinstance(data, torch.Tensor)
+                       else {k: v[part] for k, v in data.items()})
+        return out
+    raise FeatureError(f"{path}: unknown calibration data format; use "
+                       f"{', '.join(TEXT_SUFFIXES + TENSOR_SUFFIXES)}")
+
+
+# --- loading an expert as a module ----------------------------------------------------------
+
+def load_factory(spec: str, root: Path | None = None) -> Callable[[], nn.Module]:
+    """Import ``package.module:function`` (the recipe's directory is searched first)."""
+    mod_name, _, func_name = spec.partition(":")
+    if not mod_name or not func_name:
+        raise FeatureError(f"factory '{spec}' must look like 'module:function'")
+    added = root is not None and str(root) not in sys.path
+    if added:
+        sys.path.insert(0, str(root))
+    try:
+        func = getattr(importlib.import_module(mod_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise FeatureError(f"factory '{spec}': cannot import it ({exc})") from None
+    finally:
+        if added:
+            sys.path.remove(str(root))
+    return func
+
+
+def load_module(path: Path, factory: str | None = None, root: Path | None = None) -> nn.Module:
+    """An expert as a float32 module: ``factory()`` with the checkpoint's tensors loaded
+    (strict names), or a Hugging Face directory through transformers (its ``architectures``
+    class, so parameter names match the checkpoint)."""
+    if factory is not None:
+        module = load_factory(factory, root)()
+        if not isinstance(module, nn.Module):
+            raise FeatureError(f"factory '{factory}' returned a {type(module).__name__}, "
+                               "not a torch.nn.Module")
+        with open_checkpoint(path) as ckpt:
+            state = {n: ckpt.read(n) for n in ckpt.names()}
+        result = module.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            what = (f"missing '{result.missing_keys[0]}'" if result.missing_keys
+                    else f"unexpected '{result.unexpected_keys[0]}'")
+            raise FeatureError(f"{path}: does not fit the module factory '{factory}' builds "
+                               f"({what}; {len(result.missing_keys)} missing, "
+                               f"{len(result.unexpected_keys)} unexpected)")
+        return module.float().eval()
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise FeatureError(f"{path}: features need the expert as a torch module: a Hugging Face "
+                           "directory with config.json, or calibration.factory: 'module:function'")
+    transformers = _transformers(path)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        cls = cls or transformers.AutoModel
+        return cls.from_pretrained(str(path), dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise FeatureError(f"{path}: transformers cannot load it as a model "
+                           f"({first_line(exc)})") from None
+
+
+def _transformers(path: Path) -> ModuleType:
+    """The transformers module, or a one-line error: it is optional (the ``bench`` extra)."""
+    try:
+        import transformers
+    except ImportError:
+        raise FeatureError(f"{path}: loading a Hugging Face model or tokenizer needs transformers; "
+                           "install it (pip install 'transformers>=4.56', or the mergewise[bench] "
+                           "extra) or use calibration.factory with tensor inputs") from None
+    return transformers
+
+
+def load_tokenizer(path: Path | None) -> Tokenizer | None:
+    """The tokenizer of a model directory (or of a file's directory), None where it holds none."""
+    if path is None:
+        return None
+    directory = path if path.is_dir() else path.parent
+    transformers = _transformers(directory)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def calibration_settings(data_path: Path, num_examples: int, batch_size: int, max_length: int,
+                         seed: int, text_field: str) -> dict[str, str | int | None]:
+    """What the statistics depend on besides the model (recorded in the stats file). The data
+    is identified by its content (``data_sha256``), so a moved project keeps its stats files;
+    ``data`` (the path) is informative only."""
+    digest = None
+    if data_path.is_file():
+        h = hashlib.sha256()
+        with open(data_path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    return {"data": str(data_path.resolve()), "data_sha256": digest,
+            "num_examples": num_examples, "batch_size": batch_size, "max_length": max_length,
+            "seed": seed, "text_field": text_field}

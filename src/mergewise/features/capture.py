@@ -1,0 +1,280 @@
+"""Feature capture: forward pre-hooks turn the inputs of every layer into float64 accumulators.
+
+Each expert runs as a torch module on its own task's calibration data; the hooks add each batch's
+layer inputs into the statistics of ``statsfile`` (a Gram per Linear, Conv2d and Conv1D, an
+energy per norm) and drop the features at once.
+
+- Rows: a dict batch with an ``attention_mask`` of shape (batch, seq) masks the padded tokens out
+  of every layer input whose leading dimensions are (batch, seq); inputs of any other shape (a
+  pooler or classifier on the first token, (batch, hidden)) count all their rows.
+- x̂ is the input of the scale op: (x − mean)/sqrt(var + eps) for LayerNorm, x/sqrt(mean(x²) + eps)
+  for RMSNorm (``eps`` or ``variance_epsilon`` of the module). Other norms (BatchNorm, GroupNorm),
+  embeddings, grouped or padding="same" convolutions get no statistics: the merge method's
+  fallback rule applies.
+- A layer that never ran (zero rows) is not stored, so its parameters also follow the fallback.
+  ``nn.MultiheadAttention`` (open_clip) calls its projections functionally, so its
+  ``in_proj_weight`` and ``out_proj`` get no statistics; Hugging Face attention uses plain Linears.
+- ``capture``: one module on its batches; ``capture_experts``: one module, each expert's weights
+  in turn; ``capture_expert``: an expert on disk on its calibration file (``mergewise features``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import open_checkpoint
+from ..errors import FeatureError
+from .calibration import (
+    TEXT_SUFFIXES,
+    Batch,
+    Tokenizer,
+    calibration_batches,
+    calibration_settings,
+    load_module,
+    load_tokenizer,
+)
+from .statsfile import FeatureStats, LayerInfo, probe_hash
+
+PROBE_TENSORS = 4
+
+
+def _is_rmsnorm(m: nn.Module) -> bool:
+    return (isinstance(m, getattr(nn, "RMSNorm", ())) or type(m).__name__.endswith("RMSNorm")) \
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def _layer_kind(m: nn.Module) -> LayerInfo | None:
+    if isinstance(m, nn.Linear):
+        return LayerInfo("linear")
+    if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" \
+            and not isinstance(m.padding, str):  # padding="same" has no unfold equivalent
+        return LayerInfo("linear")
+    if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None \
+            and m.weight.dim() == 2:
+        return LayerInfo("linear", "in_out")  # transformers GPT-2 Conv1D: x @ W, W is (in, out)
+    if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+        return LayerInfo("norm")
+    if _is_rmsnorm(m):
+        return LayerInfo("norm")
+    return None
+
+
+class _Accumulator:
+    """The hooks' shared state: the current batch's token mask and the float64 sums."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        # the last Linear input and its Gram: Q, K and V receive the very same tensor object,
+        # so its Gram is computed once (the reference keeps the object, and its id, alive)
+        self.last: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def gram_of(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self.last is not None and self.last[0] is x:
+            return self.last[1], self.last[2]
+        xs = self.rows_of(x, 1).to(torch.float64)
+        self.last = (x, xs.T @ xs, xs.shape[0])
+        return self.last[1], self.last[2]
+
+    def rows_of(self, x: torch.Tensor, feature_dims: int) -> torch.Tensor:
+        """(n, features) rows of a layer input, padded tokens removed where the mask fits."""
+        lead = x.shape[: x.dim() - feature_dims]
+        if self.mask is not None and tuple(lead) == tuple(self.mask.shape):
+            return x[self.mask]
+        return x.reshape(-1, *x.shape[x.dim() - feature_dims:])
+
+    def add(self, key: str, module: str, value: torch.Tensor, rows: int) -> None:
+        if key in self.sums:
+            self.sums[key] += value
+        else:
+            self.sums[key] = value.clone()  # never alias a Gram shared by Q, K and V
+        if key.startswith(("gram:", "energy:")):
+            self.rows[module] = self.rows.get(module, 0) + rows
+
+
+def _hook(acc: _Accumulator, name: str, m: nn.Module, kind: str) -> Callable[..., None]:
+    def linear(_: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        if isinstance(m, nn.Conv2d):
+            cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, C·k·k, L)
+            xs = cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.float64)
+            gram, rows = xs.T @ xs, xs.shape[0]
+        else:
+            gram, rows = acc.gram_of(x)
+        acc.add(f"gram:{name}", name, gram, rows)
+
+    def norm(_: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        if isinstance(m, nn.LayerNorm):
+            dims = len(m.normalized_shape)
+            xh = F.layer_norm(x.to(torch.float64), m.normalized_shape, eps=m.eps)
+        else:
+            dims = 1
+            eps = getattr(m, "eps", None) or getattr(m, "variance_epsilon", None) \
+                or torch.finfo(x.dtype).eps
+            x64 = x.to(torch.float64)
+            xh = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+        rows = acc.rows_of(xh, dims)
+        acc.add(f"energy:{name}", name, rows.pow(2).sum(0), rows.shape[0])
+
+    return norm if kind == "norm" else linear
+
+
+def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model",
+            calibration: Mapping[str, object] | None = None,
+            probe_from: Iterable[str] | None = None) -> FeatureStats:
+    """Run ``module`` on ``batches`` and return the float64 accumulators of every layer.
+
+    A batch is a dict of model inputs (``module(**batch)``; its ``attention_mask`` excludes
+    padded tokens) or a tensor (``module(batch)``). Keys are ``module.named_modules()`` names,
+    so they match the parameter names of ``module.state_dict()``. The module is run in eval
+    mode under ``torch.inference_mode``; its training flag is restored afterwards. The probe
+    (a hash of the few smallest parameters, checked against the expert at merge time) is taken
+    among ``probe_from`` when given (the names the checkpoint really holds).
+    """
+    acc = _Accumulator()
+    layers: dict[str, LayerInfo] = {}
+    handles = []
+    for name, m in module.named_modules():
+        info = _layer_kind(m)
+        if info is not None:
+            layers[name] = info
+            handles.append(m.register_forward_pre_hook(_hook(acc, name, m, info.kind)))
+    if not layers:
+        raise FeatureError(f"{label}: has no Linear, Conv2d or norm layer to capture features of")
+    try:
+        examples = _run(module, batches, acc)
+    finally:
+        acc.last = None
+        for h in handles:
+            h.remove()
+    return _collect(module, layers, acc, examples, label=label, calibration=calibration,
+                    probe_from=probe_from)
+
+
+def _run(module: nn.Module, batches: Iterable[Batch], acc: _Accumulator) -> int:
+    """Forward every batch (eval mode, no autograd; the training flag is restored afterwards),
+    keeping ``acc.mask`` the batch's token mask; the number of examples seen."""
+    was_training = module.training
+    module.eval()
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    examples = 0
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                acc.last = None
+                if isinstance(batch, torch.Tensor):
+                    acc.mask = None
+                    examples += batch.shape[0]
+                    module(batch.to(device))
+                    continue
+                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                          for k, v in batch.items()}
+                mask = inputs.get("attention_mask")
+                acc.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                examples += next(iter(v.shape[0] for v in inputs.values()
+                                      if isinstance(v, torch.Tensor)), 0)
+                module(**inputs)
+    finally:
+        module.train(was_training)
+    return examples
+
+
+def _collect(module: nn.Module, layers: Mapping[str, LayerInfo], acc: _Accumulator, examples: int,
+             *, label: str, calibration: Mapping[str, object] | None,
+             probe_from: Iterable[str] | None) -> FeatureStats:
+    """The accumulators of the layers that ran, with the stats file's metadata and probe."""
+    kept = {m: info for m, info in layers.items() if acc.rows.get(m, 0) > 0}
+    tensors: dict[str, torch.Tensor] = {}
+    for m in kept:
+        key = f"gram:{m}" if kept[m].kind == "linear" else f"energy:{m}"
+        tensors[key] = acc.sums[key].cpu().clone()  # a normal tensor, not an inference one
+        tensors[f"rows:{m}"] = torch.tensor(float(acc.rows[m]), dtype=torch.float64)
+    params = dict(module.named_parameters())
+    allowed = set(probe_from) if probe_from is not None else set(params)
+    candidates = sorted((params[n].numel(), n) for m in kept for n in (f"{m}.weight", f"{m}.bias")
+                        if n in params and n in allowed)
+    probe = [n for _, n in candidates[:PROBE_TENSORS]]
+    metadata = {"model": label, "examples": str(examples),
+                "rows": str(max(acc.rows.values(), default=0)),
+                "calibration": json.dumps(dict(calibration or {}), sort_keys=True),
+                "probe_tensors": json.dumps(probe),
+                "probe": probe_hash([params[n] for n in probe])}
+    return FeatureStats(kept, tensors, metadata=metadata, label=f"features of {label}")
+
+
+def capture_experts(module: nn.Module, experts: Mapping[str, Mapping[str, torch.Tensor]],
+                    batches: Mapping[str, Iterable[Batch]]) -> dict[str, FeatureStats]:
+    """{task: statistics}: each expert's state dict loaded (strictly) into one ``module`` and run
+    on its own task's batches. The module's own weights are restored afterwards."""
+    missing = [t for t in experts if t not in batches]
+    if missing:
+        raise FeatureError(f"no calibration batches for task(s) {', '.join(missing)}")
+    original = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    try:
+        out = {}
+        for task, state in experts.items():
+            module.load_state_dict(state, strict=True)
+            out[task] = capture(module, batches[task], label=task)
+        return out
+    finally:
+        module.load_state_dict(original)
+
+
+@dataclass
+class CaptureReport:
+    """What one capture did (for the CLI, the report and the benchmark)."""
+
+    task: str
+    examples: int
+    rows: int
+    layers: int
+    seconds: float
+    path: Path | None = None
+
+
+def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
+                   batch_size: int = 8, max_length: int = 128, seed: int = 0,
+                   text_field: str = "text", tokenizer_paths: Sequence[Path] = (),
+                   factory: str | None = None, root: Path | None = None, task: str = "",
+                   device: str = "cpu") -> tuple[FeatureStats, CaptureReport]:
+    """Load one expert, run it on its seeded calibration draw, return its statistics.
+
+    Text data is tokenized with the first of ``tokenizer_paths`` (the base's) that holds a
+    tokenizer, else the expert's own. ``seconds`` times the forward passes alone.
+    """
+    settings = calibration_settings(data_path, num_examples, batch_size, max_length, seed,
+                                    text_field)
+    tokenizer: Tokenizer | None = None
+    if data_path.suffix in TEXT_SUFFIXES:
+        for candidate in (*tokenizer_paths, model_path):
+            tokenizer = load_tokenizer(candidate)
+            if tokenizer is not None:
+                break
+    batches = calibration_batches(data_path, num_examples=num_examples, batch_size=batch_size,
+                                  max_length=max_length, seed=seed, tokenizer=tokenizer,
+                                  text_field=text_field)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FeatureError("--device cuda was asked for, but torch sees no CUDA device; "
+                           "use --device cpu")
+    module = load_module(model_path, factory, root).to(device)
+    with open_checkpoint(model_path) as ckpt:
+        held = ckpt.names()  # a module may hold more (a freshly initialised pooler)
+    start = time.perf_counter()
+    stats = capture(module, batches, label=str(model_path), calibration=settings,
+                    probe_from=held)
+    seconds = time.perf_counter() - start
+    del module
+    report = CaptureReport(task or str(model_path), int(stats.metadata["examples"]),
+                           stats.total_rows, len(stats.layers), seconds)
+    return stats, report

@@ -1,0 +1,125 @@
+"""Which model gets which statistics: stats files, captures and the reuse rules.
+
+``plan_sources`` resolves every model's stats file (``features:``) and calibration data of a
+recipe, reporting all that is missing at once before any model is loaded; ``obtain`` reuses an
+existing stats file only when its calibration settings (the data identified by content hash, so a
+moved project keeps its files) match the model's block, and captures and writes the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import FeatureError
+from ..recipe import Calibration, Recipe
+from .calibration import calibration_settings
+from .capture import CaptureReport, capture_expert
+from .statsfile import FeatureStats, load_stats
+
+
+@dataclass
+class FeatureSource:
+    """Where one model's statistics come from: an existing stats file, or a capture."""
+
+    task: str
+    model: Path
+    stats_path: Path | None  # read if it exists, else written by the capture
+    data: Path | None  # the calibration data file; None without a calibration block
+    calibration: Calibration | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self.stats_path is not None and self.stats_path.is_file()
+
+
+def plan_sources(recipe: Recipe, root: Path | None, model_paths: Sequence[Path],
+                 overwrite: bool = False) -> list[FeatureSource]:
+    """Resolve every stats file and calibration data path of a recipe; report all that is
+    missing at once, before any model is loaded."""
+    anchor = root if root is not None else Path.cwd()
+    sources: list[FeatureSource] = []
+    missing: list[str] = []
+    for i, (entry, model) in enumerate(zip(recipe.models, model_paths, strict=True)):
+        stats_path = _anchored(entry.features, anchor) if entry.features else None
+        cal = entry.calibration
+        data = _anchored(cal.data, anchor) if cal is not None else None
+        src = FeatureSource(entry.task_name, model, stats_path, data, cal)
+        if overwrite or not src.cached:  # it needs a capture
+            if data is None:
+                missing.append(f"models.{i}.features: stats file {stats_path} does not exist and "
+                               "the model has no calibration block to compute it")
+            elif not data.is_file():
+                missing.append(f"models.{i}.calibration.data: {data} does not exist")
+        sources.append(src)
+    if missing:
+        raise FeatureError("; ".join(missing))
+    return sources
+
+
+def _anchored(path: str, anchor: Path) -> Path:
+    """A recipe path: ``~`` expanded, relative ones taken from the recipe's directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else anchor / p
+
+
+def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequence[Path] = (),
+           root: Path | None = None, workdir: Path | None = None, overwrite: bool = False,
+           device: str = "cpu", progress: Callable[[CaptureReport], None] | None = None
+           ) -> tuple[list[FeatureStats], list[CaptureReport]]:
+    """Every model's statistics, file-backed (read lazily): existing stats files are reused
+    (their calibration settings must match the block), the others captured and written to the
+    model's ``features:`` path, or to ``workdir``."""
+    out: list[FeatureStats] = []
+    reports: list[CaptureReport] = []
+    for src in sources:
+        existing = src.stats_path if src.cached and not overwrite else None
+        if existing is not None:
+            out.append(_reuse(src, existing, seed))
+            continue
+        cal, data = _calibration_of(src)
+        stats, report = capture_expert(
+            src.model, data, num_examples=cal.num_examples,
+            batch_size=cal.batch_size, max_length=cal.max_length, seed=seed,
+            text_field=cal.text_field, tokenizer_paths=tokenizer_paths, factory=cal.factory,
+            root=root, task=src.task, device=device)
+        target = src.stats_path or (workdir or Path.cwd()) / f"{src.task.replace(os.sep, '_')}.features.safetensors"
+        report.path = stats.save(target)
+        del stats
+        out.append(load_stats(target))
+        reports.append(report)
+        if progress is not None:
+            progress(report)
+    return out, reports
+
+
+def _reuse(src: FeatureSource, path: Path, seed: int) -> FeatureStats:
+    """The existing stats file of ``src``, refused when it was computed with other calibration
+    settings than the model's block asks for (the data compared by content, not by path)."""
+    stats = load_stats(path)
+    if src.calibration is None:
+        return stats
+    cal, data = _calibration_of(src)
+    want = calibration_settings(data, cal.num_examples, cal.batch_size, cal.max_length, seed,
+                                cal.text_field)
+    have = json.loads(stats.metadata.get("calibration", "{}"))
+    skip = {"data"} | ({"data_sha256"} if want["data_sha256"] is None else set())
+    diff = sorted(k for k in want if k not in skip and have.get(k) != want[k])
+    if diff:
+        stats.close()
+        raise FeatureError(f"{path}: was computed with other calibration settings "
+                           f"({', '.join(diff)} differ); delete it, or recompute with "
+                           "`mergewise features --overwrite`")
+    return stats
+
+
+def _calibration_of(src: FeatureSource) -> tuple[Calibration, Path]:
+    """The calibration block and data path of a source that needs them (``plan_sources`` has
+    checked that every such source has both)."""
+    if src.calibration is None or src.data is None:
+        raise FeatureError(f"{src.task}: no stats file to read and no calibration block (and data "
+                           "path) to compute one")
+    return src.calibration, src.data

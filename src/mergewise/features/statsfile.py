@@ -1,0 +1,240 @@
+"""The stats file of one expert, and what a merge reads from it (LOT, RegMean).
+
+Per-layer float64 accumulators of an expert's layer inputs on its own calibration data (computed
+by ``capture``), keyed by module name (``encoder.layer.0.attention.self.query``):
+
+| layer                     | accumulators (float64)                  | serve                      |
+|---------------------------|-----------------------------------------|----------------------------|
+| ``nn.Linear``             | G = Σ xᵀx over all rows (tokens), rows n | weight (matmul), bias     |
+| ``nn.Conv2d`` (groups 1)  | G of the unfolded patches, rows n       | weight (out, C·kh·kw), bias |
+| transformers ``Conv1D``   | G, weight stored (in, out)              | weight (matmul), bias      |
+| LayerNorm, RMSNorm        | s = Σ x̂² per dim of the normalized input | weight (scale), bias (shift) |
+
+- Stats file: one safetensors file per expert, tensors ``gram:<module>``, ``energy:<module>`` and
+  ``rows:<module>`` (float64), metadata ``mergewise_features`` (format version), ``layers`` (JSON:
+  module -> kind/layout), ``calibration`` (JSON settings), ``model``, ``examples``, ``rows``,
+  ``probe_tensors`` and ``probe`` (a hash of those few small parameter tensors, checked against
+  the expert at merge time). A merge reads it lazily, one layer's accumulators at a time.
+- ``FeatureStats`` holds the accumulators in memory (fresh from a capture) or reads them from the
+  file; ``for_tensor`` maps a parameter of the expert's state dict to its ``TensorFeature``.
+
+Nothing here runs a model or reads calibration data: merge-time code imports this module only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint, SafetensorsFile
+from ..errors import CheckpointError, FeatureError
+from ..writer import atomic_file
+
+FORMAT_VERSION = "1"
+
+
+# --- what one tensor gets from one expert's statistics -----------------------------------
+
+@dataclass(frozen=True)
+class TensorFeature:
+    """The statistics one expert offers for one parameter tensor.
+
+    ``kind``: ``matmul`` (linear/conv weight: ``gram`` (in, in) and ``in_out`` when the tensor is
+    stored (in, out)), ``scale`` (norm weight: ``energy``), ``shift`` (bias or norm shift: only
+    ``rows``). Parameters without statistics get ``None`` instead of a TensorFeature.
+    """
+
+    kind: str
+    rows: float
+    gram: torch.Tensor | None = None
+    energy: torch.Tensor | None = None
+    in_out: bool = False
+
+
+# --- the statistics of one expert ----------------------------------------------------------
+
+@dataclass
+class LayerInfo:
+    kind: str  # "linear" (gram) or "norm" (energy)
+    layout: str = "out_in"  # linear: weight stored (out, in...) or "in_out" (transformers Conv1D)
+
+
+class FeatureStats:
+    """Per-layer accumulators of one expert, in memory or lazily in a safetensors stats file.
+
+    Keyed by module name (``encoder.layer.0.attention.self.query``); ``for_tensor`` maps a
+    parameter name of the expert's state dict to its statistics.
+    """
+
+    def __init__(self, layers: Mapping[str, LayerInfo], tensors: Mapping[str, torch.Tensor] | None
+                 = None, *, source: SafetensorsFile | None = None,
+                 metadata: Mapping[str, Any] | None = None, label: str = "features"):
+        self.layers = dict(layers)
+        self._tensors = dict(tensors or {})
+        self._source = source
+        # a stats file's metadata is str -> str; in memory a value may be any JSON value, which
+        # save() writes as JSON: hence Any, not str
+        self.metadata = dict(metadata or {})
+        self.label = label
+        self._resolved: dict[str, str | None] = {}
+
+    # accumulators, read one at a time from the file when file-backed
+    def tensor(self, key: str) -> torch.Tensor:
+        if key in self._tensors:
+            return self._tensors[key]
+        if self._source is None or key not in self._source.names():
+            raise FeatureError(f"{self.label}: no statistics '{key}'; the stats file is "
+                               "incomplete, recompute it with `mergewise features`")
+        return self._source.read(key)
+
+    def rows(self, module: str) -> float:
+        return float(self.tensor(f"rows:{module}"))
+
+    def gram(self, module: str) -> torch.Tensor:
+        return self.tensor(f"gram:{module}")
+
+    def energy(self, module: str) -> torch.Tensor:
+        return self.tensor(f"energy:{module}")
+
+    @property
+    def total_rows(self) -> int:
+        return int(self.metadata.get("rows", 0))
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+
+    # parameter name -> layer
+    def module_for(self, tensor_name: str) -> str | None:
+        """The layer a parameter belongs to: ``a.b.weight`` -> ``a.b``; when the expert's names
+        carry another prefix than the capturing module's (``bert.`` or none), the unique layer
+        whose name is a dotted suffix of the other is used."""
+        if tensor_name in self._resolved:
+            return self._resolved[tensor_name]
+        module = tensor_name.rpartition(".")[0]
+        found: str | None = module if module in self.layers else None
+        if found is None and module:
+            cands = [m for m in self.layers
+                     if module.endswith("." + m) or m.endswith("." + module)]
+            found = cands[0] if len(cands) == 1 else None
+        self._resolved[tensor_name] = found
+        return found
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self._tensors:
+            return tuple(self._tensors[key].shape)
+        return self._source.info(key).shape if self._source is not None else ()
+
+    def kind_of(self, name: str, shape: Sequence[int]) -> tuple[str, str] | None:
+        """(unit kind, layer) of a parameter, checked against the statistics' shapes (headers
+        only, nothing is read), or None when the parameter has no statistics."""
+        module = self.module_for(name)
+        leaf = name.rpartition(".")[2]
+        if module is None or leaf not in ("weight", "bias"):
+            return None
+        if leaf == "bias":
+            return ("shift", module) if len(shape) == 1 else None
+        info = self.layers[module]
+        if info.kind == "norm":
+            have = self.shape(f"energy:{module}")
+            if have != tuple(shape):
+                raise FeatureError(f"{self.label}: layer '{module}' has norm statistics of shape "
+                                   f"{list(have)} but tensor '{name}' has {list(shape)}; the "
+                                   "stats file belongs to another model")
+            return "scale", module
+        width = self.shape(f"gram:{module}")[0]
+        fan_in = shape[0] if info.layout == "in_out" else math.prod(shape[1:])
+        if len(shape) < 2 or width != fan_in:
+            raise FeatureError(f"{self.label}: layer '{module}' has a {width}-wide Gram but "
+                               f"tensor '{name}' has shape {list(shape)}; the stats file "
+                               "belongs to another model")
+        return "matmul", module
+
+    def for_tensor(self, name: str, shape: Sequence[int]) -> TensorFeature | None:
+        """The statistics of one parameter (its layer's accumulators are read now)."""
+        found = self.kind_of(name, shape)
+        if found is None:
+            return None
+        kind, module = found
+        rows = self.rows(module)
+        if kind == "scale":
+            return TensorFeature(kind, rows, energy=self.energy(module))
+        if kind == "matmul":
+            return TensorFeature(kind, rows, gram=self.gram(module),
+                                 in_out=self.layers[module].layout == "in_out")
+        return TensorFeature(kind, rows)
+
+    # identity of the expert the statistics came from
+    def check_model(self, ckpt: Checkpoint) -> None:
+        """Refuse statistics captured from another model than ``ckpt`` (probe hash mismatch)."""
+        names = json.loads(self.metadata.get("probe_tensors", "[]"))
+        if not names:
+            return
+        available = set(ckpt.names())
+        mapped = []
+        for n in names:
+            hit = n if n in available else next(
+                (a for a in available if a.endswith("." + n) or n.endswith("." + a)), None)
+            if hit is None:
+                raise FeatureError(f"{self.label}: the statistics were captured from a model "
+                                   f"with tensor '{n}', which {ckpt.label} lacks; recompute them")
+            mapped.append(ckpt.read(hit))
+        if probe_hash(mapped) != self.metadata.get("probe"):
+            raise FeatureError(f"{self.label}: the statistics were captured from another model "
+                               f"than {ckpt.label} (model '{self.metadata.get('model', '?')}', "
+                               "parameters differ); recompute them with `mergewise features`")
+
+    # persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the stats file atomically (temp file in the same directory, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {k: self.tensor(k).contiguous() for k in self.keys()}
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
+        meta["mergewise_features"] = FORMAT_VERSION
+        meta["layers"] = json.dumps({m: {"kind": i.kind, "layout": i.layout}
+                                     for m, i in self.layers.items()})
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    def keys(self) -> list[str]:
+        out = []
+        for m, info in self.layers.items():
+            out += [f"rows:{m}", f"gram:{m}" if info.kind == "linear" else f"energy:{m}"]
+        return out
+
+
+def load_stats(path: str | Path) -> FeatureStats:
+    """Open a stats file lazily (only its header is read now)."""
+    p = Path(path)
+    try:
+        source = SafetensorsFile(p)
+    except CheckpointError as exc:
+        raise FeatureError(f"stats file {exc}") from None
+    meta = source.metadata
+    if meta.get("mergewise_features") != FORMAT_VERSION:
+        source.close()
+        raise FeatureError(f"{p}: not a mergewise stats file of format {FORMAT_VERSION} "
+                           f"(found {meta.get('mergewise_features')!r}); recompute it with "
+                           "`mergewise features`")
+    layers = {m: LayerInfo(d["kind"], d.get("layout", "out_in"))
+              for m, d in json.loads(meta["layers"]).items()}
+    return FeatureStats(layers, source=source, metadata=meta, label=str(p))
+
+
+def probe_hash(tensors: Sequence[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t64 = t.detach().to("cpu", torch.float64).contiguous()
+        h.update(str(list(t64.shape)).encode())
+        h.update(t64.numpy().tobytes())
+    return h.hexdigest()[:32]
