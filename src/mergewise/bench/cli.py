@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from . import INSTALL_HINT, missing_requirements
+from .requirements import INSTALL_HINT, missing_requirements
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Offline multi-task benchmark: MiniLM experts on six text tasks.")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import MODEL_DIST
+from .requirements import MODEL_DIST
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from . import DATA_DISTS, MODEL_DIST
 from .data import Task, load_task_data
 from .keys import key_hash
 from .model import (
@@ -43,6 +42,7 @@ from .model import (
     sorted_batches,
     tokenize,
 )
+from .requirements import DATA_DISTS, MODEL_DIST
 
 RECIPE_VERSION = 1  # bump when the training code changes in a way the config does not show
 
