@@ -116,9 +116,14 @@ class MergeJob:
                                    "from another architecture?")
         self.features = list(features)
 
+    @property
+    def reads_base(self) -> bool:
+        """Whether the merge pass reads the base's tensors (task vectors, or a method that uses
+        the base); a weight-space method's prepended base end point is in ``weight_inputs``."""
+        return self.base is not None and (self.method.space == "delta" or self.method.uses_base)
+
     def summary(self) -> PlanSummary:
-        n_inputs = len(self.slots) + (1 if self.base is not None and self.method.space == "delta"
-                                      else 0)
+        n_inputs = len(self.slots) + (1 if self.reads_base else 0)
         stats = [s.step.stats_pass(self.first_merged) for s in self.slots if s.step is not None]
         passes = max((st.passes for st in stats if st is not None), default=0)
         return summarize(self.tensors, len(self.slots), n_inputs, self.compute_dtype, passes)
@@ -174,7 +179,7 @@ class MergeJob:
         return deltas
 
     def _method_params(self, plan: TensorPlan, record: dict[str, Any] | None) -> dict[str, Any]:
-        params = self.params.method_params(plan.name)
+        params = {**self.params.method_params(plan.name), **self.params.model_values(plan.name)}
         if self.method.features:
             if self.features is None:
                 raise FeatureError(f"{self.method.name} needs calibration features for every "
@@ -217,7 +222,10 @@ class MergeJob:
         modulators = base = None
         if self.method.space == "weight":
             inputs = [self.load(c, name) for c in self.weight_inputs]
-            out = self.method.func(None, inputs, self.params.weights(name), **params)
+            base = (self.load(self.base, name) if self.method.uses_base and self.base is not None
+                    else None)
+            out = self.method.func(base, inputs, self.params.weights(name), **params)
+            base = None
         else:
             out, base, modulators = self._merge_deltas(plan, params, record)
             if modulator_sink is None:
@@ -258,8 +266,7 @@ class MergeJob:
                 "merge_state_dicts(..., task=NAME), or `mergewise merge` then "
                 "`mergewise materialize OUT --task NAME --out DIR`")
         self.run_stats_pass(stats_progress)
-        n_inputs = (len(self.weight_inputs) if self.method.space == "weight"
-                    else len(self.slots) + 1)
+        n_inputs = len(self.weight_inputs) + (1 if self.reads_base else 0)
         records = []
         for plan in self.tensors:
             start = time.perf_counter()

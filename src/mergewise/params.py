@@ -2,7 +2,7 @@
 
 A recipe's parameters are checked once against the plug-ins' declared ``Param``s and compiled
 into one typed ``JobParams`` (``resolve_job``); the engine then asks it one question per tensor
-(``method_params``, ``weights``, each model's ``step.params``). Values:
+(``method_params``, ``weights``, ``model_values``, each model's ``step.params``). Values:
 
 - a scalar (or a list, for list-typed parameters) applies to every tensor;
 - a list of ``{filter: GLOB, value: X}`` entries is matched against the tensor name with
@@ -157,9 +157,12 @@ class SparsifyStep:
 
 @dataclass(frozen=True)
 class ModelParams:
+    """One model's resolved per-model parameters (the method's ``model_params``, by python
+    name) and its sparsification step."""
+
     index: int
     task: str
-    weight: Setting | None
+    settings: dict[str, Setting]
     step: SparsifyStep | None
 
 
@@ -177,8 +180,20 @@ class JobParams:
 
     def weights(self, tensor_name: str) -> list[float]:
         """One weight per input of the method: per model, and 1 for a prepended base."""
-        ws = [1.0 if m.weight is None else float(m.weight.at(tensor_name)) for m in self.models]
+        ws = [float(m.settings["weight"].at(tensor_name)) if "weight" in m.settings else 1.0
+              for m in self.models]
         return ([1.0] if self.base_first else []) + ws
+
+    def model_values(self, tensor_name: str) -> dict[str, list[Any]]:
+        """The method's other per-model parameters (not ``weight``), one value per input (the
+        declared default for a prepended base): passed to the method as lists."""
+        out: dict[str, list[Any]] = {}
+        for p in self.method.model_params:
+            if p.name == "weight":
+                continue
+            values = [m.settings[p.python_name].at(tensor_name) for m in self.models]
+            out[p.python_name] = ([p.default] if self.base_first else []) + values
+        return out
 
 
 def base_is_first_input(method: MergeMethod, has_base: bool, n_models: int) -> bool:
@@ -372,11 +387,10 @@ def resolve_job(recipe: Recipe) -> JobParams:
         steps.append(step)
     _check_keys(recipe, method, per_model)
     _check_global_scope(recipe)
-    weight = next((p for p in method.model_params if p.name == "weight"), None)
     models = tuple(
         ModelParams(i, entry.task_name,
-                    None if weight is None else _setting(weight, entry.parameters,
-                                                         recipe.parameters), steps[i])
+                    {p.python_name: _setting(p, entry.parameters, recipe.parameters)
+                     for p in method.model_params}, steps[i])
         for i, entry in enumerate(recipe.models))
     return JobParams(method=method,
                      settings=tuple(_setting(p, recipe.parameters) for p in method.params),

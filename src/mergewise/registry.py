@@ -129,7 +129,10 @@ class MergeMethod:
 
     ``func(base, tensors, weights, **params)``: ``tensors`` are task vectors (deltas) when
     ``space == "delta"`` (already sparsified), full weights when ``space == "weight"``;
-    ``weights`` are the per-model ``weight`` values resolved for this tensor.
+    ``weights`` are the per-model ``weight`` values resolved for this tensor, and every other
+    declared per-model parameter arrives as a keyword holding one value per input. ``base`` is
+    the base tensor in the compute dtype for delta-space methods, and for weight-space methods
+    that declare ``uses_base`` when the recipe has a base (else None).
     """
 
     name: str
@@ -140,6 +143,8 @@ class MergeMethod:
     sparsifier: str | None = None  # default sparsification step (its params become model params)
     sparsifier_defaults: dict[str, Any] = field(default_factory=dict)
     requires_base: bool = True
+    # weight space only: the method reads the base tensor (model_stock, nuslerp with a base...)
+    uses_base: bool = False
     min_models: int = 1
     max_models: int | None = None
     model_params: tuple[Param, ...] = (WEIGHT,)
