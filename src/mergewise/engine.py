@@ -123,7 +123,7 @@ class MergeJob:
         return self.base is not None and (self.method.space == "delta" or self.method.uses_base)
 
     def summary(self) -> PlanSummary:
-        n_inputs = len(self.slots) + (1 if self.reads_base else 0)
+        n_inputs = len(self.weight_inputs) + (1 if self.reads_base else 0)
         stats = [s.step.stats_pass(self.first_merged) for s in self.slots if s.step is not None]
         passes = max((st.passes for st in stats if st is not None), default=0)
         return summarize(self.tensors, len(self.slots), n_inputs, self.compute_dtype, passes)
