@@ -134,11 +134,12 @@ def test_methods_lists_all_methods_and_parameters(runner: CliRunner) -> None:
         for p in (*m.params, *m.model_params):
             assert p.describe() in text, p.name
     assert "t (float in [0, 1], default 0.5)" in text
-    assert "density (float in (0, 1], default 0.2)" in text  # ties' own default
+    assert "density (float in (0, 1], default 1.0)" in text  # mergekit's: no trim unless asked
     assert "weight (float, default 1.0): per-model factor on its task vector (or weights, for " \
            "linear) [per model]" in text
     assert "[per model, magnitude step]" in text
-    assert "aggregate (mean|sum|weighted_mean, default 'mean')" in text
+    assert "aggregate (mean|sum|weighted_mean, default None)" in text
+    assert "normalize (bool, default True)" in text and "normalize (bool, default False)" in text
     for s in ("magnitude", "random", "breadcrumbs"):
         assert f"\n{s}\n" in text
 

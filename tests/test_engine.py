@@ -473,8 +473,8 @@ def test_in_memory_inputs_are_never_modified(family_f32: Family, case: str) -> N
 def test_dry_run_writes_nothing(family_f32: Family, tmp_path: Path) -> None:
     out = tmp_path / "out"
     before = sorted(tmp_path.iterdir())
-    result = merge(recipe_for(family_f32, "ties", parameters={"scope": "global"}), out,
-                   dry_run=True)
+    result = merge(recipe_for(family_f32, "ties", parameters={"scope": "global", "density": 0.2}),
+                   out, dry_run=True)
     assert not out.exists()
     assert sorted(tmp_path.iterdir()) == before
     assert result.files == [] and result.records == []

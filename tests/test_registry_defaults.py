@@ -71,6 +71,8 @@ def test_every_declared_parameter_is_a_keyword_of_the_function(plugin):
 @pytest.mark.parametrize("plugin", PLUGINS)
 def test_declared_defaults_pass_their_own_checks(plugin):
     for p in _declared(plugin):
+        if p.default is None:  # an optional parameter: not given unless the recipe gives it
+            continue
         p.check(p.default, plugin.name)  # raises RecipeError when out of range / wrong type
 
 

@@ -101,6 +101,14 @@ class Param:
 WEIGHT = Param("weight", 1.0, float, "per-model factor on its task vector (or weights, for linear)")
 LAMBDA = Param("lambda", 1.0, float, "scale of the merged task vector: base + lambda * tau",
                arg="lam")
+INT8_MASK = Param("int8_mask", False, bool, "accepted for mergekit recipes; no effect here "
+                  "(masks are bool, as mergekit's own are)")
+
+
+def normalize_param(default: bool) -> Param:
+    """mergekit's ``normalize`` of the task-arithmetic family, with that method's default."""
+    return Param("normalize", default, bool, "divide the merged entries by the sum of the "
+                 "weights of the models that contribute to them (mergekit)")
 
 @dataclass(frozen=True)
 class Sparsifier:

@@ -20,6 +20,9 @@ def test_core_rows_and_their_grids():
     assert ties.grid == (("lambda", G.lambda_mean), ("density", G.density["magnitude"]))
     dare = variant("dare_ties", G)
     assert dare.grid == (("lambda", G.lambda_mean), ("density", G.density["random"]))
+    # measured as published: the defaults follow mergekit, the row the DARE paper
+    assert dare.parameters == {"aggregate": "mean", "rescale_rule": "density"}
+    assert variant("dare_ties" + TADROP, G).parameters == {"aggregate": "mean"}
     bc = variant("breadcrumbs", G)
     assert bc.grid == (("lambda", G.lambda_sum), ("density", G.density["breadcrumbs"]))
     assert variant("linear", G).candidates() == [{"parameters": {}, "sparsify": None}]

@@ -21,7 +21,11 @@ from mergewise.bench.studies import (
 def test_matched_arms_compare_at_the_same_target():
     for method, arms in matched_arms(0.9):
         uniform, median, elements = arms
-        assert uniform.parameters == {"density": 0.1} and uniform.sparsify is None
+        # DARE arms are the paper's variant (1/density rescale, disjoint mean)
+        paper = {"dare_ties": {"aggregate": "mean", "rescale_rule": "density"}}.get(method, {})
+        assert uniform.parameters == {**paper, "density": 0.1} and uniform.sparsify is None
+        assert median.parameters == elements.parameters == {
+            k: v for k, v in paper.items() if k != "rescale_rule"}
         assert median.sparsify == {"method": "tadrop", "drop_rate": 0.9}
         assert elements.sparsify == {"method": "tadrop", "drop_rate": 0.9, "budget": "elements"}
         assert all(a.method == method and a.grid[0][0] == "lambda" for a in arms)

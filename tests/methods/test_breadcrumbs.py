@@ -46,10 +46,14 @@ def test_api_normalize() -> None:
 
 def test_api_defaults() -> None:
     base, models = _models()
-    # gamma 0.01 on 10 -> 0 outliers; density 0.9 -> 9 kept: the smallest |tau| is dropped
+    # mergekit's defaults: density 1.0 keeps every entry (gamma included): base + D1 + D2
+    out = merge_state_dicts(base, models, "breadcrumbs")
+    assert torch.equal(out["w"], base["w"] + (models[0]["w"] - base["w"])
+                       + (models[1]["w"] - base["w"]))
+    # density 0.9: gamma 0.01 on 10 -> 0 outliers; 9 kept: the smallest |tau| is dropped
     #   D1 -> drops -1 (flat 9); D2 -> drops the last |1| (flat 8)
     #   sum: [11, -8, 9, -6, 7, -4, 5, -2, 2, 5]; + 1
-    out = merge_state_dicts(base, models, "breadcrumbs")
+    out = merge_state_dicts(base, models, "breadcrumbs", parameters={"density": 0.9})
     assert torch.equal(out["w"], torch.tensor([12.0, -7.0, 10.0, -5.0, 8.0, -3.0, 6.0, -1.0,
                                                3.0, 6.0]))
 

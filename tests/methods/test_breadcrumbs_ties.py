@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergewise import METHODS, merge_state_dicts
-from mergewise.methods.ties import ties_merge
+from mergewise.methods.breadcrumbs_ties import breadcrumbs_ties_merge
 
 # gamma 0.1 / density 0.35 on 10 entries: drop 1 outlier, keep the next 4 (see test_breadcrumbs)
 #   T1 = [0, -9, 8, -7, 6, 0, 0, 0, 0, 0]
@@ -23,8 +23,11 @@ def _models() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
 
 def test_registration() -> None:
     m = METHODS.get("breadcrumbs_ties")
-    assert m.func is ties_merge
+    assert m.func is breadcrumbs_ties_merge
     assert m.sparsifier == "breadcrumbs"
+    assert m.sparsifier_defaults == {"density": 1.0}  # mergekit: no trim unless asked
+    normalize = next(p for p in m.params if p.name == "normalize")
+    assert normalize.default is False  # mergekit: breadcrumbs_ties sums the agreeing entries
 
 
 # weights 1, 1: sums [1, -8, 9, -6, 6, 0 ...] -> signs + - + - + (+ ...)

@@ -1,7 +1,9 @@
-"""DARE + Task Arithmetic: per-(seed, model, tensor) Bernoulli keep mask, 1/density, weighted sum."""
+"""DARE + Task Arithmetic: per-(seed, model, tensor) Bernoulli keep mask, rescale (mergekit's L1
+norm matching by default, the paper's 1/density with ``rescale_rule: density``), weighted sum."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +23,7 @@ def test_registration() -> None:
     m = METHODS.get("dare_linear")
     assert m.func is task_arithmetic
     assert m.sparsifier == "random"
-    assert m.sparsifier_defaults == {"density": 0.1}
+    assert m.sparsifier_defaults == {"density": 1.0}  # mergekit: no drop unless asked
 
 
 def test_density_one_is_task_arithmetic() -> None:
@@ -42,7 +44,8 @@ def test_masks_rescale_and_weights() -> None:
     models = [{"w": torch.full(shape, 1.0)}, {"w": torch.full(shape, 4.0)}]
     # density 0.5 -> kept entries doubled; weights 1 and 0.5, lambda 1:
     #   out = 2 * 1 * m0 + 2 * 4 * 0.5 * m1 = 2 m0 + 4 m1  (each entry in {0, 2, 4, 6})
-    out = merge_state_dicts(base, models, "dare_linear", parameters={"density": 0.5},
+    out = merge_state_dicts(base, models, "dare_linear",
+                            parameters={"density": 0.5, "rescale_rule": "density"},
                             model_parameters=[{"weight": 1.0}, {"weight": 0.5}], seed=7)["w"]
     m0 = _mask(7, 0, "w", shape, 0.5)
     m1 = _mask(7, 1, "w", shape, 0.5)
@@ -68,9 +71,26 @@ def test_default_density_and_seed_zero() -> None:
     shape = (10, 10)
     base = {"w": torch.zeros(shape)}
     models = [{"w": torch.full(shape, 0.5)}]
-    out = merge_state_dicts(base, models, "dare_linear")["w"]  # density 0.1, seed 0
+    # mergekit's default density 1.0: no drop, the task vector as it is
+    assert torch.equal(merge_state_dicts(base, models, "dare_linear")["w"], models[0]["w"])
+    out = merge_state_dicts(base, models, "dare_linear",  # seed 0
+                            parameters={"density": 0.1, "rescale_rule": "density"})["w"]
     m = _mask(0, 0, "w", shape, 0.1)
     assert torch.equal(out, torch.where(m, 5.0, 0.0))  # 0.5 / 0.1 = 5 (float32: 5.0 exactly)
+
+
+def test_l1_rescale_is_mergekits_default() -> None:
+    """rescale: true keeps each task vector's L1 norm: kept entries x (sum|tau| / sum|kept|)."""
+    shape = (10, 10)
+    base = {"w": torch.zeros(shape)}
+    tau = torch.arange(1.0, 101.0).reshape(shape) / 64  # exact in float32
+    out = merge_state_dicts(base, [{"w": tau}], "dare_linear", parameters={"density": 0.3},
+                            seed=4)["w"]
+    m = _mask(4, 0, "w", shape, 0.3)
+    kept = tau * m
+    factor = tau.abs().sum() / kept.abs().sum()
+    assert torch.equal(out, kept * factor)
+    assert float(out.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-6)
 
 
 def test_zero_task_vectors_give_base() -> None:
@@ -126,7 +146,8 @@ def test_model_index_matters() -> None:
     shape = (6, 6)
     base = {"w": torch.zeros(shape)}
     m = {"w": torch.ones(shape)}
-    out = merge_state_dicts(base, [m, m], "dare_linear", parameters={"density": 0.5},
+    out = merge_state_dicts(base, [m, m], "dare_linear",
+                            parameters={"density": 0.5, "rescale_rule": "density"},
                             model_parameters=[{"weight": 1.0}, {"weight": 10.0}])["w"]
     m0, m1 = _mask(0, 0, "w", shape, 0.5), _mask(0, 1, "w", shape, 0.5)
     assert not torch.equal(m0, m1)

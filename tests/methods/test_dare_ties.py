@@ -1,4 +1,6 @@
-"""DARE + TIES: seeded Bernoulli drop with 1/density rescale, then TIES election and merge."""
+"""DARE + TIES: seeded Bernoulli drop with rescale, then TIES election and merge; mergekit's
+defaults (density 1.0, L1 rescale, normalize false = dis-sum); the paper's 1/density rescale and
+disjoint mean by ``rescale_rule: density`` and ``aggregate: mean``."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergewise import METHODS, merge_state_dicts
-from mergewise.methods.ties import ties_merge
+from mergewise.methods.dare_ties import dare_ties_merge
 from mergewise.rng import tensor_generator
 
 
@@ -18,9 +20,10 @@ def _mask(seed: int, model: int, name: str, shape: tuple[int, ...], density: flo
 
 def test_registration() -> None:
     m = METHODS.get("dare_ties")
-    assert m.func is ties_merge
+    assert m.func is dare_ties_merge
     assert m.sparsifier == "random"
-    assert m.sparsifier_defaults == {"density": 0.1}
+    assert m.sparsifier_defaults == {"density": 1.0}
+    assert next(p for p in m.params if p.name == "normalize").default is False
 
 
 def test_density_one_is_ties_without_trim() -> None:
@@ -33,9 +36,16 @@ def test_density_one_is_ties_without_trim() -> None:
     out = merge_state_dicts(base, models, "dare_ties",
                             parameters={"density": 1.0, "aggregate": "sum"})
     assert torch.equal(out["w"], torch.tensor([[3.0, -5.0, 4.0], [0.0, 4.0, 2.0]]))
-    # mean (default): [[1.5, -2.5, 2], [0, 4, 2]], lambda 2
-    out = merge_state_dicts(base, models, "dare_ties", parameters={"density": 1.0, "lambda": 2.0})
+    # mean: [[1.5, -2.5, 2], [0, 4, 2]], lambda 2
+    out = merge_state_dicts(base, models, "dare_ties",
+                            parameters={"density": 1.0, "lambda": 2.0, "aggregate": "mean"})
     assert torch.equal(out["w"], torch.tensor([[3.0, -5.0, 4.0], [0.0, 8.0, 4.0]]))
+    # the default (mergekit's normalize: false) is the sum, as aggregate: sum
+    out = merge_state_dicts(base, models, "dare_ties")
+    assert torch.equal(out["w"], torch.tensor([[3.0, -5.0, 4.0], [0.0, 4.0, 2.0]]))
+    # normalize: true divides by the sum of the agreeing models' weights (here their count)
+    out = merge_state_dicts(base, models, "dare_ties", parameters={"normalize": True})
+    assert torch.equal(out["w"], torch.tensor([[1.5, -2.5, 2.0], [0.0, 4.0, 2.0]]))
 
 
 def test_election_on_dropped_and_rescaled_vectors() -> None:
@@ -45,7 +55,8 @@ def test_election_on_dropped_and_rescaled_vectors() -> None:
     # tau = +1 and -3; density 0.5 -> kept ones become +2 and -6.
     #   both kept: sum -4 -> -, only -6 agrees -> -6
     #   only model 0: +2;  only model 1: -6;  neither: 0
-    out = merge_state_dicts(base, models, "dare_ties", parameters={"density": 0.5}, seed=5)["w"]
+    out = merge_state_dicts(base, models, "dare_ties", parameters={
+        "density": 0.5, "rescale_rule": "density"}, seed=5)["w"]
     m0 = _mask(5, 0, "w", shape, 0.5)
     m1 = _mask(5, 1, "w", shape, 0.5)
     tau = torch.where(m1, -6.0, torch.where(m0, 2.0, 0.0))
@@ -62,7 +73,8 @@ def test_weights_flip_the_election_weighted_mean() -> None:
     #   both: sum +2 -> +, only model 0 agrees: 8 / 4 = 2 (weighted_mean divides by its weight)
     #   only model 0: 8 / 4 = 2;  only model 1: -6 / 1 = -6;  neither: 0
     out = merge_state_dicts(base, models, "dare_ties",
-                            parameters={"density": 0.5, "aggregate": "weighted_mean"},
+                            parameters={"density": 0.5, "normalize": True,
+                                        "rescale_rule": "density"},
                             model_parameters=[{"weight": 4.0}, {"weight": 1.0}], seed=2)["w"]
     m0 = _mask(2, 0, "w", shape, 0.5)
     m1 = _mask(2, 1, "w", shape, 0.5)
@@ -105,7 +117,8 @@ def test_property_order_free_and_seeded(seed: int, perm: list[str]) -> None:
 @given(seed=st.integers(0, 2**31 - 1), data_seed=st.integers(0, 1000))
 def test_property_sign_agrees_with_election(seed: int, data_seed: int) -> None:
     base, models = _sds(["x.weight", "y.weight", "z"], data_seed)
-    out = merge_state_dicts(base, models, "dare_ties", parameters={"density": 0.5}, seed=seed)
+    out = merge_state_dicts(base, models, "dare_ties", parameters={
+        "density": 0.5, "rescale_rule": "density"}, seed=seed)
     for n in base:
         dropped = [(m[n] - base[n]) * _mask(seed, i, n, tuple(base[n].shape), 0.5) / 0.5
                    for i, m in enumerate(models)]

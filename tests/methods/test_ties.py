@@ -30,7 +30,8 @@ def test_registration() -> None:
     assert m.func is ties_merge
     assert m.space == "delta"
     assert m.sparsifier == "magnitude"
-    assert m.sparsifier_defaults == {"density": 0.2}
+    assert m.sparsifier_defaults == {}  # magnitude's density 1.0: mergekit trims only if asked
+    assert next(p for p in m.params if p.name == "normalize").default is True
 
 
 def test_mean_with_zero_sum_election() -> None:
@@ -87,8 +88,10 @@ def test_one_element_zero_sum_and_inputs_untouched() -> None:
     out = ties_merge(torch.tensor([5.0]), [a, b], [1.0, 1.0])  # sum 0 -> + -> 1
     assert torch.equal(out, torch.tensor([6.0]))
     assert torch.equal(a, torch.tensor([-1.0])) and torch.equal(b, torch.tensor([1.0]))
-    out = ties_merge(torch.tensor([5.0]), [a, b], [2.0, 1.0])  # -2 + 1 < 0 -> -2
-    assert torch.equal(out, torch.tensor([3.0]))
+    out = ties_merge(torch.tensor([5.0]), [a, b], [2.0, 1.0], aggregate="mean")  # -2 + 1 < 0
+    assert torch.equal(out, torch.tensor([3.0]))  # -> -2 / one agreeing model
+    out = ties_merge(torch.tensor([5.0]), [a, b], [2.0, 1.0])  # normalize: -2 / its weight 2
+    assert torch.equal(out, torch.tensor([4.0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -138,12 +141,20 @@ def _ones_base_sds() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tens
     return {"w": base.clone()}, [{"w": base + d} for d in (D1, D2, D3)]
 
 
-def test_api_default_density_keeps_one_of_six() -> None:
+def test_api_density_keeps_one_of_six() -> None:
     base, models = _ones_base_sds()
     # density 0.2 on 6 -> round-half-up(1.2) = 1: D1 keeps 4 (flat 4), D2 -4 (flat 4),
     # D3 2 (flat 5). Flat 4: 4 - 4 = 0 -> + -> 4. Flat 5: 2.
-    out = merge_state_dicts(base, models, "ties")
+    out = merge_state_dicts(base, models, "ties", parameters={"density": 0.2})
     assert torch.equal(out["w"], torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 3.0]]))
+
+
+def test_api_default_density_is_no_trim() -> None:
+    """mergekit's default density 1.0: every entry votes (ties_merge on the whole vectors)."""
+    base, models = _ones_base_sds()
+    out = merge_state_dicts(base, models, "ties")
+    deltas = [m["w"] - base["w"] for m in models]
+    assert torch.equal(out["w"], ties_merge(base["w"], deltas, [1.0, 1.0, 1.0]))
 
 
 def test_api_trim_half() -> None:
@@ -358,7 +369,9 @@ def test_api_bf16_inputs_against_float64_reference() -> None:
     up = {n: t.double() for n, t in base.items()}
     ref = merge_state_dicts(up, [{n: t.double() for n, t in m.items()} for m in models], "ties",
                             parameters=params, model_parameters=weights, dtype="float64")
-    ref_hand = _reference_ties(base, models, [0.5] * 3, [1.0, 0.5, 1.5], 0.8, "mean", "tensor")
+    # the default normalize: true divides by the agreeing models' weights
+    ref_hand = _reference_ties(base, models, [0.5] * 3, [1.0, 0.5, 1.5], 0.8, "weighted_mean",
+                               "tensor")
     for n in base:
         assert out[n].dtype == torch.bfloat16
         assert ref[n].dtype == torch.float64

@@ -1,4 +1,5 @@
-"""DARE random drop: Bernoulli keep mask from the given generator, kept entries scaled 1/density."""
+"""DARE random drop: Bernoulli keep mask from the given generator; kept entries rescaled to the
+tensor's L1 norm (mergekit's rescale) or by 1/density (``rescale_rule: density``, the paper)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_density_one_is_identity() -> None:
 
 def test_rescale_by_inverse_density() -> None:
     delta = torch.tensor([[1.0, -2.0, 3.0], [0.5, -0.25, 4.0]])
-    out = random_drop(delta, density=0.5, generator=_gen(3))
+    out = random_drop(delta, density=0.5, rescale_rule="density", generator=_gen(3))
     kept = out != 0
     # every entry is either dropped or exactly doubled (1 / 0.5)
     assert torch.equal(out[kept], delta[kept] * 2.0)
@@ -43,6 +44,20 @@ def test_rescale_by_inverse_density() -> None:
     # and the mask is the generator's first draw of uniforms below 0.5
     expected_keep = torch.rand(delta.shape, generator=_gen(3)) < 0.5
     assert torch.equal(kept, expected_keep)
+
+
+def test_rescale_to_l1_norm_by_default() -> None:
+    """mergekit's rule: kept entries x (sum |delta| / sum |kept|), computed in the dtype."""
+    delta = torch.tensor([[1.0, -2.0, 3.0], [0.5, -0.25, 4.0]])  # sum |.| = 10.75
+    out = random_drop(delta, density=0.5, generator=_gen(3))
+    keep = torch.rand(delta.shape, generator=_gen(3)) < 0.5
+    kept = delta * keep
+    assert torch.equal(out, kept * (delta.abs().sum() / kept.abs().sum()))
+    assert float(out.abs().sum()) == pytest.approx(10.75, rel=1e-6)
+    # a tensor whose kept entries have (almost) no mass is left unscaled, as mergekit
+    tiny = torch.full((8,), 1e-9)
+    out = random_drop(tiny, density=0.5, generator=_gen(1))
+    assert torch.equal(out, tiny * (torch.rand(8, generator=_gen(1)) < 0.5))
 
 
 def test_no_rescale() -> None:
@@ -68,7 +83,7 @@ def test_same_generator_state_same_mask_different_seed_other_mask() -> None:
 
 def test_keep_rate_close_to_density() -> None:
     delta = torch.ones(100, 100)
-    out = random_drop(delta, density=0.25, generator=_gen(7))
+    out = random_drop(delta, density=0.25, rescale_rule="density", generator=_gen(7))
     kept = int((out != 0).sum())
     # Binomial(10000, 0.25): mean 2500, sd 43.3; +-6 sd
     assert 2240 <= kept <= 2760
@@ -76,7 +91,7 @@ def test_keep_rate_close_to_density() -> None:
 
 
 def test_one_element_and_dtypes() -> None:
-    out = random_drop(torch.tensor([3.0]), density=0.5, generator=_gen(0))
+    out = random_drop(torch.tensor([3.0]), density=0.5, rescale_rule="density", generator=_gen(0))
     keep = bool(torch.rand(1, generator=_gen(0))[0] < 0.5)
     assert torch.equal(out, torch.tensor([6.0 if keep else 0.0]))
     d64 = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
@@ -93,7 +108,11 @@ def test_one_element_and_dtypes() -> None:
        density=st.sampled_from([0.1, 0.25, 0.5, 0.8, 0.9]), seed=st.integers(0, 2**31 - 1))
 def test_property_mask_and_rescale(values: list[float], density: float, seed: int) -> None:
     delta = torch.tensor(values)
-    out = random_drop(delta, density=density, generator=_gen(seed))
+    out = random_drop(delta, density=density, rescale_rule="density", generator=_gen(seed))
     keep = torch.rand(delta.shape, generator=_gen(seed)) < density
     assert torch.equal(out != 0, keep)  # values are non-zero: kept == non-zero
     assert torch.equal(out[keep], delta[keep] / density)
+    l1 = random_drop(delta, density=density, generator=_gen(seed))
+    assert torch.equal(l1 != 0, keep)
+    if keep.any():  # the L1 norm is kept (to float32 rounding)
+        assert float(l1.abs().sum()) == pytest.approx(float(delta.abs().sum()), rel=1e-5)

@@ -53,18 +53,21 @@ def test_default_gamma_on_hundred_drops_one_outlier() -> None:
     assert torch.equal(out, expected)
 
 
-def test_keep_capped_by_what_outliers_leave() -> None:
+def test_outliers_capped_by_what_the_kept_leave() -> None:
+    """As mergekit: density >= 1 keeps everything (gamma included); when density + gamma
+    exceed 1 the outliers shrink, never the kept count."""
     delta = torch.tensor([4.0, -1.0, 3.0, 2.0])
-    # gamma 0.25 -> 1 outlier (4); density 1.0 -> 4 wanted, only 3 left: -1 3 2
-    assert torch.equal(breadcrumbs(delta, density=1.0, gamma=0.25),
+    assert torch.equal(breadcrumbs(delta, density=1.0, gamma=0.25), delta)
+    # density 0.75 -> 3 kept; gamma 0.5 -> 2 outliers wanted, 1 left: drop the 4 only
+    assert torch.equal(breadcrumbs(delta, density=0.75, gamma=0.5),
                        torch.tensor([0.0, -1.0, 3.0, 2.0]))
-    # gamma 0.99 -> round-half-up(3.96) = 4, capped at n - 1 = 3 outliers; the smallest survives
+    # density 0.5 -> 2 kept; gamma 0.99 -> 4 wanted, 2 left: the two smallest survive
     assert torch.equal(breadcrumbs(delta, density=0.5, gamma=0.99),
-                       torch.tensor([0.0, -1.0, 0.0, 0.0]))
+                       torch.tensor([0.0, -1.0, 0.0, 2.0]))
 
 
 def test_one_element_empty_zero() -> None:
-    # one element: never an outlier (capped at n - 1 = 0), at least one kept
+    # one element: at least one kept, so never an outlier
     assert torch.equal(breadcrumbs(torch.tensor([-2.0]), density=0.1, gamma=0.5),
                        torch.tensor([-2.0]))
     assert breadcrumbs(torch.zeros(0), density=0.5).shape == (0,)
@@ -87,8 +90,8 @@ def test_property_kept_are_ranks_after_outliers(gamma: float, values: list[int],
     delta = torch.tensor(values, dtype=torch.float32)  # positive, many ties
     n = delta.numel()
     out = breadcrumbs(delta, density=density, gamma=gamma)
-    outliers = min(round_half_up(gamma, n), n - 1)
-    kept = min(keep_count(density, n), n - outliers)
+    kept = n if density >= 1.0 else keep_count(density, n)
+    outliers = 0 if density >= 1.0 else min(round_half_up(gamma, n), n - kept)
     order = torch.sort(delta, descending=True, stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order[outliers:outliers + kept]] = True

@@ -9,8 +9,11 @@ Protocol (why each choice):
   later method (EMR, LOT, RegMean...) gets a row without any change here:
   ``lambda`` in its parameters -> the λ grid (``Grids.lambda_mean`` for mean-like methods: TIES
   family (they declare ``aggregate``) and data-aware solves (``features``); ``lambda_sum``
-  otherwise); a default trim step with a density below 1 -> that sparsifier's density grid
-  (``Grids.density``); ``Grids.method`` adds a method's own choices (LOT's ``tasks``). "X + tadrop"
+  otherwise); a default trim step -> that sparsifier's density grid (``Grids.density``; not for
+  ``Grids.untrimmed`` methods, whose paper form keeps every entry: Task Arithmetic);
+  ``Grids.method`` adds a method's own choices (LOT's ``tasks``); ``Grids.paper`` fixes the
+  settings that make a method the paper's variant where mergewise's defaults follow mergekit
+  (DARE: 1/density rescale and, for DARE-TIES, the disjoint mean). "X + tadrop"
   replaces X's trim step with ``sparsify: {method: tadrop}`` and searches ``drop_rate`` × λ.
   Task-specific methods (EMR) are scored task-aware: each task through its own encoder.
   Weight averaging (``linear``) takes no sparsify block, so its TADrop row is the identical
@@ -61,6 +64,12 @@ class Grids:
         "breadcrumbs": (0.7, 0.9),  # kept after dropping the top 1 % outliers
     })
     drop_rate: tuple[float, ...] = (0.5, 0.7, 0.9, 0.95)  # TADrop target p̄
+    untrimmed: tuple[str, ...] = ("task_arithmetic",)
+    # the papers' variants, where the defaults follow mergekit (measured as published)
+    paper: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "dare_ties": {"aggregate": "mean", "rescale_rule": "density"},
+        "dare_linear": {"rescale_rule": "density"},
+    })
     # A method's own choices searched too (default value first): LOT's Gram weighting
     method: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = field(default_factory=lambda: {
         "lot": (("tasks", ("rows", "equal")),),  # raw token sums (paper) | each task weighs the same
@@ -114,21 +123,26 @@ class Variant:
         return out
 
 
-def _trim_density(method: MergeMethod) -> tuple[str, float] | None:
-    """The method's own trim step (sparsifier name, default density) if it actually trims."""
-    if not method.sparsifier:
+def paper_settings(method: str, grids: Grids, sparsify: bool) -> dict[str, Any]:
+    """The settings that make ``method`` its paper's variant; a ``sparsify`` block replaces the
+    trim step, so the trim's own rescale rule is left out then."""
+    fixed = dict(grids.paper.get(method, {}))
+    return {k: v for k, v in fixed.items() if k != "rescale_rule"} if sparsify else fixed
+
+
+def _trim_step(method: MergeMethod, grids: Grids) -> str | None:
+    """The sparsifier of the method's own trim step, if its paper form trims."""
+    if not method.sparsifier or method.name in grids.untrimmed:
         return None
     sp = SPARSIFIERS.get(method.sparsifier)
-    defaults = {p.name: p.default for p in sp.params}
-    density = method.sparsifier_defaults.get("density", defaults.get("density"))
-    return (sp.name, density) if density is not None and density < 1.0 else None
+    return sp.name if any(p.name == "density" for p in sp.params) else None
 
 
 def variant(name: str, grids: Grids) -> Variant:
     """The row for ``name`` (a registry method, optionally with the ``+tadrop`` suffix)."""
     tadrop = name.endswith(TADROP)
     method = METHODS.get(name.removesuffix(TADROP))
-    fixed: dict[str, Any] = {}
+    fixed = paper_settings(method.name, grids, sparsify=tadrop)
     grid: list[tuple[str, tuple[Any, ...]]] = []
     param_names = {p.name for p in method.params}
     if tadrop and not method.accepts_sparsify:
@@ -146,9 +160,9 @@ def variant(name: str, grids: Grids) -> Variant:
     if tadrop:
         grid.append(("sparsify.drop_rate", grids.drop_rate))
         return Variant(name, method.name, fixed, {"method": "tadrop"}, tuple(grid), omit)
-    trim = _trim_density(method)
-    if trim is not None and trim[0] in grids.density:
-        grid.append(("density", grids.density[trim[0]]))
+    trim = _trim_step(method, grids)
+    if trim is not None and trim in grids.density:
+        grid.append(("density", grids.density[trim]))
     return Variant(name, method.name, fixed, None, tuple(grid), omit)
 
 

@@ -45,6 +45,7 @@ from .runner import (
     load_zoo,
     merge,
     merge_spec,
+    paper_settings,
     realised_drop_rate,
     run_context,
     variant,
@@ -78,7 +79,8 @@ def _lambdas(method: str) -> tuple[float, ...]:
 
 def arm(label: str, method: str, parameters: dict[str, Any] | None = None,
         sparsify: dict[str, Any] | None = None) -> Variant:
-    return Variant(label, method, dict(parameters or {}), sparsify, (("lambda", _lambdas(method)),))
+    fixed = {**paper_settings(method, Grids(), sparsify is not None), **(parameters or {})}
+    return Variant(label, method, fixed, sparsify, (("lambda", _lambdas(method)),))
 
 
 def uniform_arm(method: str, p: float) -> Variant:

@@ -1,12 +1,14 @@
 """Model Breadcrumbs (Davari & Belilovsky 2023) + Task Arithmetic.
 
 Per tensor, drop the largest ``gamma`` fraction of |tau| (outliers, default 0.01) and keep the
-next ``density`` fraction (default 0.9, mergekit's documented example), no rescale; then
-theta = theta0 + lambda * sum_k w_k tau_k.
+next ``density`` fraction, no rescale; then theta = theta0 + lambda * sum_k w_k tau_k.
+``density`` defaults to 1.0, which (as in mergekit) keeps every entry, gamma included: give
+both, e.g. ``density: 0.9, gamma: 0.01``.
 
 | question            | mergewise                                                  |
 |---------------------|------------------------------------------------------------|
 | trim                | per tensor: drop top gamma, keep next density, ties by index |
+| defaults            | density 1.0 (no trim), gamma 0.01 (mergekit)               |
 | rescale             | none                                                       |
 | sign election       | none                                                       |
 | aggregation         | weighted sum (``normalize`` divides by sum of weights)     |
@@ -17,14 +19,15 @@ theta = theta0 + lambda * sum_k w_k tau_k.
 
 from __future__ import annotations
 
-from ..registry import LAMBDA, METHODS, MergeMethod
-from .task_arithmetic import NORMALIZE_OFF, task_arithmetic
+from ..registry import METHODS, MergeMethod
+from .task_arithmetic import TA_PARAMS, task_arithmetic
 
 METHODS.register(MergeMethod(
     name="breadcrumbs",
     func=task_arithmetic,
     space="delta",
-    params=(LAMBDA, NORMALIZE_OFF),
+    params=TA_PARAMS,
     doc=__doc__ or "",
     sparsifier="breadcrumbs",
+    sparsifier_defaults={"density": 1.0},
 ))

@@ -6,6 +6,7 @@
 | keep fraction       | ``density`` (keep), default 1.0 = no trim                   |
 | sign election       | none                                                        |
 | aggregation         | sum of weighted task vectors; ``normalize: true`` divides by sum of weights |
+| int8_mask           | accepted (mergekit), no effect                              |
 | global scale        | ``lambda`` (default 1.0)                                    |
 | rescale             | none                                                        |
 | RNG                 | none                                                        |
@@ -21,24 +22,26 @@ from collections.abc import Sequence
 import torch
 
 from ..numerics import divide_by_weight_sum, weighted_sum
-from ..registry import LAMBDA, METHODS, MergeMethod, Param
+from ..registry import INT8_MASK, LAMBDA, METHODS, MergeMethod, normalize_param
 
 
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                    *, lam: float = 1.0, normalize: bool = False) -> torch.Tensor:
+                    *, lam: float = 1.0, normalize: bool = False,
+                    int8_mask: bool = False) -> torch.Tensor:
     tau = weighted_sum(tensors, weights)
     if normalize:
         divide_by_weight_sum(tau, weights, "task_arithmetic")
     return base + lam * tau
 
 
-NORMALIZE_OFF = Param("normalize", False, bool, "divide the sum by the sum of the model weights")
+# the parameters of mergekit's task-arithmetic methods without a sign vote
+TA_PARAMS = (LAMBDA, normalize_param(False), INT8_MASK)
 
 METHODS.register(MergeMethod(
     name="task_arithmetic",
     func=task_arithmetic,
     space="delta",
-    params=(LAMBDA, NORMALIZE_OFF),
+    params=TA_PARAMS,
     doc=__doc__ or "",
     sparsifier="magnitude",
     sparsifier_defaults={"density": 1.0},

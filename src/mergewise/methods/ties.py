@@ -1,24 +1,30 @@
-"""TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+"""TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge; mergekit's semantics.
 
-1. Trim: each task vector keeps its top ``density`` by |tau| (default 0.2, the paper's k = 20),
-   exact count, ties by index; per tensor by default, ``scope: global`` model-wide (the paper).
+1. Trim: each task vector keeps its top ``density`` by |tau|, exact count
+   round-half-up(density x n), ties by index; per tensor by default, ``scope: global``
+   model-wide (the paper). ``density`` defaults to 1.0 (no trim), as in mergekit; the paper's
+   k = 20% is ``density: 0.2``.
 2. Weight: tau_k <- w_k * tau_k (per-model ``weight``, before the vote, as mergekit does).
-3. Elect: sign = sign(sum_k tau_k); an exact 0 sum counts as + (the paper's code resolves 0 to
-   the global majority; we pick a fixed, order-free rule).
+3. Elect: sign = sign(sum_k tau_k); an exact 0 sum counts as + (mergekit's rule; the paper's
+   code resolves 0 to the global majority).
 4. Disjoint merge over the entries that are non-zero and agree with the elected sign:
-   ``aggregate: mean`` (default, paper dis-mean: divide by their count), ``sum`` (dis-sum, the
-   8-task ViT setting), ``weighted_mean`` (mergekit's normalize: divide by the sum of their
-   weights). Entries nobody agrees on stay 0.
-5. theta = theta0 + lambda * tau_merged (``lambda`` default 1.0).
+   ``normalize: true`` (default, mergekit) divides their sum by the sum of their models'
+   weights (with unit weights, exactly the paper's disjoint mean); ``normalize: false`` keeps
+   the sum (dis-sum). ``aggregate`` overrides it: ``mean`` divides by the count of agreeing
+   models (the paper's code with weights), ``sum``, ``weighted_mean``. Entries nobody agrees
+   on stay 0.
+5. theta = theta0 + lambda * tau_merged (``lambda`` default 1.0, applied after the division).
 
 | question            | mergewise                                             |
 |---------------------|-------------------------------------------------------|
 | trim scope          | per tensor (``scope: tensor``), or ``global``         |
-| keep fraction       | ``density`` (keep), default 0.2                        |
+| keep fraction       | ``density`` (keep), default 1.0 (mergekit)            |
+| keep count          | round-half-up(density x n), ties by index (mergekit: int(), unstable argsort) |
 | sign election input | weighted, trimmed task vectors; sum; 0 counts as +    |
-| aggregation         | mean over agreeing non-zero entries (``aggregate``)  |
+| aggregation         | ``normalize`` (mergekit, default true) or ``aggregate`` |
 | global scale        | ``lambda`` 1.0                                        |
 | rescale             | none                                                  |
+| int8_mask           | accepted, no effect (masks are bool; mergekit's too)  |
 | RNG                 | none                                                  |
 | math dtype          | ``dtype`` (float32 default)                           |
 """
@@ -30,15 +36,20 @@ from collections.abc import Sequence
 import torch
 
 from ..numerics import weighted_sum
-from ..registry import LAMBDA, METHODS, MergeMethod, Param
+from ..registry import INT8_MASK, LAMBDA, METHODS, MergeMethod, Param, normalize_param
 
-AGGREGATE = Param("aggregate", "mean", str,
-                  "how agreeing entries combine: mean (paper), sum, weighted_mean (mergekit)",
+AGGREGATE = Param("aggregate", None, str,
+                  "overrides normalize: mean (the paper: divide by the count of agreeing "
+                  "models), sum, weighted_mean (divide by the sum of their weights)",
                   choices=("mean", "sum", "weighted_mean"))
+def aggregation(normalize: bool, aggregate: str | None) -> str:
+    """The disjoint-merge rule: ``aggregate`` when given, else mergekit's ``normalize``."""
+    return aggregate or ("weighted_mean" if normalize else "sum")
 
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-               *, lam: float = 1.0, aggregate: str = "mean") -> torch.Tensor:
+               *, lam: float = 1.0, normalize: bool = True, aggregate: str | None = None,
+               int8_mask: bool = False) -> torch.Tensor:
     """Elect + disjoint merge of already-trimmed task vectors (shared by the *_ties methods).
 
     Written for speed on large tensors (preallocated scratch buffers instead of fresh
@@ -46,6 +57,7 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     agree = w*tau * sign > 0; merged += where(agree, w*tau, 0); divisor = count of agreeing
     models (0 -> 1); base + lambda * merged/divisor.
     """
+    aggregate = aggregation(normalize, aggregate)
     total = weighted_sum(tensors, weights)
     agree = torch.ge(total, 0)  # scratch mask from here on
     disagree = torch.empty_like(agree)
@@ -93,8 +105,7 @@ METHODS.register(MergeMethod(
     name="ties",
     func=ties_merge,
     space="delta",
-    params=(LAMBDA, AGGREGATE),
+    params=(LAMBDA, normalize_param(True), AGGREGATE, INT8_MASK),
     doc=__doc__ or "",
     sparsifier="magnitude",
-    sparsifier_defaults={"density": 0.2},
 ))

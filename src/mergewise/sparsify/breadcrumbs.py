@@ -1,9 +1,10 @@
 """Model Breadcrumbs: drop the top ``gamma`` fraction (outliers) and keep the next ``density``.
 
-Per tensor, entries are ranked by |tau| (ties by index). The first round-half-up(gamma x n) are
-dropped as outliers (none when gamma = 0), the next round-half-up(density x n) are kept (at
-least one, capped at what the outliers leave), the rest dropped. No rescaling (mergekit and the
-paper's default).
+Per tensor, entries are ranked by |tau| (ties by index). round-half-up(density x n) entries are
+kept (at least one): those right after the first round-half-up(gamma x n) outliers, which are
+dropped; when density + gamma exceed 1 the outliers shrink to what the kept ones leave (as
+mergekit). density >= 1 keeps the tensor as it is, gamma included (mergekit). No rescaling
+(mergekit and the paper's default).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from ..selection import keep_count, round_half_up, topk_mask
 def breadcrumbs(delta: torch.Tensor, *, density: float, gamma: float = 0.01,
                 generator: torch.Generator | None = None, stats: Any = None) -> torch.Tensor:
     n = delta.numel()
-    if n == 0:
+    if n == 0 or density >= 1.0:
         return delta
-    outliers = min(round_half_up(gamma, n), n - 1)
-    kept = min(keep_count(density, n), n - outliers)
+    kept = keep_count(density, n)
+    outliers = min(round_half_up(gamma, n), n - kept)
     mag = delta.abs()
     mask = topk_mask(mag, outliers + kept)
     if outliers:
