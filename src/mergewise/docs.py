@@ -11,7 +11,8 @@ from .registry import METHODS, SPARSIFIERS, Param
 def _row(p: Param, scope: str) -> str:
     kind = p.type_text(sep=" \\| ")
     help_text = p.help.replace("|", "\\|")
-    return f"| `{p.name}` | {kind} | `{p.default!r}` | {scope} | {help_text} |"
+    default = "required" if p.required else f"`{p.default!r}`"
+    return f"| `{p.name}` | {kind} | {default} | {scope} | {help_text} |"
 
 
 HEADER = "| parameter | type | default | scope | meaning |\n|---|---|---|---|---|"

@@ -362,6 +362,22 @@ def _check_keys(recipe: Recipe, method: MergeMethod, per_model: list[dict[str, P
                                                        set(per_model[i]), recipe))
 
 
+def _check_required(recipe: Recipe, method: MergeMethod, per_model: list[dict[str, Param]]
+                    ) -> None:
+    """A required parameter must be given: method-wide ones in ``parameters``, per-model ones
+    there or in every model's own ``parameters``."""
+    for p in method.params:
+        if p.required and p.name not in recipe.parameters:
+            raise RecipeError(f"parameters: merge_method {method.name} needs '{p.name}' "
+                              f"({p.help})")
+    for i, (entry, specs) in enumerate(zip(recipe.models, per_model, strict=True)):
+        for p in specs.values():
+            if p.required and p.name not in entry.parameters and p.name not in recipe.parameters:
+                raise RecipeError(f"models.{i}.parameters: merge_method {method.name} needs "
+                                  f"'{p.name}' for every model ({p.help}); give it per model "
+                                  "or in the top-level parameters")
+
+
 def _check_global_scope(recipe: Recipe) -> None:
     places: Sequence[Mapping[str, Any]] = [
         recipe.parameters, *(m.parameters for m in recipe.models), recipe.sparsify or {},
@@ -386,6 +402,7 @@ def resolve_job(recipe: Recipe) -> JobParams:
         per_model.append(specs)
         steps.append(step)
     _check_keys(recipe, method, per_model)
+    _check_required(recipe, method, per_model)
     _check_global_scope(recipe)
     models = tuple(
         ModelParams(i, entry.task_name,

@@ -32,6 +32,9 @@ class Param:
     # For kind=list: the item type, and an extra check of the whole value (returns an error text)
     item_kind: type | None = None
     validate: Callable[[Any], str | None] | None = None
+    # required: no default; a recipe must give it (method-wide, or for every model); ``default``
+    # is then only what the docs show (None)
+    required: bool = False
 
     @property
     def python_name(self) -> str:
@@ -94,7 +97,8 @@ class Param:
         return kind
 
     def describe(self) -> str:
-        return f"{self.name} ({self.type_text()}, default {self.default!r}): {self.help}"
+        default = "required" if self.required else f"default {self.default!r}"
+        return f"{self.name} ({self.type_text()}, {default}): {self.help}"
 
 
 # Shared parameter declarations, so every method spells them the same way.
