@@ -81,12 +81,16 @@ def recipes(fam: Any) -> dict[str, dict[str, Any]]:
 
 
 def _file_hash(path: Path) -> str:
-    """sha256 of the file; for safetensors, without the header's machine-specific paths."""
+    """sha256 of the file; for safetensors, without the header's machine-specific paths and
+    the recipe copy."""
     raw = path.read_bytes()
     if path.suffix == ".safetensors":
         n = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + n])
         header.get("__metadata__", {}).pop("base_model", None)
+        # the recipe text is hashed through mergewise_recipe.yaml: the weights' hash must not
+        # move when only the recipe's spelling does
+        header.get("__metadata__", {}).pop("mergewise_recipe", None)
         raw = json.dumps(header, sort_keys=True).encode() + raw[8 + n:]
     return hashlib.sha256(raw).hexdigest()
 
