@@ -158,7 +158,7 @@ def test_exact_values_through_files(family_bf16: Family, tmp_path: Path) -> None
 
 def test_filter_lists_apply_per_tensor(family_f32: Family, tmp_path: Path) -> None:
     data = recipe_for(family_f32, "task_arithmetic", parameters={
-        "lambda": [{"filter": "*mlp*", "value": 0.0}, {"filter": "*embed_tokens*", "value": 0.0},
+        "lambda": [{"glob": "*mlp*", "value": 0.0}, {"glob": "*embed_tokens*", "value": 0.0},
                    {"value": 1.0}]})
     merge(data, tmp_path / "out")
     out = load_dir(tmp_path / "out")

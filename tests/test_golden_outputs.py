@@ -52,7 +52,7 @@ def recipes(fam: Any) -> dict[str, dict[str, Any]]:
         "task_arithmetic_trim_norm": _ta(fam, "task_arithmetic", parameters={
             "density": 0.4, "normalize": True}),
         "ties_filters": _ta(fam, "ties", parameters={
-            "density": [{"filter": "*mlp*", "value": 0.3}, {"value": 0.2}], "lambda": 1.2}),
+            "density": [{"glob": "*mlp*", "value": 0.3}, {"value": 0.2}], "lambda": 1.2}),
         "ties_global_weighted": {**_ta(fam, "ties"), "models": w, "parameters": {
             "density": 0.3, "scope": "global", "aggregate": "weighted_mean"}},
         "ties_sum_bf16": _ta(fam, "ties", parameters={"aggregate": "sum"}, dtype="bfloat16"),
@@ -61,7 +61,7 @@ def recipes(fam: Any) -> dict[str, dict[str, Any]]:
         "breadcrumbs": _ta(fam, "breadcrumbs", parameters={"density": 0.8, "gamma": 0.05}),
         "breadcrumbs_ties": _ta(fam, "breadcrumbs_ties"),
         "slerp_filters": {"merge_method": "slerp", "models": two, "parameters": {
-            "t": [{"filter": "*self_attn*", "value": 0.2}, {"filter": "*mlp*", "value": 0.9},
+            "t": [{"glob": "*self_attn*", "value": 0.2}, {"glob": "*mlp*", "value": 0.9},
                   {"value": 0.5}]}},
         "slerp_base_first": {"merge_method": "slerp", "base_model": _rel(fam.base),
                              "models": two[:1], "parameters": {"t": 0.3}},

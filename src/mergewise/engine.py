@@ -92,6 +92,13 @@ class MergeJob:
         self.reference = base if base is not None else models[0]
         out = FLOAT_DTYPES[recipe.out_dtype] if recipe.out_dtype else None
         self.tensors: list[TensorPlan] = plan_tensors(self.reference, list(models), out)
+        self._t = {p.name: p.t for p in self.tensors}
+        unmatched = self.params.unmatched(self._t)
+        if unmatched:
+            raise RecipeError(f"filter(s) matching no tensor of {self.reference.label}: "
+                              f"{'; '.join(unmatched)}; a filter is a substring of tensor "
+                              "names (as in mergekit), e.g. 'self_attn' or 'mlp'; "
+                              "{glob: '*.mlp.*'} for a shell pattern")
         self.features: list[FeatureStats] | None = None
         if features is not None:
             self.set_features(features)
@@ -150,7 +157,7 @@ class MergeJob:
                   info: dict[str, Any] | None) -> torch.Tensor:
         step = slot.step
         assert step is not None
-        params = step.params(name)
+        params = step.params(name, self._t[name])
         gen = (tensor_generator(self.recipe.seed, slot.index, name)
                if step.sparsifier.random else None)
         stats = slot.stats.for_tensor(name) if slot.stats is not None else None
@@ -179,7 +186,8 @@ class MergeJob:
         return deltas
 
     def _method_params(self, plan: TensorPlan, record: dict[str, Any] | None) -> dict[str, Any]:
-        params = {**self.params.method_params(plan.name), **self.params.model_values(plan.name)}
+        params = {**self.params.method_params(plan.name, plan.t),
+                  **self.params.model_values(plan.name, plan.t)}
         if self.method.features:
             if self.features is None:
                 raise FeatureError(f"{self.method.name} needs calibration features for every "
@@ -204,7 +212,7 @@ class MergeJob:
             if record is not None:
                 record["merged_delta_norm"] = 0.0
             return self.base.read(plan.name).clone(), base, None
-        out = self.method.func(base, deltas, self.params.weights(plan.name), **params)
+        out = self.method.func(base, deltas, self.params.weights(plan.name, plan.t), **params)
         if self.method.task_specific:
             out, modulators = out.merged, out.modulators
         if record is not None:
@@ -224,7 +232,7 @@ class MergeJob:
             inputs = [self.load(c, name) for c in self.weight_inputs]
             base = (self.load(self.base, name) if self.method.uses_base and self.base is not None
                     else None)
-            out = self.method.func(base, inputs, self.params.weights(name), **params)
+            out = self.method.func(base, inputs, self.params.weights(name, plan.t), **params)
             base = None
         else:
             out, base, modulators = self._merge_deltas(plan, params, record)
@@ -246,8 +254,8 @@ class MergeJob:
     def run_stats_pass(self, progress: Progress | None = None) -> None:
         for slot in self.slots:
             slot.stats = slot.step.stats_pass(self.first_merged) if slot.step else None
-        observers = [Observer(s.ckpt, s.stats, s.step.params) for s in self.slots
-                     if s.stats is not None and s.step is not None]
+        observers = [Observer(s.ckpt, s.stats, lambda n, st=s.step: st.params(n, self._t[n]))
+                     for s in self.slots if s.stats is not None and s.step is not None]
         if self.base is not None:
             run_stats_pass(self.load, self.base, observers, self.tensors, progress)
 

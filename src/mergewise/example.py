@@ -25,7 +25,7 @@ def build_example(root: Path) -> Path:
                     "parameters": {"weight": 1.0}} for i, e in enumerate(experts)],
         "parameters": {
             "lambda": 1.0,
-            "density": [{"filter": "*mlp*", "value": 0.3}, {"value": 0.2}],
+            "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.2}],
         },
         "dtype": "float32",
         "seed": 0,

@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, ShapeMismatchError
+from .layers import layer_count, layer_index, position
 from .tensors import TensorInfo
 
 MAX_LISTED = 8
@@ -28,6 +29,7 @@ class TensorPlan:
     info: TensorInfo
     out_dtype: torch.dtype
     merged: bool
+    t: float = 0.0  # the tensor's layer position in [0, 1] (parameter gradients)
 
     @property
     def name(self) -> str:
@@ -106,8 +108,10 @@ def plan_tensors(reference: Checkpoint, others: Sequence[Checkpoint],
         raise ShapeMismatchError(
             f"{len(problems)} mismatch(es) between the models and the base: {shown}{more} "
             "(all models must share the base's architecture)")
+    count = layer_count(reference.config, ref_infos)
     plans = [TensorPlan(info, (out_dtype or info.dtype) if info.is_float else info.dtype,
-                        info.is_float) for info in ref_infos.values()]
+                        info.is_float, position(layer_index(info.name), count))
+             for info in ref_infos.values()]
     if not any(p.merged for p in plans):
         raise CheckpointError(f"{reference.label}: no floating-point tensors to merge")
     return plans

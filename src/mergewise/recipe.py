@@ -93,14 +93,15 @@ _ALLOWED_CALIBRATION = list(Calibration.model_fields)
 
 
 _UNION_TAGS = ("bool", "int", "float", "str")
-_VALUE_HELP = ("a number, a string, true/false, a list of numbers or strings, or a list of "
-               "{filter: GLOB, value: X} entries")
+_VALUE_HELP = ("a number, a string, true/false, a list of numbers or strings (a gradient), "
+               "or a list of {filter: TEXT, value: X} entries")
 
 
 def _union_at(loc: tuple[Any, ...]) -> int | None:
     """Index of the first union-branch tag pydantic put in ``loc`` (parameter values)."""
     for i, p in enumerate(loc):
-        if isinstance(p, str) and (p in _UNION_TAGS or p.startswith("list[")):
+        if isinstance(p, str) and (p in _UNION_TAGS or p.startswith("list[")
+                                   or "FilterValue" in p):
             return i
     return None
 
@@ -117,7 +118,12 @@ def _simplify(errors: list[Any]) -> tuple[Any, str | None]:
     value = next((e["input"] for e in group if len(e["loc"]) == i + 1), err["input"])
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         inner = [{**e, "loc": prefix + e["loc"][i + 1:]} for e in group
-                 if e["loc"][i] == "list[FilterValue]"]
+                 if e["loc"][i].startswith("list[") and "FilterValue" in e["loc"][i]]
+        if inner:
+            return _simplify(inner)
+    if isinstance(value, dict):  # one {filter, value} entry
+        inner = [{**e, "loc": prefix + e["loc"][i + 1:]} for e in group
+                 if not e["loc"][i].startswith("list[") and "FilterValue" in e["loc"][i]]
         if inner:
             return _simplify(inner)
     return err, f"{_format_loc(prefix)}: expected {_VALUE_HELP}; got {value!r}"
@@ -135,8 +141,10 @@ def _pydantic_message(exc: ValidationError) -> str:
     where = _format_loc(loc) or "recipe"
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        if len(loc) >= 3 and isinstance(loc[-2], int) and loc[-3] != "models":
-            allowed = ["filter", "value"]  # an entry of a filter list
+        value_maps = ("parameters", "sparsify")
+        if (len(loc) >= 4 and isinstance(loc[-2], int) and loc[-4] in value_maps) \
+                or (len(loc) >= 3 and loc[-3] in value_maps):
+            allowed = ["filter", "glob", "value"]  # an entry of a filter list
         elif len(loc) == 3 and loc[0] == "models":
             allowed = _ALLOWED_MODEL
         elif len(loc) == 4 and loc[0] == "models" and loc[2] == "calibration":

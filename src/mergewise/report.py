@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .layers import layer_index
+
 _KIND_RULES: list[tuple[str, re.Pattern[str]]] = [
     # first: a norm inside the embeddings (BERT's embeddings.LayerNorm) is a norm
     ("norm", re.compile(r"(norm|ln_|\.ln\d|layernorm|layer_norm|LayerNorm)", re.IGNORECASE)),
@@ -32,7 +34,6 @@ _KIND_RULES: list[tuple[str, re.Pattern[str]]] = [
     ("mlp_up", re.compile(r"(up_proj|fc1|c_fc|intermediate\.dense|\.wi\.|\.wi_1\.|lin1|w3\b)")),
     ("mlp_down", re.compile(r"(down_proj|fc2|mlp\.c_proj|\.output\.dense|\.wo\.|lin2|w2\b)")),
 ]
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
 
 
 def module_kind(name: str) -> str:
@@ -43,11 +44,6 @@ def module_kind(name: str) -> str:
                 return "bias"
             return kind
     return "bias" if name.endswith(".bias") else "other"
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
 
 
 ROW_FIELDS = ["task", "tensor", "kind", "layer", "numel", "d", "drop_rate", "kept",

@@ -139,7 +139,7 @@ def test_api_t_per_tensor_filter() -> None:
     a = {"attn.w": torch.tensor([1.0, 0.0]), "mlp.w": torch.tensor([1.0, 2.0])}
     b = {"attn.w": torch.tensor([0.0, 1.0]), "mlp.w": torch.tensor([3.0, 6.0])}
     out = merge_state_dicts(None, [a, b], "slerp",
-                            parameters={"t": [{"filter": "attn.*", "value": 1.0},
+                            parameters={"t": [{"glob": "attn.*", "value": 1.0},
                                               {"value": 0.25}]})
     assert torch.equal(out["attn.w"], b["attn.w"])
     assert torch.equal(out["mlp.w"], torch.tensor([1.5, 3.0]))  # colinear: lerp at 1/4

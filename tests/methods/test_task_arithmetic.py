@@ -107,7 +107,7 @@ def test_api_lambda_per_tensor_filter() -> None:
     base = {"a.weight": torch.zeros(2), "b.weight": torch.zeros(2)}
     models = [{"a.weight": torch.tensor([1.0, 2.0]), "b.weight": torch.tensor([3.0, 4.0])}]
     out = merge_state_dicts(base, models, "task_arithmetic",
-                            parameters={"lambda": [{"filter": "a.*", "value": 2.0},
+                            parameters={"lambda": [{"glob": "a.*", "value": 2.0},
                                                    {"value": 0.0}]})
     assert torch.equal(out["a.weight"], torch.tensor([2.0, 4.0]))
     assert torch.equal(out["b.weight"], torch.tensor([0.0, 0.0]))

@@ -1,49 +1,27 @@
-"""Every parameter rule in one place: value types, filter lists, validation and resolution.
-
-A recipe's parameters are checked once against the plug-ins' declared ``Param``s and compiled
-into one typed ``JobParams`` (``resolve_job``); the engine then asks it one question per tensor
-(``method_params``, ``weights``, ``model_values``, each model's ``step.params``). Values:
-
-- a scalar (or a list, for list-typed parameters) applies to every tensor;
-- a list of ``{filter: GLOB, value: X}`` entries is matched against the tensor name with
-  shell-style globs (``*`` crosses dots, case-sensitive); the first match wins and an entry
-  without ``filter`` matches everything. A per-model value that matches nothing falls back to
-  the method-wide value, then to the parameter's default.
+"""Parameter validation and resolution: a recipe's parameters checked once against the
+plug-ins' declared ``Param``s and compiled into one typed ``JobParams`` (``resolve_job``); the
+engine then asks it one question per tensor (``method_params``, ``weights``, ``model_values``,
+each model's ``step.params``), with the tensor's name and its layer position t (gradients).
+What a value means at a tensor (scalars, gradients, filter lists) is ``values.py``.
 
 Precedence: a model's ``parameters`` over the recipe's ``parameters`` over the declared default
-(with the method's own defaults for its built-in sparsification step). A ``sparsify:`` block
-(per model, else method-wide; a per-model block of the same sparsifier inherits the
-method-wide block's keys) replaces the method's own trim step and takes its parameters from the
-block only.
+(with the method's own defaults for its built-in sparsification step); a per-model value whose
+filter list matches nothing falls through to the next. Method-wide parameters given per model are
+refused (mergekit ignores them silently). A ``sparsify:`` block (per model, else method-wide; a
+per-model block of the same sparsifier inherits the method-wide block's keys) replaces the
+method's own trim step and takes its parameters from the block only.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
-
-from .errors import RecipeError, did_you_mean
-from .registry import METHODS, SPARSIFIERS, MergeMethod, Param, Scalar, Sparsifier
-from .statspass import StatsPass
-
-ListValue = list[float] | list[str]
-
-
-class FilterValue(BaseModel):
-    """One entry of a filter list: ``value`` applies to tensors whose name matches ``filter``."""
-
-    model_config = ConfigDict(extra="forbid")
-    filter: str | None = None
-    value: bool | int | float | str | ListValue
-
-
-ParamValue = bool | int | float | str | list[FilterValue] | ListValue
-Block = Mapping[str, ParamValue]
+from ..errors import RecipeError, did_you_mean
+from ..registry import METHODS, SPARSIFIERS, MergeMethod, Param, Sparsifier
+from ..statspass import StatsPass
+from .values import Block, ParamValue, Value, as_filter_list, compile_value, is_gradient
 
 
 class ModelView(Protocol):
@@ -74,46 +52,6 @@ class Recipe(Protocol):
     def method(self) -> MergeMethod: ...
 
 
-def is_filter_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], FilterValue)
-
-
-def resolve(value: ParamValue | None, tensor_name: str) -> Scalar | None:
-    """The value that applies to ``tensor_name``: scalars apply everywhere; first filter match;
-    None when no entry matches (the caller falls back)."""
-    if value is None or not is_filter_list(value):
-        return value
-    return _compile(value).at(tensor_name)
-
-
-# --- compiled values ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Value:
-    """A parameter value as given in one place of the recipe, compiled once: a constant, or
-    filter rules (regex of the glob, or None for a catch-all) tried in order."""
-
-    constant: Any = None
-    rules: tuple[tuple[re.Pattern[str] | None, Any], ...] | None = None
-
-    def at(self, tensor_name: str) -> Any:
-        if self.rules is None:
-            return self.constant
-        for pattern, value in self.rules:
-            if pattern is None or pattern.match(tensor_name):
-                return value
-        return None
-
-
-def _compile(value: ParamValue) -> Value:
-    if not is_filter_list(value):
-        return Value(constant=value)
-    rules = tuple((None if e.filter is None or e.filter == "*"
-                   else re.compile(fnmatch.translate(e.filter)), e.value)
-                  for e in value)  # type: ignore[union-attr]
-    return Value(rules=rules)
-
-
 @dataclass(frozen=True)
 class Setting:
     """One parameter of one plug-in in a job: the places it may be given, in precedence order;
@@ -122,17 +60,25 @@ class Setting:
     spec: Param
     sources: tuple[Value, ...] = ()
 
-    def at(self, tensor_name: str) -> Any:
+    def at(self, tensor_name: str, t: float = 0.0) -> Any:
         for source in self.sources:
-            value = source.at(tensor_name)
+            value = source.at(tensor_name, t)
             if value is not None:
                 return value
         return self.spec.default
 
+    def unmatched(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        return [u for source in self.sources for u in source.unmatched(names)]
 
-def _setting(spec: Param, *places: Mapping[str, ParamValue] | None) -> Setting:
-    return Setting(spec, tuple(_compile(p[spec.name]) for p in places
-                               if p is not None and spec.name in p))
+
+Place = tuple[str, Block | None]  # (where in the recipe, its parameters)
+
+
+def _setting(spec: Param, *places: Place) -> Setting:
+    return Setting(spec, tuple(compile_value(block[spec.name], spec, f"{where}.{spec.name}")
+                               for where, block in places
+                               if block is not None and spec.name in block))
 
 
 @dataclass(frozen=True)
@@ -144,8 +90,8 @@ class SparsifyStep:
     settings: tuple[Setting, ...]
     from_block: bool
 
-    def params(self, tensor_name: str) -> dict[str, Any]:
-        return {s.spec.python_name: s.at(tensor_name) for s in self.settings}
+    def params(self, tensor_name: str, t: float = 0.0) -> dict[str, Any]:
+        return {s.spec.python_name: s.at(tensor_name, t) for s in self.settings}
 
     def stats_pass(self, first_tensor: str) -> StatsPass | None:
         """The sparsifier's stats pass for this model (None when it needs none); its
@@ -175,25 +121,33 @@ class JobParams:
     models: tuple[ModelParams, ...]
     base_first: bool  # the base is prepended as the first end point (slerp-like, one model)
 
-    def method_params(self, tensor_name: str) -> dict[str, Any]:
-        return {s.spec.python_name: s.at(tensor_name) for s in self.settings}
+    def method_params(self, tensor_name: str, t: float = 0.0) -> dict[str, Any]:
+        return {s.spec.python_name: s.at(tensor_name, t) for s in self.settings}
 
-    def weights(self, tensor_name: str) -> list[float]:
+    def weights(self, tensor_name: str, t: float = 0.0) -> list[float]:
         """One weight per input of the method: per model, and 1 for a prepended base."""
-        ws = [float(m.settings["weight"].at(tensor_name)) if "weight" in m.settings else 1.0
+        ws = [float(m.settings["weight"].at(tensor_name, t)) if "weight" in m.settings else 1.0
               for m in self.models]
         return ([1.0] if self.base_first else []) + ws
 
-    def model_values(self, tensor_name: str) -> dict[str, list[Any]]:
+    def model_values(self, tensor_name: str, t: float = 0.0) -> dict[str, list[Any]]:
         """The method's other per-model parameters (not ``weight``), one value per input (the
         declared default for a prepended base): passed to the method as lists."""
         out: dict[str, list[Any]] = {}
         for p in self.method.model_params:
             if p.name == "weight":
                 continue
-            values = [m.settings[p.python_name].at(tensor_name) for m in self.models]
+            values = [m.settings[p.python_name].at(tensor_name, t) for m in self.models]
             out[p.python_name] = ([p.default] if self.base_first else []) + values
         return out
+
+    def unmatched(self, names: Iterable[str]) -> list[str]:
+        """Every filter entry of the recipe that matches none of ``names``."""
+        names = list(names)
+        settings = [*self.settings,
+                    *(s for m in self.models for s in m.settings.values()),
+                    *(s for m in self.models if m.step for s in m.step.settings)]
+        return list(dict.fromkeys(u for s in settings for u in s.unmatched(names)))
 
 
 def base_is_first_input(method: MergeMethod, has_base: bool, n_models: int) -> bool:
@@ -235,7 +189,7 @@ def _block_settings(sparsifier: Sparsifier, specs: dict[str, Param],
                               f"{sparsifier.name}{did_you_mean(key, specs)}; known: "
                               f"{', '.join(specs) or 'none'}")
         _check_value(specs[key], value, where)
-    return tuple(_setting(p, block_params) for p in specs.values())
+    return tuple(_setting(p, (where, block_params)) for p in specs.values())
 
 
 def sparsify_step(block: Mapping[str, Any], where: str = "sparsify") -> SparsifyStep:
@@ -266,10 +220,17 @@ def _block_of(recipe: Recipe, i: int) -> tuple[Sparsifier | None, dict[str, Para
 
 # --- validation + resolution ---------------------------------------------------------------
 
-def _check_value(param: Param, value: ParamValue, where: str) -> None:
-    if is_filter_list(value):
-        for i, entry in enumerate(value):  # type: ignore[arg-type]
-            param.check(entry.value, f"{where}.{param.name}[{i}]")
+def _check_value(param: Param, value: Any, where: str) -> None:
+    entries = as_filter_list(value)
+    if entries is not None:
+        for i, entry in enumerate(entries):
+            _check_value(param, entry.value, f"{where}.{param.name}[{i}]")
+    elif is_gradient(param, value):
+        if not value:
+            raise RecipeError(f"{where}: '{param.name}' is an empty list; give a value, or "
+                              "gradient anchors over layer depth")
+        for i, anchor in enumerate(value):
+            param.check(anchor, f"{where}.{param.name}[{i}]")
     else:
         param.check(value, where)
 
@@ -320,7 +281,8 @@ def _model_specs(recipe: Recipe, method: MergeMethod, i: int
         settings = _block_settings(sp, sp_specs, block_params, where)
     else:
         specs.update(sp_specs)
-        settings = tuple(_setting(p, recipe.models[i].parameters, recipe.parameters)
+        settings = tuple(_setting(p, (f"models.{i}.parameters", recipe.models[i].parameters),
+                                  ("parameters", recipe.parameters))
                          for p in sp_specs.values())
     return specs, SparsifyStep(sp, settings, from_block)
 
@@ -384,8 +346,10 @@ def _check_global_scope(recipe: Recipe) -> None:
         *((m.sparsify or {}) for m in recipe.models)]
     if any(isinstance(p.get("scope"), str) and p["scope"] == "global" for p in places):
         for src in [recipe.parameters, *(m.parameters for m in recipe.models)]:
-            if is_filter_list(src.get("density")):
-                raise RecipeError("scope: global needs one density per model, not a filter list")
+            if as_filter_list(src.get("density")) is not None or isinstance(src.get("density"),
+                                                                              list):
+                raise RecipeError("scope: global needs one density per model, not a filter list "
+                                  "or a gradient")
 
 
 def resolve_job(recipe: Recipe) -> JobParams:
@@ -406,11 +370,13 @@ def resolve_job(recipe: Recipe) -> JobParams:
     _check_global_scope(recipe)
     models = tuple(
         ModelParams(i, entry.task_name,
-                    {p.python_name: _setting(p, entry.parameters, recipe.parameters)
+                    {p.python_name: _setting(p, (f"models.{i}.parameters", entry.parameters),
+                                             ("parameters", recipe.parameters))
                      for p in method.model_params}, steps[i])
         for i, entry in enumerate(recipe.models))
     return JobParams(method=method,
-                     settings=tuple(_setting(p, recipe.parameters) for p in method.params),
+                     settings=tuple(_setting(p, ("parameters", recipe.parameters))
+                                    for p in method.params),
                      models=models,
                      base_first=base_is_first_input(method, bool(recipe.base_model),
                                                     len(recipe.models)))

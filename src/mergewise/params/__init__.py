@@ -1,0 +1,20 @@
+"""Every parameter rule, in one place: ``values.py`` says what a value means at one tensor
+(scalars, gradients over layer depth, substring and glob filter lists: mergekit's language);
+``job.py`` validates a recipe's parameters against the plug-ins' declarations and resolves
+them once per job into a typed ``JobParams`` that the engine asks one question per tensor."""
+
+from .job import (
+    JobParams,
+    ModelParams,
+    Setting,
+    SparsifyStep,
+    base_is_first_input,
+    resolve_job,
+    sparsify_step,
+    step_specs,
+)
+from .values import FilterValue, ListValue, ParamValue, resolve
+
+__all__ = ["FilterValue", "JobParams", "ListValue", "ModelParams", "ParamValue", "Setting",
+           "SparsifyStep", "base_is_first_input", "resolve", "resolve_job", "sparsify_step",
+           "step_specs"]
