@@ -105,3 +105,60 @@ def test_gradient_anchors_are_each_checked() -> None:
         parse_recipe({**base, "parameters": {"density": []}})
     with pytest.raises(RecipeError, match="gradient"):
         parse_recipe({**base, "parameters": {"density": [0.2, 0.4], "scope": "global"}})
+
+
+# --- base_model rules ---------------------------------------------------------------------------
+
+def _dir_merge(family, tmp_path, data: dict, name: str) -> dict[str, torch.Tensor]:
+    from ckpt_helpers import load_dir, write_recipe
+
+    from mergewise import merge
+    merge(write_recipe(tmp_path / f"{name}.yaml", data), tmp_path / name)
+    return load_dir(tmp_path / name)
+
+
+def test_a_listed_base_is_the_base_for_task_vector_methods(family_f32, tmp_path) -> None:
+    """mergekit: the base in models: is no extra input; its weight does not normalise."""
+    base, experts = str(family_f32.base), [str(e) for e in family_f32.experts]
+    params = {"normalize": True}
+    listed = _dir_merge(family_f32, tmp_path, {
+        "merge_method": "task_arithmetic", "base_model": base, "parameters": params,
+        "models": [{"model": base, "parameters": {"weight": 5.0}},
+                   *({"model": e, "parameters": {"weight": 1.0}} for e in experts)]}, "listed")
+    plain = _dir_merge(family_f32, tmp_path, {
+        "merge_method": "task_arithmetic", "base_model": base, "parameters": params,
+        "models": [{"model": e} for e in experts]}, "plain")
+    assert all(torch.equal(listed[n], plain[n]) for n in plain)
+
+
+def test_slerp_starts_at_the_base_wherever_it_is_listed(family_f32, tmp_path) -> None:
+    base, (a, b) = str(family_f32.base), [str(e) for e in family_f32.experts]
+    first = _dir_merge(family_f32, tmp_path, {"merge_method": "slerp", "base_model": base,
+                                              "models": [a, base], "parameters": {"t": 0.0}},
+                       "first")
+    assert all(torch.equal(first[n], family_tensor) for n, family_tensor in
+               _dir_state(family_f32.base).items())
+    with pytest.raises(RecipeError, match="interpolates from the base"):
+        _dir_merge(family_f32, tmp_path, {"merge_method": "slerp", "base_model": base,
+                                          "models": [a, b]}, "three")
+
+
+def test_a_listed_base_stays_an_input_of_linear(family_f32, tmp_path) -> None:
+    base, (a, _) = str(family_f32.base), [str(e) for e in family_f32.experts]
+    out = _dir_merge(family_f32, tmp_path, {"merge_method": "linear", "base_model": base,
+                                            "models": [base, a]}, "lin")
+    b0, a0 = _dir_state(family_f32.base), _dir_state(family_f32.experts[0])
+    assert all(torch.equal(out[n], (b0[n] + a0[n]) / 2) for n in out)
+
+
+def test_in_memory_the_base_dict_listed_is_the_base() -> None:
+    base, models = _zoo()
+    out = merge_state_dicts(base, [base, *models], "task_arithmetic",
+                            parameters={"normalize": True},
+                            model_parameters=[{"weight": 3.0}, {"weight": 1.0}])
+    assert all(torch.equal(t, torch.ones(2)) for t in out.values())
+
+
+def _dir_state(path) -> dict[str, torch.Tensor]:
+    from ckpt_helpers import load_dir
+    return load_dir(path)

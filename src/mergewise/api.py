@@ -23,11 +23,12 @@ from .checkpoint import StateDictCheckpoint
 from .engine import MergeJob
 from .errors import FeatureError, RecipeError, UnknownTaskError
 from .features import CaptureReport, FeatureSource, FeatureStats, load_stats, obtain, plan_sources
-from .inputs import InputPaths, open_inputs, resolve_inputs
+from .inputs import InputPaths, open_inputs, resolve_inputs, without_listed_base
 from .materialize import TaskModels
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
 from .outputs import CONFIG, HF_TAGALONG_FILES, TOKENIZER_FILES, OutputDirectory, Tagalong, merge_card
+from .params import base_is_special, check_listed_base
 from .plan import PlanSummary
 from .progress import merge_progress
 from .recipe import Recipe, load_recipe, parse_recipe
@@ -72,7 +73,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         raise RecipeError("merge needs an output directory (--out)")
     if target is not None:  # a dry run with --out checks the output path like a real run
         check_output_target(target, overwrite)
-    paths = resolve_inputs(rec, root)
+    rec, paths = without_listed_base(rec, resolve_inputs(rec, root))
     sources = plan_sources(rec, root, paths.models) if rec.method.features else None
     with open_inputs(paths.base, paths.models) as (base, models), \
             contextlib.ExitStack() as stack:
@@ -294,6 +295,14 @@ def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[st
                 seed: int, device: str, features: Any = None) -> MergeJob:
     named = (list(models.items()) if isinstance(models, Mapping)
              else [(f"model_{i}", m) for i, m in enumerate(models)])
+    if base is not None and method in METHODS and base_is_special(METHODS.get(method)):
+        # the base dict itself listed as a model is the base (as a listed base_model path)
+        listed = [i for i, (_, sd) in enumerate(named) if sd is base]
+        if listed:
+            check_listed_base(METHODS.get(method), True, len(named) - len(listed))
+            named = [nm for i, nm in enumerate(named) if i not in listed]
+            if model_parameters is not None:
+                model_parameters = [p for i, p in enumerate(model_parameters) if i not in listed]
     if method in METHODS and METHODS.get(method).features and features is None:
         raise FeatureError(f"{method} needs the calibration statistics of every model: pass "
                            "features=[...] (from mergewise.features.capture) or stats file paths")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import RecipeError
+from .params import base_is_special, check_listed_base, resolve_job
 from .recipe import Recipe
 
 
@@ -43,6 +44,25 @@ class InputPaths:
         """Where a tokenizer is looked for, in order: the explicit ``tokenizer_source``, then
         the base (text calibration data, and the tokenizer files of the output)."""
         return [p for p in (self.tokenizer_source, self.base) if p is not None]
+
+
+def without_listed_base(recipe: Recipe, paths: InputPaths) -> tuple[Recipe, InputPaths]:
+    """Take a ``models:`` entry that is the base itself (same file or directory) out of the
+    inputs when the base has its own role in the method (``params.base_is_special``), as
+    mergekit does; the recipe is re-validated with the remaining models."""
+    method = recipe.method
+    if paths.base is None or not base_is_special(method):
+        return recipe, paths
+    base = paths.base.resolve()
+    keep = [i for i, p in enumerate(paths.models) if p.resolve() != base]
+    check_listed_base(method, True, len(keep))
+    if len(keep) == len(paths.models):
+        return recipe, paths
+    models = [recipe.models[i] for i in keep]
+    trimmed = Recipe.model_validate({**recipe.model_dump(exclude_none=True),
+                                     "models": [m.model_dump(exclude_none=True) for m in models]})
+    resolve_job(trimmed)
+    return trimmed, InputPaths(paths.base, [paths.models[i] for i in keep], paths.tokenizer_source)
 
 
 def resolve_inputs(recipe: Recipe, root: Path | None) -> InputPaths:

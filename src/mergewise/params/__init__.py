@@ -9,6 +9,8 @@ from .job import (
     Setting,
     SparsifyStep,
     base_is_first_input,
+    base_is_special,
+    check_listed_base,
     resolve_job,
     sparsify_step,
     step_specs,
@@ -16,5 +18,5 @@ from .job import (
 from .values import FilterValue, ListValue, ParamValue, resolve
 
 __all__ = ["FilterValue", "JobParams", "ListValue", "ModelParams", "ParamValue", "Setting",
-           "SparsifyStep", "base_is_first_input", "resolve", "resolve_job", "sparsify_step",
-           "step_specs"]
+           "SparsifyStep", "base_is_first_input", "base_is_special", "check_listed_base",
+           "resolve", "resolve_job", "sparsify_step", "step_specs"]

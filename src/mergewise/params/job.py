@@ -156,6 +156,26 @@ def base_is_first_input(method: MergeMethod, has_base: bool, n_models: int) -> b
     return method.space == "weight" and method.max_models == 2 and has_base and n_models == 1
 
 
+def base_is_special(method: MergeMethod) -> bool:
+    """Whether the base has its own role in the method (task vectors are taken from it, the
+    method reads it, or it is slerp's t = 0 end point). Then a ``models:`` entry that is the
+    base is the base, not one more input (mergekit: it is not a non-base model); for the others
+    (linear, karcher, passthrough...) a listed base is an input like any model."""
+    return (method.space == "delta" or method.uses_base
+            or (method.space == "weight" and method.max_models == 2))
+
+
+def check_listed_base(method: MergeMethod, has_base: bool, n_models: int) -> None:
+    """After a listed base is taken out of the models: a two-model method (slerp) given a base
+    interpolates between the base and exactly one model."""
+    if method.space == "weight" and method.max_models == 2 and has_base and n_models != 1:
+        raise RecipeError(f"merge_method {method.name} with base_model interpolates from the "
+                          f"base (t = 0) to one model (t = 1); the recipe lists {n_models} "
+                          "models besides the base")
+    if n_models == 0:
+        raise RecipeError("models: only the base model is listed; list the models to merge")
+
+
 # --- the schema of one model's sparsify step -----------------------------------------------
 
 def step_specs(method: MergeMethod, sparsifier: Sparsifier, from_block: bool) -> dict[str, Param]:
