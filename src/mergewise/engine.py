@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint
 from .errors import FeatureError, MergewiseError, NonFiniteError, RecipeError
 from .features.statsfile import FeatureStats
 from .numerics import Float64Norm, all_finite, check_finite
-from .params import JobParams, SparsifyStep, resolve_job
+from .params import JobParams, Scope, SparsifyStep, resolve_job
 from .plan import PlanSummary, TensorPlan, plan_tensors, summarize
 from .recipe import Recipe
 from .rng import tensor_generator
@@ -41,6 +41,24 @@ from .tensors import FLOAT_DTYPES, dtype_name
 # (tensor name, base in the compute dtype, stored output tensor, the method's modulators or None)
 ModulatorSink = Callable[[str, "torch.Tensor | None", torch.Tensor, Any], None]
 Sink = Callable[[str, torch.Tensor], None]
+
+
+def check_filters_match(jobs: Sequence[MergeJob]) -> None:
+    """Refuse a filter entry that matches no tensor in any job it belongs to (a slice's own
+    entries live in one job, the recipe's in all of them): one line naming every such entry."""
+    present: dict[str, int] = {}
+    missed: dict[str, int] = {}
+    for job in jobs:
+        names = job.tensor_names()
+        for label in job.params.labels():
+            present[label] = present.get(label, 0) + 1
+        for label in job.params.unmatched(names):
+            missed[label] = missed.get(label, 0) + 1
+    bad = [label for label, n in missed.items() if n == present[label]]
+    if bad:
+        raise RecipeError(f"filter(s) matching no tensor of the merge: {'; '.join(bad)}; a "
+                          "filter is a substring of tensor names (as in mergekit), e.g. "
+                          "'self_attn' or 'mlp'; {glob: '*.mlp.*'} for a shell pattern")
 
 
 class TensorReader:
@@ -76,9 +94,14 @@ class MergeJob:
     """A validated recipe bound to open checkpoints: plan, then run into a sink."""
 
     def __init__(self, recipe: Recipe, base: Checkpoint | None, models: Sequence[Checkpoint],
-                 device: str = "cpu", features: Sequence[FeatureStats] | None = None):
+                 device: str = "cpu", features: Sequence[FeatureStats] | None = None, *,
+                 tensors: Sequence[TensorPlan] | None = None, scope: Scope | None = None,
+                 check_filters: bool = True):
+        """``tensors`` and ``scope`` come from a slice of a ``slices:`` recipe (its planned
+        tensors, and its own parameters between the models' and the recipe's); a slice's
+        filters are checked over all slices (``check_filters_match``)."""
         self.recipe = recipe
-        self.params: JobParams = resolve_job(recipe)
+        self.params: JobParams = resolve_job(recipe, scope)
         self.method = self.params.method
         self.base = base
         self.compute_dtype = FLOAT_DTYPES[recipe.dtype]
@@ -91,17 +114,20 @@ class MergeJob:
                                                 else []) + list(models)
         self.reference = base if base is not None else models[0]
         out = FLOAT_DTYPES[recipe.out_dtype] if recipe.out_dtype else None
-        self.tensors: list[TensorPlan] = plan_tensors(self.reference, list(models), out)
-        self._t = {p.name: p.t for p in self.tensors}
-        unmatched = self.params.unmatched(self._t)
-        if unmatched:
-            raise RecipeError(f"filter(s) matching no tensor of {self.reference.label}: "
-                              f"{'; '.join(unmatched)}; a filter is a substring of tensor "
-                              "names (as in mergekit), e.g. 'self_attn' or 'mlp'; "
-                              "{glob: '*.mlp.*'} for a shell pattern")
+        self.tensors: list[TensorPlan] = (list(tensors) if tensors is not None
+                                          else plan_tensors(self.reference, list(models), out))
+        if check_filters:
+            check_filters_match([self])
         self.features: list[FeatureStats] | None = None
         if features is not None:
             self.set_features(features)
+
+    def tensor_names(self) -> set[str]:
+        """Every name the job writes or reads (what recipe filters may match)."""
+        names = set()
+        for plan in self.tensors:
+            names |= {plan.name, plan.ref_name, plan.base_name, *(plan.input_names() or ())}
+        return names
 
     @property
     def first_merged(self) -> str:
@@ -153,31 +179,37 @@ class MergeJob:
         return out
 
     # --- computing ----------------------------------------------------------------------
-    def _sparsify(self, slot: ModelSlot, name: str, delta: torch.Tensor,
+    def _sparsify(self, slot: ModelSlot, plan: TensorPlan, source: str, delta: torch.Tensor,
                   info: dict[str, Any] | None) -> torch.Tensor:
+        """Model ``slot``'s sparsification of its task vector for output tensor ``plan``: its
+        parameters at the name it reads (``source``), its mask from (seed, model, output name)."""
         step = slot.step
         assert step is not None
-        params = step.params(name, self._t[name])
-        gen = (tensor_generator(self.recipe.seed, slot.index, name)
+        params = step.params(source, plan.t)
+        gen = (tensor_generator(self.recipe.seed, slot.index, plan.name)
                if step.sparsifier.random else None)
-        stats = slot.stats.for_tensor(name) if slot.stats is not None else None
+        stats = slot.stats.for_tensor(plan.name) if slot.stats is not None else None
         if step.sparsifier.reports and info is not None:
             params["info"] = info
         return step.sparsifier.func(delta, generator=gen, stats=stats, **params)
 
-    def task_vectors(self, name: str, base: torch.Tensor,
+    def sources(self, plan: TensorPlan) -> list[str]:
+        """The name each model reads for ``plan`` (the output name unless a frankenmerge)."""
+        return plan.input_names() or [plan.name] * len(self.slots)
+
+    def task_vectors(self, plan: TensorPlan, base: torch.Tensor,
                      record: dict[str, Any] | None = None) -> list[torch.Tensor]:
-        """Sparsified task vectors of every model for tensor ``name``; with a ``record``, each
-        model's norms and kept count go into ``record["models"]``."""
+        """Sparsified task vectors of every model for output tensor ``plan``; with a
+        ``record``, each model's norms and kept count go into ``record["models"]``."""
         deltas = []
         norm64 = Float64Norm()  # one float64 buffer for this tensor's report norms
-        for slot in self.slots:
-            delta = self.load(slot.ckpt, name) - base  # out of place: never touch inputs
+        for slot, source in zip(self.slots, self.sources(plan), strict=True):
+            delta = self.load(slot.ckpt, source) - base  # out of place: never touch inputs
             info: dict[str, Any] | None = {} if record is not None else None
             if info is not None:
                 info["norm_before"] = norm64(delta)
             if slot.step is not None:
-                delta = self._sparsify(slot, name, delta, info)
+                delta = self._sparsify(slot, plan, source, delta, info)
             if info is not None:
                 info["kept"] = int(torch.count_nonzero(delta))
                 info["norm_after"] = norm64(delta)
@@ -187,7 +219,7 @@ class MergeJob:
 
     def _method_params(self, plan: TensorPlan, record: dict[str, Any] | None) -> dict[str, Any]:
         params = {**self.params.method_params(plan.name, plan.t),
-                  **self.params.model_values(plan.name, plan.t)}
+                  **self.params.model_values(self.sources(plan), plan.t)}
         if self.method.features:
             if self.features is None:
                 raise FeatureError(f"{self.method.name} needs calibration features for every "
@@ -203,21 +235,32 @@ class MergeJob:
                       record: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(merged weights, base, modulators) of a task-vector method."""
         assert self.base is not None
-        base = self.load(self.base, plan.name)
-        deltas = self.task_vectors(plan.name, base, record)
+        base = self.load(self.base, plan.base_name)
+        deltas = self.task_vectors(plan, base, record)
         modulators = None
         if not any(bool(d.any()) for d in deltas):
             # nothing moved: the base exactly, not its round trip through the compute dtype;
             # a copy (never the caller's own tensor), checked against out_dtype by the caller
             if record is not None:
                 record["merged_delta_norm"] = 0.0
-            return self.base.read(plan.name).clone(), base, None
-        out = self.method.func(base, deltas, self.params.weights(plan.name, plan.t), **params)
+            return self.base.read(plan.base_name).clone(), base, None
+        weights = self.params.weights(self.sources(plan), plan.t)
+        out = self.method.func(base, deltas, weights, **params)
         if self.method.task_specific:
             out, modulators = out.merged, out.modulators
         if record is not None:
             record["merged_delta_norm"] = float(torch.linalg.vector_norm(out - base))
         return out, base, modulators
+
+    def _merge_weights(self, plan: TensorPlan, params: dict[str, Any]) -> torch.Tensor:
+        """The merged weights of a weight-space method (a prepended base is read under its
+        own name)."""
+        sources = self.sources(plan)
+        names = ([plan.base_name] if self.params.base_first else []) + sources
+        inputs = [self.load(c, n) for c, n in zip(self.weight_inputs, names, strict=True)]
+        base = (self.load(self.base, plan.base_name)
+                if self.method.uses_base and self.base is not None else None)
+        return self.method.func(base, inputs, self.params.weights(sources, plan.t), **params)
 
     def merge_tensor(self, plan: TensorPlan, record: dict[str, Any] | None = None,
                      modulator_sink: ModulatorSink | None = None) -> torch.Tensor:
@@ -225,15 +268,11 @@ class MergeJob:
         modulators go to ``modulator_sink`` (None when every task vector was zero)."""
         name = plan.name
         if not plan.merged:
-            return self.reference.read(name).clone()
+            return self.reference.read(plan.ref_name).clone()
         params = self._method_params(plan, record)
         modulators = base = None
         if self.method.space == "weight":
-            inputs = [self.load(c, name) for c in self.weight_inputs]
-            base = (self.load(self.base, name) if self.method.uses_base and self.base is not None
-                    else None)
-            out = self.method.func(base, inputs, self.params.weights(name, plan.t), **params)
-            base = None
+            out = self._merge_weights(plan, params)
         else:
             out, base, modulators = self._merge_deltas(plan, params, record)
             if modulator_sink is None:
@@ -254,7 +293,10 @@ class MergeJob:
     def run_stats_pass(self, progress: Progress | None = None) -> None:
         for slot in self.slots:
             slot.stats = slot.step.stats_pass(self.first_merged) if slot.step else None
-        observers = [Observer(s.ckpt, s.stats, lambda n, st=s.step: st.params(n, self._t[n]))
+        observers = [Observer(s.ckpt, s.stats,
+                              lambda plan, st=s.step, i=s.index: st.params(self.sources(plan)[i],
+                                                                           plan.t),
+                              lambda plan, i=s.index: self.sources(plan)[i])
                      for s in self.slots if s.stats is not None and s.step is not None]
         if self.base is not None:
             run_stats_pass(self.load, self.base, observers, self.tensors, progress)

@@ -67,7 +67,7 @@ def inspect_experts(experts: list[str], base: str, out: str | Path | None = None
         tensors = plan_tensors(base_ckpt, models)
         first = next(t.name for t in tensors if t.merged)
         passes = [step.stats_pass(first) for _ in models]
-        run_stats_pass(read, base_ckpt, [Observer(m, st, step.params)
+        run_stats_pass(read, base_ckpt, [Observer(m, st, lambda p: step.params(p.name, p.t))
                                          for m, st in zip(models, passes, strict=True)], tensors)
         tasks = [ModelEntry(model=e).task_name for e in experts]
         rows = [r for task, st in zip(tasks, passes, strict=True) for r in _rows(task, st, tensors)]

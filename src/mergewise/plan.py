@@ -22,18 +22,42 @@ MAX_LISTED = 8
 
 
 @dataclass(frozen=True)
+class Sources:
+    """Where an output tensor is read from, by name: the reference, the base, each model."""
+
+    reference: str
+    base: str | None
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class TensorPlan:
-    """One tensor of the output: its reference header, the dtype it is written in, and whether
-    it is merged (floating point) or copied from the reference."""
+    """One tensor of the output: its header (the reference's, under the output name), the dtype
+    it is written in, and whether it is merged (floating point) or copied from the reference.
+    ``sources`` are the names read from the reference, the base and each model when they are
+    not the output name (a frankenmerge reads block 5 into output block 8)."""
 
     info: TensorInfo
     out_dtype: torch.dtype
     merged: bool
     t: float = 0.0  # the tensor's layer position in [0, 1] (parameter gradients)
+    sources: Sources | None = None
 
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def ref_name(self) -> str:
+        return self.sources.reference if self.sources else self.name
+
+    @property
+    def base_name(self) -> str:
+        return self.sources.base if self.sources and self.sources.base else self.name
+
+    def input_names(self) -> list[str] | None:
+        """The name read from each model (None: the output name for every model)."""
+        return list(self.sources.models) if self.sources else None
 
     @property
     def shape(self) -> tuple[int, ...]:

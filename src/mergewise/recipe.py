@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, did_you_mean, first_line
 from .params import ParamValue, resolve_job
@@ -51,13 +51,44 @@ class ModelEntry(BaseModel):
         return self.name or Path(self.model).name
 
 
+class SliceSource(BaseModel):
+    """One model's layers in a slice (mergekit): ``layer_range: [a, b]`` is blocks a..b-1."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"layer_range {list(value)} must be [start, end] with "
+                             "0 <= start < end (end excluded, as mergekit)")
+        return value
+
+
+class Slice(BaseModel):
+    """A run of output blocks (mergekit's ``slices:``): each source gives the same number of
+    blocks; ``parameters`` apply to this slice; ``base_model`` overrides the recipe's."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    residual_weight: float | None = Field(None, description="accepted for mergekit recipes, "
+                                          "which parse it and never use it; no effect")
+
+
 class Recipe(BaseModel):
-    """A merge recipe. Paths are kept as written; ``resolve_paths`` anchors relative ones."""
+    """A merge recipe. Paths are kept as written; ``resolve_paths`` anchors relative ones.
+    Exactly one of ``models`` and ``slices`` (mergekit's two forms)."""
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[Slice] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     sparsify: dict[str, ParamValue] | None = None
     dtype: DTypeName = "float32"
@@ -72,6 +103,15 @@ class Recipe(BaseModel):
         if isinstance(value, list):
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> Recipe:
+        if self.slices is not None and self.models:
+            raise ValueError("give either 'models' or 'slices', not both (as mergekit)")
+        if self.slices is None and not self.models:
+            raise ValueError("missing required key 'models' (or 'slices'): list the models to "
+                             "merge")
+        return self
 
     # --- derived views -------------------------------------------------------------------
     @property
@@ -90,6 +130,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 _ALLOWED_TOP = list(Recipe.model_fields)
 _ALLOWED_MODEL = list(ModelEntry.model_fields)
 _ALLOWED_CALIBRATION = list(Calibration.model_fields)
+_ALLOWED_SLICE = list(Slice.model_fields)
+_ALLOWED_SOURCE = list(SliceSource.model_fields)
 
 
 _UNION_TAGS = ("bool", "int", "float", "str")
@@ -149,6 +191,10 @@ def _pydantic_message(exc: ValidationError) -> str:
             allowed = _ALLOWED_MODEL
         elif len(loc) == 4 and loc[0] == "models" and loc[2] == "calibration":
             allowed = _ALLOWED_CALIBRATION
+        elif len(loc) == 3 and loc[0] == "slices":
+            allowed = _ALLOWED_SLICE
+        elif len(loc) == 5 and loc[0] == "slices" and loc[2] == "sources":
+            allowed = _ALLOWED_SOURCE
         else:
             allowed = _ALLOWED_TOP
         return (f"unknown key '{key}' at {where}{did_you_mean(key, allowed)}; allowed: "

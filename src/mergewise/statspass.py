@@ -40,11 +40,13 @@ class StatsPass:
 
 @dataclass
 class Observer:
-    """One model's stats pass: its checkpoint, the pass, and its parameters per tensor."""
+    """One model's stats pass: its checkpoint, the pass, its parameters per output tensor and,
+    for a frankenmerge, the name it reads for an output tensor (default: the same name)."""
 
     ckpt: Checkpoint
     stats: StatsPass
-    params: Callable[[str], dict[str, Any]]
+    params: Callable[[TensorPlan], dict[str, Any]]
+    source: Callable[[TensorPlan], str] = lambda plan: plan.name
 
 
 def run_stats_pass(read: Reader, base: Checkpoint, observers: Sequence[Observer],
@@ -57,12 +59,12 @@ def run_stats_pass(read: Reader, base: Checkpoint, observers: Sequence[Observer]
     merged = [t for t in tensors if t.merged]
     for p in range(passes):
         for plan in merged:
-            base_tensor = read(base, plan.name)
+            base_tensor = read(base, plan.base_name)
             for o in observers:
                 if p >= o.stats.passes:
                     continue
-                delta = read(o.ckpt, plan.name) - base_tensor
-                o.stats.observe(p, plan.name, delta, o.params(plan.name))
+                delta = read(o.ckpt, o.source(plan)) - base_tensor
+                o.stats.observe(p, plan.name, delta, o.params(plan))
                 del delta
             if progress is not None:
                 progress(plan.name, plan.numel * plan.in_dtype.itemsize * (len(observers) + 1))

@@ -6,6 +6,7 @@ them once per job into a typed ``JobParams`` that the engine asks one question p
 from .job import (
     JobParams,
     ModelParams,
+    Scope,
     Setting,
     SparsifyStep,
     base_is_first_input,
@@ -17,6 +18,6 @@ from .job import (
 )
 from .values import FilterValue, ListValue, ParamValue, resolve
 
-__all__ = ["FilterValue", "JobParams", "ListValue", "ModelParams", "ParamValue", "Setting",
+__all__ = ["FilterValue", "JobParams", "Scope", "ListValue", "ModelParams", "ParamValue", "Setting",
            "SparsifyStep", "base_is_first_input", "base_is_special", "check_listed_base",
            "resolve", "resolve_job", "sparsify_step", "step_specs"]

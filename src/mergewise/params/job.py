@@ -71,6 +71,9 @@ class Setting:
         names = list(names)
         return [u for source in self.sources for u in source.unmatched(names)]
 
+    def labels(self) -> list[str]:
+        return [label for source in self.sources for label in source.labels()]
+
 
 Place = tuple[str, Block | None]  # (where in the recipe, its parameters)
 
@@ -124,30 +127,37 @@ class JobParams:
     def method_params(self, tensor_name: str, t: float = 0.0) -> dict[str, Any]:
         return {s.spec.python_name: s.at(tensor_name, t) for s in self.settings}
 
-    def weights(self, tensor_name: str, t: float = 0.0) -> list[float]:
-        """One weight per input of the method: per model, and 1 for a prepended base."""
-        ws = [float(m.settings["weight"].at(tensor_name, t)) if "weight" in m.settings else 1.0
-              for m in self.models]
+    def weights(self, names: Sequence[str], t: float = 0.0) -> list[float]:
+        """One weight per input of the method: per model, at the tensor name that model reads
+        (mergekit: per-model filters see the input name), and 1 for a prepended base."""
+        ws = [float(m.settings["weight"].at(n, t)) if "weight" in m.settings else 1.0
+              for m, n in zip(self.models, names, strict=True)]
         return ([1.0] if self.base_first else []) + ws
 
-    def model_values(self, tensor_name: str, t: float = 0.0) -> dict[str, list[Any]]:
+    def model_values(self, names: Sequence[str], t: float = 0.0) -> dict[str, list[Any]]:
         """The method's other per-model parameters (not ``weight``), one value per input (the
         declared default for a prepended base): passed to the method as lists."""
         out: dict[str, list[Any]] = {}
         for p in self.method.model_params:
             if p.name == "weight":
                 continue
-            values = [m.settings[p.python_name].at(tensor_name, t) for m in self.models]
+            values = [m.settings[p.python_name].at(n, t)
+                      for m, n in zip(self.models, names, strict=True)]
             out[p.python_name] = ([p.default] if self.base_first else []) + values
         return out
+
+    def _all_settings(self) -> list[Setting]:
+        return [*self.settings, *(s for m in self.models for s in m.settings.values()),
+                *(s for m in self.models if m.step for s in m.step.settings)]
 
     def unmatched(self, names: Iterable[str]) -> list[str]:
         """Every filter entry of the recipe that matches none of ``names``."""
         names = list(names)
-        settings = [*self.settings,
-                    *(s for m in self.models for s in m.settings.values()),
-                    *(s for m in self.models if m.step for s in m.step.settings)]
-        return list(dict.fromkeys(u for s in settings for u in s.unmatched(names)))
+        return list(dict.fromkeys(u for s in self._all_settings() for u in s.unmatched(names)))
+
+    def labels(self) -> list[str]:
+        """Every filter entry of the recipe (``where ('pattern')``), catch-alls left out."""
+        return list(dict.fromkeys(label for s in self._all_settings() for label in s.labels()))
 
 
 def base_is_first_input(method: MergeMethod, has_base: bool, n_models: int) -> bool:
@@ -287,7 +297,7 @@ def _check_models(recipe: Recipe, method: MergeMethod) -> None:
                           "sparsify block")
 
 
-def _model_specs(recipe: Recipe, method: MergeMethod, i: int
+def _model_specs(recipe: Recipe, method: MergeMethod, i: int, places: Sequence[Place]
                  ) -> tuple[dict[str, Param], SparsifyStep | None]:
     """Model i's per-model parameter specs (weight, and a default step's params), and its
     sparsify step, checking a block's keys and values."""
@@ -301,9 +311,7 @@ def _model_specs(recipe: Recipe, method: MergeMethod, i: int
         settings = _block_settings(sp, sp_specs, block_params, where)
     else:
         specs.update(sp_specs)
-        settings = tuple(_setting(p, (f"models.{i}.parameters", recipe.models[i].parameters),
-                                  ("parameters", recipe.parameters))
-                         for p in sp_specs.values())
+        settings = tuple(_setting(p, *places) for p in sp_specs.values())
     return specs, SparsifyStep(sp, settings, from_block)
 
 
@@ -317,86 +325,97 @@ def _unknown_key_message(key: str, where: str, method: MergeMethod, method_specs
             f"{extra}; known: {', '.join(known) or 'none'}")
 
 
-def _check_keys(recipe: Recipe, method: MergeMethod, per_model: list[dict[str, Param]]) -> None:
-    """Every key of the method-wide and per-model ``parameters`` is known, typed and in range."""
+def _check_keys(recipe: Recipe, method: MergeMethod, per_model: list[dict[str, Param]],
+                shared: Sequence[Place], labels: Sequence[str]) -> None:
+    """Every key of the method-wide (recipe, slice) and per-model ``parameters`` is known,
+    typed and in range."""
     method_specs = {p.name: p for p in method.params}
     all_model_keys = set().union(*per_model) if per_model else set()
-    for key, value in recipe.parameters.items():
-        if key in method_specs:
-            _check_value(method_specs[key], value, "parameters")
-        elif key in all_model_keys:
-            for specs in per_model:
-                if key in specs:
-                    _check_value(specs[key], value, "parameters")
-        else:
-            raise RecipeError(_unknown_key_message(key, "parameters", method, method_specs,
-                                                   all_model_keys, recipe))
+    for where, block in shared:
+        for key, value in (block or {}).items():
+            if key in method_specs:
+                _check_value(method_specs[key], value, where)
+            elif key in all_model_keys:
+                for specs in per_model:
+                    if key in specs:
+                        _check_value(specs[key], value, where)
+            else:
+                raise RecipeError(_unknown_key_message(key, where, method, method_specs,
+                                                       all_model_keys, recipe))
     for i, entry in enumerate(recipe.models):
         for key, value in entry.parameters.items():
-            where = f"models.{i}.parameters"
+            where = f"{labels[i]}.parameters"
             if key in per_model[i]:
                 _check_value(per_model[i][key], value, where)
             elif key in method_specs:
                 raise RecipeError(f"{where}: '{key}' is method-wide; move it to the top-level "
-                                  "parameters")
+                                  "parameters (or the slice's; mergekit ignores it here)")
             else:
                 raise RecipeError(_unknown_key_message(key, where, method, method_specs,
                                                        set(per_model[i]), recipe))
 
 
-def _check_required(recipe: Recipe, method: MergeMethod, per_model: list[dict[str, Param]]
-                    ) -> None:
+def _check_required(recipe: Recipe, method: MergeMethod, per_model: list[dict[str, Param]],
+                    shared: Sequence[Place], labels: Sequence[str]) -> None:
     """A required parameter must be given: method-wide ones in ``parameters``, per-model ones
     there or in every model's own ``parameters``."""
+    given = {k for _, block in shared for k in (block or {})}
     for p in method.params:
-        if p.required and p.name not in recipe.parameters:
+        if p.required and p.name not in given:
             raise RecipeError(f"parameters: merge_method {method.name} needs '{p.name}' "
                               f"({p.help})")
-    for i, (entry, specs) in enumerate(zip(recipe.models, per_model, strict=True)):
+    for entry, specs, label in zip(recipe.models, per_model, labels, strict=True):
         for p in specs.values():
-            if p.required and p.name not in entry.parameters and p.name not in recipe.parameters:
-                raise RecipeError(f"models.{i}.parameters: merge_method {method.name} needs "
+            if p.required and p.name not in entry.parameters and p.name not in given:
+                raise RecipeError(f"{label}.parameters: merge_method {method.name} needs "
                                   f"'{p.name}' for every model ({p.help}); give it per model "
                                   "or in the top-level parameters")
 
 
-def _check_global_scope(recipe: Recipe) -> None:
+def _check_global_scope(recipe: Recipe, shared: Sequence[Place]) -> None:
     places: Sequence[Mapping[str, Any]] = [
-        recipe.parameters, *(m.parameters for m in recipe.models), recipe.sparsify or {},
-        *((m.sparsify or {}) for m in recipe.models)]
+        *(block or {} for _, block in shared), *(m.parameters for m in recipe.models),
+        recipe.sparsify or {}, *((m.sparsify or {}) for m in recipe.models)]
     if any(isinstance(p.get("scope"), str) and p["scope"] == "global" for p in places):
-        for src in [recipe.parameters, *(m.parameters for m in recipe.models)]:
+        for src in [*(block or {} for _, block in shared), *(m.parameters for m in recipe.models)]:
             if as_filter_list(src.get("density")) is not None or isinstance(src.get("density"),
                                                                               list):
                 raise RecipeError("scope: global needs one density per model, not a filter list "
                                   "or a gradient")
 
 
-def resolve_job(recipe: Recipe) -> JobParams:
+Scope = tuple[str, Block]  # a slice's own parameters: (where in the recipe, the block)
+
+
+def resolve_job(recipe: Recipe, scope: Scope | None = None,
+                model_labels: Sequence[str] | None = None) -> JobParams:
     """Check every key, type and range of every parameter (raising a one-line RecipeError on
-    the first problem) and compile them into the job's ``JobParams``."""
+    the first problem) and compile them into the job's ``JobParams``. ``scope``: a slice's
+    parameters, between the models' and the recipe's (mergekit's precedence); ``model_labels``:
+    where each model is written in the recipe (default ``models.i``)."""
     try:
         method = METHODS.get(recipe.merge_method)
     except RecipeError as exc:
         raise RecipeError(f"merge_method: {exc}") from None
+    labels = list(model_labels or (f"models.{i}" for i in range(len(recipe.models))))
+    shared: list[Place] = [*([scope] if scope else []), ("parameters", recipe.parameters)]
     _check_models(recipe, method)
-    per_model, steps = [], []
-    for i in range(len(recipe.models)):
-        specs, step = _model_specs(recipe, method, i)
+    per_model, steps, places = [], [], []
+    for i, entry in enumerate(recipe.models):
+        places.append([(f"{labels[i]}.parameters", entry.parameters), *shared])
+        specs, step = _model_specs(recipe, method, i, places[i])
         per_model.append(specs)
         steps.append(step)
-    _check_keys(recipe, method, per_model)
-    _check_required(recipe, method, per_model)
-    _check_global_scope(recipe)
+    _check_keys(recipe, method, per_model, shared, labels)
+    _check_required(recipe, method, per_model, shared, labels)
+    _check_global_scope(recipe, shared)
     models = tuple(
         ModelParams(i, entry.task_name,
-                    {p.python_name: _setting(p, (f"models.{i}.parameters", entry.parameters),
-                                             ("parameters", recipe.parameters))
-                     for p in method.model_params}, steps[i])
+                    {p.python_name: _setting(p, *places[i]) for p in method.model_params},
+                    steps[i])
         for i, entry in enumerate(recipe.models))
     return JobParams(method=method,
-                     settings=tuple(_setting(p, ("parameters", recipe.parameters))
-                                    for p in method.params),
+                     settings=tuple(_setting(p, *shared) for p in method.params),
                      models=models,
                      base_first=base_is_first_input(method, bool(recipe.base_model),
                                                     len(recipe.models)))

@@ -104,6 +104,10 @@ class Rule:
     where: str
     pattern: str
 
+    @property
+    def label(self) -> str:
+        return f"{self.where} ({self.pattern!r})"
+
 
 @dataclass(frozen=True)
 class Value:
@@ -124,10 +128,13 @@ class Value:
         return value
 
     def unmatched(self, names: Iterable[str]) -> list[str]:
-        """The entries whose pattern matches none of ``names``."""
+        """The entries whose pattern matches none of ``names`` (as ``where ('pattern')``)."""
         names = list(names)
-        return [f"{r.where} ({r.pattern!r})" for r in self.rules or ()
+        return [r.label for r in self.rules or ()
                 if r.match is not None and not any(r.match(n) for n in names)]
+
+    def labels(self) -> list[str]:
+        return [r.label for r in self.rules or () if r.match is not None]
 
 
 def compile_value(value: ParamValue, spec: Param | None = None, where: str = "") -> Value:
