@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import StateDictCheckpoint
+from .checkpoint import Checkpoint, StateDictCheckpoint
 from .engine import MergeJob
 from .errors import FeatureError, RecipeError, UnknownTaskError
 from .features import CaptureReport, FeatureSource, FeatureStats, load_stats, obtain, plan_sources
-from .inputs import InputPaths, open_inputs, resolve_inputs, without_listed_base
+from .inputs import InputPaths, open_inputs, resolve_inputs, resolve_path, without_listed_base
 from .materialize import TaskModels
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
@@ -34,6 +34,7 @@ from .progress import merge_progress
 from .recipe import Recipe, load_recipe, parse_recipe
 from .registry import METHODS
 from .report import tensor_rows
+from .slicejobs import open_sliced
 from .version import __version__
 from .writer import DEFAULT_SHARD_SIZE, check_output_target, parse_size
 
@@ -73,6 +74,9 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         raise RecipeError("merge needs an output directory (--out)")
     if target is not None:  # a dry run with --out checks the output path like a real run
         check_output_target(target, overwrite)
+    if rec.slices is not None:
+        return _merge_sliced(rec, root, target, overwrite=overwrite, device=device, size=size,
+                             dry_run=dry_run, progress=progress)
     rec, paths = without_listed_base(rec, resolve_inputs(rec, root))
     sources = plan_sources(rec, root, paths.models) if rec.method.features else None
     with open_inputs(paths.base, paths.models) as (base, models), \
@@ -94,7 +98,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         with OutputDirectory(target, [t.out for t in job.tensors], shard_size=size,
                              metadata=metadata, overwrite=overwrite) as output:
             mod_writer = _modulator_writer(output, job, paths)
-            with merge_progress(progress, job, summary) as (on_tensor, on_stats):
+            with merge_progress(progress, job.tensors, summary) as (on_tensor, on_stats):
                 records = job.run(output.write, on_tensor, on_stats, modulator_sink=(
                     mod_writer.collector if mod_writer is not None else None))
             output.end_shards()
@@ -104,7 +108,8 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
                 modulators = modulator_report(output.tmp / MODULATORS_FILE, job,
                                               output.tensor_bytes, mod_writer.collector)
             report = _merge_report(job, records, time.perf_counter() - start, modulators)
-            output.finish(tagalong=_tagalong(rec, job, paths), config=job.reference.config,
+            output.finish(tagalong=_tagalong(rec, job.reference, paths),
+                          config=job.reference.config,
                           texts={"mergewise_recipe.yaml": rec.to_yaml()},
                           card=merge_card(rec, job.method, [s.task for s in job.slots]),
                           report=(report, tensor_rows(records, report["tasks"])))
@@ -114,15 +119,59 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
                            modulators=modulators)
 
 
-def _tagalong(rec: Recipe, job: MergeJob, paths: InputPaths) -> list[Tagalong]:
+def _merge_sliced(rec: Recipe, root: Path | None, target: Path | None, *, overwrite: bool,
+                  device: str, size: int, dry_run: bool, progress: bool) -> MergeResult:
+    """A ``slices:`` recipe: one job per slice, written in order into one output."""
+    with contextlib.ExitStack() as stack:
+        sliced = open_sliced(rec, root, stack, device)
+        summary = sliced.summary()
+        if dry_run:
+            return MergeResult(out=target, summary=summary)
+        assert target is not None
+        start = time.perf_counter()
+        tensors = [p for job in sliced.jobs for p in job.tensors]
+        metadata = {"mergewise_version": __version__, "mergewise_recipe": rec.to_yaml()}
+        records: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = []
+        with OutputDirectory(target, [t.out for t in tensors], shard_size=size,
+                             metadata=metadata, overwrite=overwrite) as output:
+            with merge_progress(progress, tensors, summary) as (on_tensor, on_stats):
+                for job in sliced.jobs:
+                    done = job.run(output.write, on_tensor, on_stats)
+                    records += done
+                    rows += tensor_rows(done, [s.task for s in job.slots])
+            output.end_shards()
+            base = resolve_path(rec.base_model, root, "base_model") if rec.base_model else None
+            paths = InputPaths(base, [], _tokenizer_path(rec, root))
+            report = {**_merge_report(sliced.jobs[0], records, time.perf_counter() - start, None),
+                      "plan": summary.__dict__, "tasks": [],
+                      "slices": [{"tasks": [s.task for s in job.slots],
+                                  "sparsifiers": job.sparsifier_summary()}
+                                 for job in sliced.jobs]}
+            output.finish(tagalong=_tagalong(rec, sliced.reference, paths),
+                          config=sliced.config(), texts={"mergewise_recipe.yaml": rec.to_yaml()},
+                          card=merge_card(rec, sliced.jobs[0].method, []),
+                          report=(report, rows))
+        return MergeResult(out=target, summary=summary, files=output.files,
+                           report_path=target / "report.json",
+                           seconds=time.perf_counter() - start, records=records)
+
+
+def _tokenizer_path(rec: Recipe, root: Path | None) -> Path | None:
+    if rec.tokenizer_source and rec.tokenizer_source != "base":
+        return resolve_path(rec.tokenizer_source, root, "tokenizer_source")
+    return None
+
+
+def _tagalong(rec: Recipe, reference: Checkpoint, paths: InputPaths) -> list[Tagalong]:
     """Config-free HF files from the reference; tokenizer files from ``tokenizer_source``
     (a path, or the base) when it is set."""
     if not rec.tokenizer_source:
-        return [(job.reference.directory, [n for n in HF_TAGALONG_FILES if n != CONFIG])]
+        return [(reference.directory, [n for n in HF_TAGALONG_FILES if n != CONFIG])]
     others = [n for n in HF_TAGALONG_FILES if n != CONFIG and n not in TOKENIZER_FILES]
     found = paths.tokenizer_candidates()
     tok_dir = (found[0] if found[0].is_dir() else found[0].parent) if found else None
-    return [(job.reference.directory, others), (tok_dir, TOKENIZER_FILES)]
+    return [(reference.directory, others), (tok_dir, TOKENIZER_FILES)]
 
 
 def _modulator_writer(output: OutputDirectory, job: MergeJob, paths: InputPaths

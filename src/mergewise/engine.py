@@ -32,7 +32,7 @@ from .errors import FeatureError, MergewiseError, NonFiniteError, RecipeError
 from .features.statsfile import FeatureStats
 from .numerics import Float64Norm, all_finite, check_finite
 from .params import JobParams, Scope, SparsifyStep, resolve_job
-from .plan import PlanSummary, TensorPlan, plan_tensors, summarize
+from .plan import PlanSummary, TensorPlan, check_configs, plan_tensors, summarize
 from .recipe import Recipe
 from .rng import tensor_generator
 from .statspass import Observer, Progress, StatsPass, run_stats_pass
@@ -96,12 +96,12 @@ class MergeJob:
     def __init__(self, recipe: Recipe, base: Checkpoint | None, models: Sequence[Checkpoint],
                  device: str = "cpu", features: Sequence[FeatureStats] | None = None, *,
                  tensors: Sequence[TensorPlan] | None = None, scope: Scope | None = None,
-                 check_filters: bool = True):
+                 labels: Sequence[str] | None = None, check_filters: bool = True):
         """``tensors`` and ``scope`` come from a slice of a ``slices:`` recipe (its planned
         tensors, and its own parameters between the models' and the recipe's); a slice's
         filters are checked over all slices (``check_filters_match``)."""
         self.recipe = recipe
-        self.params: JobParams = resolve_job(recipe, scope)
+        self.params: JobParams = resolve_job(recipe, scope, labels)
         self.method = self.params.method
         self.base = base
         self.compute_dtype = FLOAT_DTYPES[recipe.dtype]
@@ -114,6 +114,8 @@ class MergeJob:
                                                 else []) + list(models)
         self.reference = base if base is not None else models[0]
         out = FLOAT_DTYPES[recipe.out_dtype] if recipe.out_dtype else None
+        if tensors is not None:
+            check_configs([c for c in (base, *models) if c is not None])
         self.tensors: list[TensorPlan] = (list(tensors) if tensors is not None
                                           else plan_tensors(self.reference, list(models), out))
         if check_filters:

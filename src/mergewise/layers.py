@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
+_BEFORE_BLOCKS = re.compile(r"embed|(?:^|\.)(?:wte|wpe)\.", re.IGNORECASE)
 # config keys holding the number of blocks (the first present is used)
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -45,3 +46,25 @@ def position(offset: int | None, count: int) -> float:
     if offset is None:
         return 0.0
     return 1.0 if count <= 1 else offset / (count - 1)
+
+
+def before_blocks(name: str) -> bool:
+    """Whether a tensor outside the blocks comes before them (embeddings) rather than after
+    (final norm, head): a frankenmerge takes the first from its first slice, the others from
+    its last."""
+    return layer_index(name) is None and _BEFORE_BLOCKS.search(name) is not None
+
+
+def restack_config(config: dict[str, Any], source_layers: list[int]) -> dict[str, Any]:
+    """The config of a model whose block i is the reference's block ``source_layers[i]``: the
+    block count updated, and per-block lists (``layer_types``...) taken along (mergekit
+    updates only the count)."""
+    old = layer_count(config, ())
+    out = dict(config)
+    for key in LAYER_COUNT_KEYS:
+        if key in out:
+            out[key] = len(source_layers)
+    for key, value in config.items():
+        if isinstance(value, list) and old and len(value) == old and key not in LAYER_COUNT_KEYS:
+            out[key] = [value[i] for i in source_layers]
+    return out

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, ShapeMismatchError
-from .layers import layer_count, layer_index, position
+from .layers import before_blocks, layer_count, layer_index, position, with_layer
 from .tensors import TensorInfo
 
 MAX_LISTED = 8
@@ -182,3 +182,63 @@ def summarize(tensors: Sequence[TensorPlan], n_models: int, n_inputs: int,
         peak_bytes_estimate=largest.numel * compute_dtype.itemsize * (n_models + 4),
         stats_passes=stats_passes,
     )
+
+
+def _slice_names(reference: Checkpoint, layer: int) -> list[str]:
+    return [n for n in reference.names() if layer_index(n) == layer]
+
+
+def plan_slice(reference: Checkpoint, ref_range: tuple[int, int], models: Sequence[Checkpoint],
+               ranges: Sequence[tuple[int, int]], base: Checkpoint | None,
+               base_range: tuple[int, int] | None, out_start: int, *, first: bool, last: bool,
+               out_dtype: torch.dtype | None = None, where: str = "slice") -> list[TensorPlan]:
+    """The output tensors of one slice of a ``slices:`` recipe: the reference's blocks
+    ``ref_range`` renumbered from ``out_start``, each read from block ``a + offset`` of every
+    model (and of the base); the embeddings when ``first``, the final norm and head when
+    ``last``. Every input is checked to hold each tensor it is asked for, with its shape."""
+    length = ref_range[1] - ref_range[0]
+    rows: list[tuple[str, Sources, float]] = []
+    if first:
+        rows += [(n, Sources(n, n if base else None, tuple(n for _ in models)), 0.0)
+                 for n in reference.names() if before_blocks(n)]
+    for off in range(length):
+        names = _slice_names(reference, ref_range[0] + off)
+        if not names:
+            raise ShapeMismatchError(f"{where}: {reference.label} has no layer "
+                                     f"{ref_range[0] + off} (layer_range {list(ref_range)})")
+        for n in names:
+            src = Sources(n, with_layer(n, base_range[0] + off) if base_range else None,
+                          tuple(with_layer(n, r[0] + off) for r in ranges))
+            rows.append((with_layer(n, out_start + off), src, position(off, length)))
+    if last:
+        rows += [(n, Sources(n, n if base else None, tuple(n for _ in models)), 0.0)
+                 for n in reference.names() if layer_index(n) is None and not before_blocks(n)]
+    problems = [p for _, src, _ in rows for p in _source_problems(reference, src, models, base)]
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED])
+        more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise ShapeMismatchError(f"{where}: {len(problems)} mismatch(es): {shown}{more}")
+    plans = []
+    for out_name, src, t in rows:
+        info = reference.info(src.reference)
+        dtype = (out_dtype or info.dtype) if info.is_float else info.dtype
+        plans.append(TensorPlan(TensorInfo(out_name, info.shape, info.dtype), dtype,
+                                info.is_float, t, src))
+    return plans
+
+
+def _source_problems(reference: Checkpoint, src: Sources, models: Sequence[Checkpoint],
+                     base: Checkpoint | None) -> list[str]:
+    info = reference.info(src.reference)
+    pairs = [*zip(models, src.models, strict=True), *([(base, src.base)] if base else [])]
+    out = []
+    for ckpt, name in pairs:
+        if ckpt is reference and name == src.reference:
+            continue
+        if name not in ckpt.names():
+            if info.is_float:
+                out.append(f"{ckpt.label}: missing tensor '{name}'")
+        elif ckpt.info(name).shape != info.shape:
+            out.append(f"{ckpt.label}: tensor '{name}' has shape {list(ckpt.info(name).shape)}, "
+                       f"{reference.label}'s '{src.reference}' has {list(info.shape)}")
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,19 +34,20 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def merge_progress(enabled: bool, job: Any, summary: Any) -> Iterator[tuple[Callback | None,
-                                                                            Callback | None]]:
+def merge_progress(enabled: bool, tensors: Sequence[Any], summary: Any
+                   ) -> Iterator[tuple[Callback | None, Callback | None]]:
+    """Callbacks for the stats and merge passes over ``tensors`` (the plan of every job)."""
     if not enabled:
         yield None, None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=False) as bar:
-        merged = sum(1 for t in job.tensors if t.merged)
+        merged = sum(1 for t in tensors if t.merged)
         stats_task = None
         if summary.stats_passes:
             stats_task = bar.add_task("stats pass", total=merged * summary.stats_passes, bytes=0)
-        merge_task = bar.add_task("merge", total=len(job.tensors), bytes=0)
+        merge_task = bar.add_task("merge", total=len(tensors), bytes=0)
 
         def on_tensor(name: str, nbytes: int) -> None:
             bar.update(merge_task, advance=1,

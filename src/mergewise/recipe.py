@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, did_you_mean, first_line
-from .params import ParamValue, resolve_job
+from .params import ParamValue, resolve_job, slice_specs
 from .registry import METHODS, MergeMethod
 from .tensors import FLOAT_DTYPES
 
@@ -213,7 +213,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_pydantic_message(exc)}") from None
     try:
-        resolve_job(recipe)
+        if recipe.slices is not None:
+            slice_specs(recipe)
+        else:
+            resolve_job(recipe)
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}") from None
     return recipe

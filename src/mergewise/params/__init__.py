@@ -16,8 +16,9 @@ from .job import (
     sparsify_step,
     step_specs,
 )
+from .slices import SliceRecipe, SliceSpec, slice_specs
 from .values import FilterValue, ListValue, ParamValue, resolve
 
 __all__ = ["FilterValue", "JobParams", "Scope", "ListValue", "ModelParams", "ParamValue", "Setting",
-           "SparsifyStep", "base_is_first_input", "base_is_special", "check_listed_base",
-           "resolve", "resolve_job", "sparsify_step", "step_specs"]
+           "SliceRecipe", "SliceSpec", "SparsifyStep", "base_is_first_input", "base_is_special", "check_listed_base",
+           "resolve", "resolve_job", "slice_specs", "sparsify_step", "step_specs"]
