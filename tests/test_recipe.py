@@ -64,8 +64,8 @@ def test_unknown_top_level_key(key: str, suggestion: str) -> None:
 
 
 def test_unknown_top_level_key_lists_allowed_keys() -> None:
-    msg = refused(base_recipe(tokenizer="x"))
-    assert "unknown key 'tokenizer'" in msg and "did you mean 'tokenizer_source'" in msg
+    msg = refused(base_recipe(tokenizer_sourse="x"))
+    assert "unknown key 'tokenizer_sourse'" in msg and "did you mean 'tokenizer_source'" in msg
     msg = refused(base_recipe(architecture="llama"))
     assert "unknown key 'architecture'" in msg and "allowed: merge_method" in msg
 

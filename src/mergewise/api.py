@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .chat import chat_template, template_files
 from .checkpoint import Checkpoint, StateDictCheckpoint
 from .engine import MergeJob
 from .errors import FeatureError, RecipeError, UnknownTaskError
@@ -36,6 +37,7 @@ from .registry import METHODS
 from .report import tensor_rows
 from .slicejobs import open_sliced
 from .version import __version__
+from .vocab import TOKENIZER_JSON, alignment_for, tokenizer_text
 from .writer import DEFAULT_SHARD_SIZE, check_output_target, parse_size
 
 
@@ -81,7 +83,13 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
     sources = plan_sources(rec, root, paths.models) if rec.method.features else None
     with open_inputs(paths.base, paths.models) as (base, models), \
             contextlib.ExitStack() as stack:
-        job = MergeJob(rec, base, models, device=device)
+        inputs = [*models, *([base] if base is not None else [])]
+        alignment = (alignment_for(rec.vocabulary, inputs, len(models) if base else None,
+                                   lambda text, key: resolve_path(text, root, key))
+                     if rec.vocabulary is not None else None)
+        job = MergeJob(rec, base, models, device=device, vocab=alignment)
+        template = (chat_template(rec.chat_template, [c.directory for c in inputs])
+                    if rec.chat_template is not None else None)  # checked before merging
         summary = job.summary()
         if dry_run:
             return MergeResult(out=target, summary=summary)
@@ -108,9 +116,18 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
                 modulators = modulator_report(output.tmp / MODULATORS_FILE, job,
                                               output.tensor_bytes, mod_writer.collector)
             report = _merge_report(job, records, time.perf_counter() - start, modulators)
-            output.finish(tagalong=_tagalong(rec, job.reference, paths),
-                          config=job.reference.config,
-                          texts={"mergewise_recipe.yaml": rec.to_yaml()},
+            config, texts = job.reference.config, {"mergewise_recipe.yaml": rec.to_yaml()}
+            tagalong = _tagalong(rec, job.reference, paths)
+            tok_dir = tagalong[-1][0]
+            if alignment is not None:
+                tok_dir = inputs[alignment.source_index].directory
+                tagalong = [tagalong[0], (tok_dir, TOKENIZER_FILES)]
+                texts[TOKENIZER_JSON] = tokenizer_text(alignment, tok_dir, alignment.vocabs)
+                if config is not None:
+                    config["vocab_size"] = alignment.rows
+            if template is not None:
+                texts.update(template_files(template, tok_dir))
+            output.finish(tagalong=tagalong, config=config, texts=texts,
                           card=merge_card(rec, job.method, [s.task for s in job.slots]),
                           report=(report, tensor_rows(records, report["tasks"])))
         return MergeResult(out=target, summary=summary, files=output.files,
@@ -158,15 +175,16 @@ def _merge_sliced(rec: Recipe, root: Path | None, target: Path | None, *, overwr
 
 
 def _tokenizer_path(rec: Recipe, root: Path | None) -> Path | None:
-    if rec.tokenizer_source and rec.tokenizer_source != "base":
-        return resolve_path(rec.tokenizer_source, root, "tokenizer_source")
+    source = rec.vocabulary.source if rec.vocabulary is not None else None
+    if source is not None and source not in ("base", "union"):
+        return resolve_path(source, root, "tokenizer_source")
     return None
 
 
 def _tagalong(rec: Recipe, reference: Checkpoint, paths: InputPaths) -> list[Tagalong]:
     """Config-free HF files from the reference; tokenizer files from ``tokenizer_source``
     (a path, or the base) when it is set."""
-    if not rec.tokenizer_source:
+    if rec.vocabulary is None:
         return [(reference.directory, [n for n in HF_TAGALONG_FILES if n != CONFIG])]
     others = [n for n in HF_TAGALONG_FILES if n != CONFIG and n not in TOKENIZER_FILES]
     found = paths.tokenizer_candidates()

@@ -37,6 +37,7 @@ from .recipe import Recipe
 from .rng import tensor_generator
 from .statspass import Observer, Progress, StatsPass, run_stats_pass
 from .tensors import FLOAT_DTYPES, dtype_name
+from .vocab import Alignment
 
 # (tensor name, base in the compute dtype, stored output tensor, the method's modulators or None)
 ModulatorSink = Callable[[str, "torch.Tensor | None", torch.Tensor, Any], None]
@@ -79,6 +80,29 @@ class TensorReader:
         return t
 
 
+class VocabReader:
+    """A ``TensorReader`` that hands out vocabulary tensors (embeddings, head) with their rows
+    aligned to the output vocabulary: all inputs of such a tensor are read and aligned together
+    (a missing token's row depends on which models have it) and kept for that tensor only."""
+
+    def __init__(self, read: TensorReader, alignment: Alignment, inputs: Sequence[Checkpoint],
+                 names: set[str]):
+        self.read, self.alignment, self.names = read, alignment, names
+        self.inputs = list(inputs)
+        self.device, self.dtype = read.device, read.dtype
+        self._name: str | None = None
+        self._aligned: list[torch.Tensor] = []
+
+    def __call__(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        if name not in self.names:
+            return self.read(ckpt, name)
+        if self._name != name:
+            self._aligned = []  # free the previous tensor's rows first
+            self._aligned = self.alignment.align([self.read(c, name) for c in self.inputs])
+            self._name = name
+        return self._aligned[next(i for i, c in enumerate(self.inputs) if c is ckpt)]
+
+
 @dataclass
 class ModelSlot:
     """One input model: its checkpoint, its sparsification step and that step's stats pass."""
@@ -96,10 +120,12 @@ class MergeJob:
     def __init__(self, recipe: Recipe, base: Checkpoint | None, models: Sequence[Checkpoint],
                  device: str = "cpu", features: Sequence[FeatureStats] | None = None, *,
                  tensors: Sequence[TensorPlan] | None = None, scope: Scope | None = None,
-                 labels: Sequence[str] | None = None, check_filters: bool = True):
+                 labels: Sequence[str] | None = None, check_filters: bool = True,
+                 vocab: Alignment | None = None):
         """``tensors`` and ``scope`` come from a slice of a ``slices:`` recipe (its planned
         tensors, and its own parameters between the models' and the recipe's); a slice's
-        filters are checked over all slices (``check_filters_match``)."""
+        filters are checked over all slices (``check_filters_match``). ``vocab``: embedding and
+        head rows aligned to one output vocabulary, over the inputs models then base."""
         self.recipe = recipe
         self.params: JobParams = resolve_job(recipe, scope, labels)
         self.method = self.params.method
@@ -116,8 +142,18 @@ class MergeJob:
         out = FLOAT_DTYPES[recipe.out_dtype] if recipe.out_dtype else None
         if tensors is not None:
             check_configs([c for c in (base, *models) if c is not None])
+        self.vocab = vocab
+        vocab_plan = None
+        if vocab is not None:
+            inputs = [*models, *([base] if base is not None else [])]
+            ref_rows = vocab.input_rows[inputs.index(self.reference)]
+            names = {n for n in self.reference.names()
+                     if vocab.is_vocab_tensor(n, self.reference.info(n).shape, ref_rows)}
+            self.load = VocabReader(self.load, vocab, inputs, names)  # type: ignore[assignment]
+            vocab_plan = (names, vocab.rows)
         self.tensors: list[TensorPlan] = (list(tensors) if tensors is not None
-                                          else plan_tensors(self.reference, list(models), out))
+                                          else plan_tensors(self.reference, list(models), out,
+                                                            vocab_plan))
         if check_filters:
             check_filters_match([self])
         self.features: list[FeatureStats] | None = None
@@ -245,6 +281,8 @@ class MergeJob:
             # a copy (never the caller's own tensor), checked against out_dtype by the caller
             if record is not None:
                 record["merged_delta_norm"] = 0.0
+            if isinstance(self.load, VocabReader) and plan.name in self.load.names:
+                return base.clone(), base, None  # the base's rows, aligned
             return self.base.read(plan.base_name).clone(), base, None
         weights = self.params.weights(self.sources(plan), plan.t)
         out = self.method.func(base, deltas, weights, **params)

@@ -69,8 +69,9 @@ def resolve_inputs(recipe: Recipe, root: Path | None) -> InputPaths:
     base = resolve_path(recipe.base_model, root, "base_model") if recipe.base_model else None
     models = [resolve_path(m.model, root, f"models.{i}.model")
               for i, m in enumerate(recipe.models)]
-    tok = (resolve_path(recipe.tokenizer_source, root, "tokenizer_source")
-           if recipe.tokenizer_source and recipe.tokenizer_source != "base" else None)
+    source = recipe.vocabulary.source if recipe.vocabulary is not None else None
+    tok = (resolve_path(source, root, "tokenizer_source")
+           if source is not None and source not in ("base", "union") else None)
     return InputPaths(base, models, tok)
 
 

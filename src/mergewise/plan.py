@@ -97,7 +97,7 @@ def check_configs(ckpts: Sequence[Checkpoint]) -> None:
 
 
 def _mismatches(reference: Checkpoint, ref_infos: dict[str, TensorInfo],
-                ckpt: Checkpoint) -> list[str]:
+                ckpt: Checkpoint, rowless: set[str]) -> list[str]:
     problems = []
     names = set(ckpt.names())
     for name, info in ref_infos.items():
@@ -106,7 +106,9 @@ def _mismatches(reference: Checkpoint, ref_infos: dict[str, TensorInfo],
                 problems.append(f"{ckpt.label}: missing tensor '{name}'")
             continue
         other = ckpt.info(name)
-        if other.shape != info.shape:
+        compared = (other.shape[1:], info.shape[1:]) if name in rowless else (other.shape,
+                                                                            info.shape)
+        if compared[0] != compared[1]:
             problems.append(f"{ckpt.label}: tensor '{name}' has shape {list(other.shape)}, "
                             f"{reference.label} has {list(info.shape)}")
         elif other.is_float != info.is_float:
@@ -119,13 +121,17 @@ def _mismatches(reference: Checkpoint, ref_infos: dict[str, TensorInfo],
 
 
 def plan_tensors(reference: Checkpoint, others: Sequence[Checkpoint],
-                 out_dtype: torch.dtype | None = None) -> list[TensorPlan]:
+                 out_dtype: torch.dtype | None = None,
+                 vocab: tuple[set[str], int] | None = None) -> list[TensorPlan]:
     """The output's tensors in the reference's order; every mismatch of ``others`` reported at
-    once. ``out_dtype`` overrides the reference's dtype of merged tensors."""
+    once. ``out_dtype`` overrides the reference's dtype of merged tensors. ``vocab``: the
+    vocabulary tensors (rows aligned by token, so their row counts may differ) and the output's
+    row count."""
     check_configs([reference, *others])
     ref_infos = {n: reference.info(n) for n in reference.names()}
+    rowless, rows = vocab if vocab is not None else (set(), 0)
     problems = [p for ckpt in others if ckpt is not reference
-                for p in _mismatches(reference, ref_infos, ckpt)]
+                for p in _mismatches(reference, ref_infos, ckpt, rowless)]
     if problems:
         shown = "; ".join(problems[:MAX_LISTED])
         more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
@@ -133,7 +139,9 @@ def plan_tensors(reference: Checkpoint, others: Sequence[Checkpoint],
             f"{len(problems)} mismatch(es) between the models and the base: {shown}{more} "
             "(all models must share the base's architecture)")
     count = layer_count(reference.config, ref_infos)
-    plans = [TensorPlan(info, (out_dtype or info.dtype) if info.is_float else info.dtype,
+    plans = [TensorPlan(info if info.name not in rowless
+                        else TensorInfo(info.name, (rows, *info.shape[1:]), info.dtype),
+                        (out_dtype or info.dtype) if info.is_float else info.dtype,
                         info.is_float, position(layer_index(info.name), count))
              for info in ref_infos.values()]
     if not any(p.merged for p in plans):

@@ -80,6 +80,40 @@ class Slice(BaseModel):
                                           "which parse it and never use it; no effect")
 
 
+class TokenKind(BaseModel):
+    """A ``tokens:`` entry's row: ``{kind: zero}``, or ``{kind: model_token, model, token_id |
+    token}`` (a row of that model's original vocabulary)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero", "model_token"]
+    model: str | None = None
+    token_id: int | None = Field(None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TokenKind:
+        if self.kind == "model_token" and (self.model is None
+                                           or (self.token_id is None) == (self.token is None)):
+            raise ValueError("kind: model_token needs 'model' and one of 'token_id' or 'token'")
+        return self
+
+
+class TokenOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str | TokenKind
+    force: bool = False
+
+
+class TokenizerBlock(BaseModel):
+    """mergekit's ``tokenizer:`` block: the output vocabulary (``union``, ``base`` or a model),
+    per-token row sources, and padding of the row count."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenOverride] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+
 class Recipe(BaseModel):
     """A merge recipe. Paths are kept as written; ``resolve_paths`` anchors relative ones.
     Exactly one of ``models`` and ``slices`` (mergekit's two forms)."""
@@ -95,6 +129,8 @@ class Recipe(BaseModel):
     out_dtype: DTypeName | None = None
     seed: int = Field(0, ge=0)
     tokenizer_source: str | None = None
+    tokenizer: TokenizerBlock | None = None
+    chat_template: str | None = None
     name: str | None = None
 
     @field_validator("models", mode="before")
@@ -104,6 +140,12 @@ class Recipe(BaseModel):
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
 
+    @field_validator("dtype", "out_dtype", mode="before")
+    @classmethod
+    def _torch_prefix(cls, value: Any) -> Any:
+        """mergekit accepts ``torch.bfloat16`` too."""
+        return value.removeprefix("torch.") if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
         if self.slices is not None and self.models:
@@ -111,7 +153,16 @@ class Recipe(BaseModel):
         if self.slices is None and not self.models:
             raise ValueError("missing required key 'models' (or 'slices'): list the models to "
                              "merge")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give tokenizer_source or a tokenizer: block, not both (as mergekit)")
         return self
+
+    @property
+    def vocabulary(self) -> TokenizerBlock | None:
+        """The tokenizer settings, ``tokenizer_source: X`` being ``tokenizer: {source: X}``."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerBlock(source=self.tokenizer_source) if self.tokenizer_source else None
 
     # --- derived views -------------------------------------------------------------------
     @property
