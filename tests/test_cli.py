@@ -21,7 +21,7 @@ from mergewise.checkpoint import open_checkpoint
 from mergewise.cli import app
 
 METHODS = ["breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "emr", "linear",
-           "lot", "regmean", "slerp", "task_arithmetic", "ties"]
+           "lot", "ram", "ramplus_tl", "regmean", "slerp", "task_arithmetic", "ties"]
 
 
 @pytest.fixture
