@@ -44,6 +44,14 @@ class RecipeInputs:
         return self.recipe["base_model"]
 
     @property
+    def union_tokenizer(self) -> bool:
+        """Whether mergekit builds a union vocabulary (new-token ids vary run to run, so
+        vocabulary rows are compared by token string)."""
+        block = self.recipe.get("tokenizer")
+        return self.recipe.get("tokenizer_source") == "union" or (
+            isinstance(block, dict) and block.get("source", "union") == "union")
+
+    @property
     def task_models(self) -> list[dict[str, Any]]:
         """Non-base ``models:`` entries, in order."""
         return [m for m in self.recipe.get("models", []) if m["model"] != self.base]
