@@ -87,10 +87,20 @@ def build_checkpoints(root: Path) -> Checkpoints:
     """Write every family under ``root`` (a few seconds): float32 base + m1..m4, the union
     expert mu (vocab 260, own tokenizer), bf16 and fp16 copies of base/m1/m2, and the bf16 tie
     family tie_base/tie_t1/tie_t2."""
-    from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards" bars, one per checkpoint
+    try:
+        return _build(root)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()  # the rest of the session keeps its setting
+
+
+def _build(root: Path) -> Checkpoints:
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
     base = LlamaForCausalLM(_config())
     with torch.no_grad():  # non-trivial norms, so they are not all ones
