@@ -223,6 +223,12 @@ base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 1.0, density: 0.3}}") + """
 dtype: float32""", "distribution", "one model: the kept mask and the rescale factor are recoverable",
           pending=(DARE_L1,)),
+    Entry("dare_linear_no_rescale", """
+merge_method: dare_linear
+base_model: $base
+""" + _models("{model: $m1, parameters: {weight: 0.8, density: 0.3}}") + """
+parameters: {rescale: false}
+dtype: float32""", "distribution", "rescale false: kept entries unscaled (one model, recoverable)"),
     Entry("dare_linear_two", """
 merge_method: dare_linear
 base_model: $base

@@ -5,7 +5,7 @@ without it this module skips, naming the install command, unless ``MERGEWISE_REQ
 (CI), which makes that a failure. The checkpoints are built once per session and the whole
 corpus runs through one mergekit process (see ``mergekit_driver.py``); each test then runs its
 recipe through ``mergewise.merge`` and compares. ``MERGEWISE_PARITY_REPORT=1`` writes the table
-to ``docs/mergekit-parity.md`` when the module ends.
+to ``docs/mergekit-parity.md`` when the session ends.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class ParityRun:
         return text.replace(str(self.root), "<tmp>").replace(str(REPO), "<repo>")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def parity(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("parity")
     ckpts = build_checkpoints(root / "ckpt")
