@@ -198,8 +198,10 @@ class JobParams:
 
 def base_is_first_input(method: MergeMethod, has_base: bool, n_models: int) -> bool:
     """The one rule for two-model weight-space methods (slerp) given a base and one model: the
-    base is the first end point and the model the second."""
-    return method.space == "weight" and method.max_models == 2 and has_base and n_models == 1
+    base is the first end point and the model the second. Not for a method that reads the base
+    itself (``uses_base``: nuslerp's two models are task vectors from it)."""
+    return (method.space == "weight" and method.max_models == 2 and not method.uses_base
+            and has_base and n_models == 1)
 
 
 # --- the schema of one model's sparsify step -----------------------------------------------
