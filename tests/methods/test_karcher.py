@@ -7,16 +7,13 @@ import math
 
 import pytest
 import torch
+from value_helpers import assert_values
 
 from mergewise import METHODS, merge_state_dicts
 from mergewise.methods.karcher import karcher
 
 S2 = math.sqrt(2.0)
 S3 = math.sqrt(3.0)
-
-
-def _close(out: torch.Tensor, expected: list, tol: float = 1e-6) -> None:
-    torch.testing.assert_close(out, torch.tensor(expected, dtype=out.dtype), rtol=tol, atol=tol)
 
 
 def test_registration() -> None:
@@ -33,7 +30,7 @@ def test_two_orthogonal_directions() -> None:
     # directions [1, 0] and [0, 1], norms 2 and 4: the mean direction is at 45 degrees (the
     # tangent steps cancel at once); scale = (2 + 4) / 2 = 3 -> 3 [1/sqrt2, 1/sqrt2]
     out = karcher(None, [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 4.0]])], [])
-    _close(out, [[3 / S2, 3 / S2]])
+    assert_values(out, [[3 / S2, 3 / S2]])
 
 
 def test_three_points_converge_to_the_angular_mean() -> None:
@@ -41,9 +38,9 @@ def test_three_points_converge_to_the_angular_mean() -> None:
     # Euclidean average [1, 2] / 3 points at 63.4 degrees, where it starts); norms 1 -> scale 1
     x = [torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
          torch.tensor([[0.0, 1.0], [0.0, 0.0]])]
-    _close(karcher(None, x, []), [[0.5, S3 / 2], [0.0, 0.0]])
+    assert_values(karcher(None, x, []), [[0.5, S3 / 2], [0.0, 0.0]])
     # max_iter 0: no step, the normalised average [1, 2] / sqrt5
-    _close(karcher(None, x, [], max_iter=0), [[1 / math.sqrt(5), 2 / math.sqrt(5)], [0.0, 0.0]])
+    assert_values(karcher(None, x, [], max_iter=0), [[1 / math.sqrt(5), 2 / math.sqrt(5)], [0.0, 0.0]])
 
 
 def test_float64() -> None:
@@ -51,7 +48,7 @@ def test_float64() -> None:
          torch.tensor([0.0, 1.0], dtype=torch.float64)]
     out = karcher(None, x, [], tol=1e-12, max_iter=50)
     assert out.dtype == torch.float64
-    _close(out, [0.5, S3 / 2], tol=1e-12)
+    assert_values(out, [0.5, S3 / 2], tol=1e-12)
 
 
 def test_one_model_is_returned_as_it_is() -> None:
@@ -66,7 +63,7 @@ def test_zero_tensors() -> None:
     # a zero model takes no part in the direction but counts in the mean norm:
     # direction of [2, 0] and [0, 2] at 45 degrees, scale (2 + 2 + 0) / 3 = 4/3
     out = karcher(None, [torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0]), torch.zeros(2)], [])
-    _close(out, [4 / 3 / S2, 4 / 3 / S2])
+    assert_values(out, [4 / 3 / S2, 4 / 3 / S2])
 
 
 def test_antipodal_starts_at_the_first_direction() -> None:
@@ -81,7 +78,7 @@ def test_half_dtypes(dtype: torch.dtype) -> None:
     out = karcher(None, [torch.tensor([[2.0, 0.0]], dtype=dtype),
                          torch.tensor([[0.0, 4.0]], dtype=dtype)], [])
     assert out.dtype == dtype
-    _close(out, [[3 / S2, 3 / S2]], tol=1e-2)
+    assert_values(out, [[3 / S2, 3 / S2]], tol=1e-2)
 
 
 def test_api_base_is_not_averaged() -> None:
@@ -91,4 +88,4 @@ def test_api_base_is_not_averaged() -> None:
     with_base = merge_state_dicts(base, models, "karcher")
     without = merge_state_dicts(None, models, "karcher", parameters={"max_iter": 10, "tol": 1e-5})
     assert torch.equal(with_base["w"], without["w"])
-    _close(without["w"], [[3 / S2, 3 / S2]])
+    assert_values(without["w"], [[3 / S2, 3 / S2]])

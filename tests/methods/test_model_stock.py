@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from value_helpers import assert_values
 
 from mergewise import METHODS, RecipeError, merge_state_dicts
 from mergewise.methods.model_stock import model_stock
@@ -20,10 +21,6 @@ W2 = BASE + 1.0
 EXPECTED = torch.tensor([[2.0, 4 / 3], [4 / 3, 4 / 3]], dtype=torch.float64)
 
 
-def _close(out: torch.Tensor, expected: torch.Tensor, tol: float = 1e-12) -> None:
-    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-
-
 def test_registration() -> None:
     m = METHODS.get("model_stock")
     assert m.func is model_stock
@@ -35,14 +32,14 @@ def test_registration() -> None:
 
 
 def test_two_models_hand_values() -> None:
-    _close(model_stock(BASE, [W1, W2], [1.0, 1.0]), EXPECTED)
+    assert_values(model_stock(BASE, [W1, W2], [1.0, 1.0]), EXPECTED)
 
 
 def test_parallel_task_vectors_give_the_average() -> None:
     # cos = 1 -> t = N / N = 1: the plain average of the models
     tau = torch.tensor([[1.0, -2.0], [0.5, 0.0]], dtype=torch.float64)
     models = [BASE + tau, BASE + 2 * tau, BASE + 3 * tau]
-    _close(model_stock(BASE, models, [1.0] * 3), BASE + 2 * tau)
+    assert_values(model_stock(BASE, models, [1.0] * 3), BASE + 2 * tau)
 
 
 def test_orthogonal_and_zero_task_vectors_keep_the_base() -> None:
@@ -66,7 +63,7 @@ def test_three_models_negative_cosine() -> None:
     base = torch.zeros(2, dtype=torch.float64)
     models = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.0])]
     out = model_stock(base, [m.double() for m in models], [1.0] * 3)
-    _close(out, torch.tensor([0.0, -1.0], dtype=torch.float64))
+    assert_values(out, torch.tensor([0.0, -1.0], dtype=torch.float64))
 
 
 def test_filter_wise_per_row() -> None:
@@ -76,7 +73,7 @@ def test_filter_wise_per_row() -> None:
     models = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 1.0]]),
               torch.tensor([[3.0, 0.0], [-1.0, 0.0]])]
     models = [m.double() for m in models]
-    _close(model_stock(base, models, [1.0] * 3, filter_wise=True),
+    assert_values(model_stock(base, models, [1.0] * 3, filter_wise=True),
            torch.tensor([[2.0, 0.0], [0.0, -1.0]], dtype=torch.float64))
     # flattened: the pairwise cosines of [1,0,1,0], [2,0,0,1], [3,0,-1,0] are
     # 2/(sqrt2 sqrt5), 2/(sqrt2 sqrt10), 6/(sqrt5 sqrt10): one t for the whole tensor
@@ -84,7 +81,7 @@ def test_filter_wise_per_row() -> None:
     cos = sum(float(a @ b) / float(a.norm() * b.norm())
               for a, b in itertools.combinations(flat, 2)) / 3
     t = 3 * cos / (1 + 2 * cos)
-    _close(model_stock(base, models, [1.0] * 3), t * sum(models) / 3)
+    assert_values(model_stock(base, models, [1.0] * 3), t * sum(models) / 3)
 
 
 def test_filter_wise_1d_is_one_row() -> None:

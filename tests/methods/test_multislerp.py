@@ -7,16 +7,13 @@ import math
 
 import pytest
 import torch
+from value_helpers import assert_values
 
 from mergewise import METHODS, RecipeError, merge_state_dicts
 from mergewise.methods.multislerp import multislerp
 
 S2 = math.sqrt(2.0)
 S5 = math.sqrt(5.0)
-
-
-def _close(out: torch.Tensor, expected: list, tol: float = 1e-6) -> None:
-    torch.testing.assert_close(out, torch.tensor(expected, dtype=out.dtype), rtol=tol, atol=tol)
 
 
 def test_registration() -> None:
@@ -41,36 +38,36 @@ def test_two_orthogonal_vectors() -> None:
     # x = [3, 0], [0, 1], weights 1/2 each: units [1, 0], [0, 1]; mean [1/2, 1/2] -> m at 45
     # degrees; the tangents [1/2, -1/2] and [-1/2, 1/2] cancel; scale 3/2 + 1/2 = 2 -> [sqrt2, sqrt2]
     out = multislerp(None, [torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 1.0]])], [1.0, 1.0])
-    _close(out, [[S2, S2]])
+    assert_values(out, [[S2, S2]])
 
 
 def test_three_vectors() -> None:
     # units [1, 0], [0, 1], [0, 1], weights 1/3: mean [1, 2] / 3 -> m = [1, 2] / sqrt5 (not the
     # Karcher mean at 60 degrees: the weighted tangents sum to 0 at m); scale 1
     x = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0])]
-    _close(multislerp(None, x, [1.0, 1.0, 1.0]), [1 / S5, 2 / S5])
+    assert_values(multislerp(None, x, [1.0, 1.0, 1.0]), [1 / S5, 2 / S5])
     # weights 2, 1, 1 (sum 4): mean [1/2, 1/2] -> 45 degrees, scale 1
-    _close(multislerp(None, x, [2.0, 1.0, 1.0]), [S2 / 2, S2 / 2])
+    assert_values(multislerp(None, x, [2.0, 1.0, 1.0]), [S2 / 2, S2 / 2])
 
 
 def test_with_base_task_vectors() -> None:
     base = torch.tensor([[1.0, -1.0], [0.5, 2.0]])
     models = [base + torch.tensor([[3.0, 0.0], [0.0, 0.0]]),
               base + torch.tensor([[0.0, 1.0], [0.0, 0.0]])]
-    _close(multislerp(base, models, [1.0, 1.0]), [[1.0 + S2, -1.0 + S2], [0.5, 2.0]])
+    assert_values(multislerp(base, models, [1.0, 1.0]), [[1.0 + S2, -1.0 + S2], [0.5, 2.0]])
 
 
 def test_weights_not_normalised() -> None:
     # weights 2, 2: mean [2, 2] -> 45 degrees; scale 2 * 1 + 2 * 1 = 4 -> [2 sqrt2, 2 sqrt2]
     out = multislerp(None, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], [2.0, 2.0],
                      normalize_weights=False)
-    _close(out, [2 * S2, 2 * S2])
+    assert_values(out, [2 * S2, 2 * S2])
 
 
 def test_zero_vector_is_a_lerp() -> None:
     # [2, 0] and 0: the zero vector adds weight but no direction: m = [1, 0], scale 1 -> [1, 0]
     out = multislerp(None, [torch.tensor([2.0, 0.0]), torch.zeros(2)], [1.0, 1.0])
-    _close(out, [1.0, 0.0])
+    assert_values(out, [1.0, 0.0])
 
 
 def test_antipodal_pairs() -> None:
@@ -78,7 +75,7 @@ def test_antipodal_pairs() -> None:
     # equal weights: the mean is 0, so two models fall back to w0 x0 + w1 x1 = (a - a) / 2
     assert torch.equal(multislerp(None, [a, -a], [1.0, 1.0]), torch.zeros(2))
     # weights 1, 3: mean = (1/4 - 3/4) a/|a| -> m = -a/|a|; scale |a| -> -a
-    _close(multislerp(None, [a, -a], [1.0, 3.0]), [-1.0, -2.0])
+    assert_values(multislerp(None, [a, -a], [1.0, 3.0]), [-1.0, -2.0])
 
 
 def test_cancelling_mean_of_three_is_an_error() -> None:
@@ -111,7 +108,7 @@ def test_dtypes(dtype: torch.dtype) -> None:
                             torch.tensor([[0.0, 1.0]], dtype=dtype)], [1.0, 1.0])
     assert out.dtype == dtype
     # float64: the eps in x / (|x| + eps) shifts the result by 1e-8 relative
-    _close(out, [[S2, S2]], tol=1e-2 if dtype != torch.float64 else 1e-7)
+    assert_values(out, [[S2, S2]], tol=1e-2 if dtype != torch.float64 else 1e-7)
     # float16: the tangents cancel exactly here, so mergekit's r = 0 + 1e-8 is 0 in float16
     # and sin(r) / r NaN; the eps is floored at float16's smallest normal instead
     assert bool(torch.isfinite(out).all())
@@ -134,7 +131,7 @@ def test_reference_float64() -> None:
     r = math.sqrt(sum(v * v for v in gt)) + 1e-8
     scale = sum(wi * n for wi, n in zip(w, norms, strict=True))
     expected = [(m[j] * math.cos(r) + gt[j] * math.sin(r) / r) * scale for j in range(5)]
-    _close(multislerp(None, xs, w), expected, tol=1e-12)
+    assert_values(multislerp(None, xs, w), expected, tol=1e-12)
 
 
 def test_api() -> None:
@@ -142,10 +139,10 @@ def test_api() -> None:
     models = [{"w": base["w"] + torch.tensor([[3.0, 0.0], [0.0, 0.0]])},
               {"w": base["w"] + torch.tensor([[0.0, 1.0], [0.0, 0.0]])}]
     out = merge_state_dicts(base, models, "multislerp")
-    _close(out["w"], [[1.0 + S2, -1.0 + S2], [0.5, 2.0]])
+    assert_values(out["w"], [[1.0 + S2, -1.0 + S2], [0.5, 2.0]])
     out = merge_state_dicts(None, models, "multislerp",
                             model_parameters=[{"weight": 1.0}, {"weight": 0.0}])
-    _close(out["w"], models[0]["w"].tolist())  # all weight on the first model: itself
+    assert_values(out["w"], models[0]["w"].tolist())  # all weight on the first model: itself
     with pytest.raises(RecipeError, match="sum to 0"):
         merge_state_dicts(None, models, "multislerp",
                           model_parameters=[{"weight": 1.0}, {"weight": -1.0}])

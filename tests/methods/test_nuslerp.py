@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from value_helpers import assert_values
 
 from mergewise import METHODS, RecipeError, merge_state_dicts
 from mergewise.methods.nuslerp import interpolation_factor, nuslerp, nuslerp_vectors
@@ -15,10 +16,6 @@ S2 = math.sqrt(2.0)
 S3 = math.sqrt(3.0)
 E1 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
 E2 = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-
-
-def _close(out: torch.Tensor, expected: list, tol: float = 1e-6) -> None:
-    torch.testing.assert_close(out, torch.tensor(expected, dtype=out.dtype), rtol=tol, atol=tol)
 
 
 def test_registration() -> None:
@@ -48,31 +45,31 @@ def test_weights_summing_to_zero_are_an_error(weights: list[float]) -> None:
 
 def test_orthogonal_without_base() -> None:
     # Omega = pi/2, sin Omega = 1: sin((1 - t) pi/2) v0 + sin(t pi/2) v1
-    _close(nuslerp(None, [E1, E2], [1.0, 1.0]), [[S2 / 2, S2 / 2], [0.0, 0.0]])
+    assert_values(nuslerp(None, [E1, E2], [1.0, 1.0]), [[S2 / 2, S2 / 2], [0.0, 0.0]])
     # weights 1, 2: t = 2/3 -> sin(pi/6), sin(pi/3)
-    _close(nuslerp(None, [E1, E2], [1.0, 2.0]), [[0.5, S3 / 2], [0.0, 0.0]])
+    assert_values(nuslerp(None, [E1, E2], [1.0, 2.0]), [[0.5, S3 / 2], [0.0, 0.0]])
     # the raw vectors are interpolated, not their unit vectors: 3 E2 -> 3 sin(pi/4)
-    _close(nuslerp(None, [E1, 3 * E2], [1.0, 1.0]), [[S2 / 2, 3 * S2 / 2], [0.0, 0.0]])
+    assert_values(nuslerp(None, [E1, 3 * E2], [1.0, 1.0]), [[S2 / 2, 3 * S2 / 2], [0.0, 0.0]])
 
 
 def test_sixty_degrees_float64() -> None:
     a = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
     b = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     # a.b = 3, |a| = |b| = sqrt6: cos = 1/2, Omega = pi/3; t = 1/2: (a + b) sin(pi/6) / sin(pi/3)
-    _close(nuslerp(None, [a, b], [1.0, 1.0]), ((a + b) / S3).tolist(), tol=1e-12)
+    assert_values(nuslerp(None, [a, b], [1.0, 1.0]), ((a + b) / S3).tolist(), tol=1e-12)
 
 
 def test_with_base_task_vectors() -> None:
     base = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
     # task vectors E1 and E2: base + (sqrt2/2) (E1 + E2)
     out = nuslerp(base, [base + E1, base + E2], [1.0, 1.0])
-    _close(out, [[1.0 + S2 / 2, -1.0 + S2 / 2], [2.0, 0.5]])
+    assert_values(out, [[1.0 + S2 / 2, -1.0 + S2 / 2], [2.0, 0.5]])
 
 
 def test_endpoints() -> None:
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([2.0, -1.0])
-    _close(nuslerp(None, [a, b], [1.0, 0.0]), [1.0, 2.0])  # t = 0: the first model
-    _close(nuslerp(None, [a, b], [0.0, 1.0]), [2.0, -1.0])  # t = 1: the second
+    assert_values(nuslerp(None, [a, b], [1.0, 0.0]), [1.0, 2.0])  # t = 0: the first model
+    assert_values(nuslerp(None, [a, b], [0.0, 1.0]), [2.0, -1.0])  # t = 1: the second
 
 
 def test_colinear_and_antipodal_lerp() -> None:
@@ -89,7 +86,7 @@ def test_colinear_and_antipodal_lerp() -> None:
     b = torch.tensor([-1.0, -2.3])
     omega = math.acos(-5.6 / math.sqrt(5 * 6.29))  # a.b = -1 - 4.6, |a|^2 = 5, |b|^2 = 6.29
     expected = [0.0, -0.3 / (2 * math.cos(omega / 2))]  # a + b = [0, -0.3]: [0, -5.62]
-    _close(nuslerp(None, [a, b], [1.0, 1.0]), expected, tol=1e-3)
+    assert_values(nuslerp(None, [a, b], [1.0, 1.0]), expected, tol=1e-3)
 
 
 def test_zero_vector_lerps() -> None:
@@ -106,12 +103,12 @@ def test_per_row_and_per_column() -> None:
     # rows: row 0 orthogonal ([1, 0] -> [0, 1]), row 1 colinear ([1, 1] -> [2, 2]): lerp
     v0 = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     v1 = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
-    _close(nuslerp_vectors(0.5, v0, v1, flatten=False), [[S2 / 2, S2 / 2], [1.5, 1.5]])
+    assert_values(nuslerp_vectors(0.5, v0, v1, flatten=False), [[S2 / 2, S2 / 2], [1.5, 1.5]])
     # columns (row_wise): column 0 [1, 0] -> [0, 1] orthogonal, column 1 [1, 2] -> [2, 4] lerp
     v0 = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
     v1 = torch.tensor([[0.0, 2.0], [1.0, 4.0]])
     out = nuslerp(None, [v0, v1], [1.0, 1.0], nuslerp_flatten=False, nuslerp_row_wise=True)
-    _close(out, [[S2 / 2, 1.5], [S2 / 2, 3.0]])
+    assert_values(out, [[S2 / 2, 1.5], [S2 / 2, 3.0]])
     # row_wise needs flatten false: with flatten (the default) the whole tensor is one vector
     assert torch.equal(nuslerp(None, [v0, v1], [1.0, 1.0], nuslerp_row_wise=True),
                        nuslerp(None, [v0, v1], [1.0, 1.0]))
@@ -130,24 +127,24 @@ def test_reference_float64() -> None:
         omega = math.acos(sum(x * y for x, y in zip(a, b, strict=True)) / (na * nb))
         expected = [(math.sin((1 - t) * omega) * x + math.sin(t * omega) * y) / math.sin(omega)
                     for x, y in zip(a, b, strict=True)]
-        _close(out[r], expected, tol=1e-12)
+        assert_values(out[r], expected, tol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(dtype: torch.dtype) -> None:
     out = nuslerp(None, [E1.to(dtype), E2.to(dtype)], [1.0, 2.0])
     assert out.dtype == dtype
-    _close(out, [[0.5, S3 / 2], [0.0, 0.0]], tol=1e-2)
+    assert_values(out, [[0.5, S3 / 2], [0.0, 0.0]], tol=1e-2)
 
 
 def test_api_with_and_without_base() -> None:
     base = {"w": torch.tensor([[1.0, -1.0], [2.0, 0.5]])}
     models = [{"w": base["w"] + E1}, {"w": base["w"] + E2}]
     out = merge_state_dicts(base, models, "nuslerp")
-    _close(out["w"], [[1.0 + S2 / 2, -1.0 + S2 / 2], [2.0, 0.5]])
+    assert_values(out["w"], [[1.0 + S2 / 2, -1.0 + S2 / 2], [2.0, 0.5]])
     out = merge_state_dicts(None, [{"w": E1}, {"w": E2}], "nuslerp",
                             model_parameters=[{"weight": 1.0}, {"weight": 2.0}])
-    _close(out["w"], [[0.5, S3 / 2], [0.0, 0.0]])
+    assert_values(out["w"], [[0.5, S3 / 2], [0.0, 0.0]])
 
 
 def test_api_refusals() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from value_helpers import assert_values
 
 from mergewise import METHODS, RecipeError, merge_state_dicts
 from mergewise.methods.sce import sce, task_weights
@@ -19,10 +20,6 @@ T1 = torch.tensor([[1.0, 2.0], [0.0, -1.0]], dtype=torch.float64)
 T2 = torch.tensor([[1.0, -2.0], [0.0, 3.0]], dtype=torch.float64)
 T3 = torch.tensor([[1.0, 4.0], [0.0, -1.0]], dtype=torch.float64)
 ZERO = torch.zeros(2, 2, dtype=torch.float64)
-
-
-def _close(out: torch.Tensor, expected: list, tol: float = 1e-12) -> None:
-    torch.testing.assert_close(out, torch.tensor(expected, dtype=out.dtype), rtol=tol, atol=tol)
 
 
 def variances(tvs: list[list[float]]) -> list[Fraction]:
@@ -77,16 +74,16 @@ def test_without_selection() -> None:
     # (0,1) [2, -2, 4]: sum 4 -> +, T1 and T3 -> (2*3 + 4*9) / (3 + 9) = 42/12 = 3.5
     # (1,0) [0, 0, 0]: nobody (zeros never agree) -> 0
     # (1,1) [-1, 3, -1]: sum 1 -> +, T2 alone -> 3
-    _close(sce(ZERO, [T1, T2, T3], [1.0] * 3), [[1.0, 3.5], [0.0, 3.0]])
+    assert_values(sce(ZERO, [T1, T2, T3], [1.0] * 3), [[1.0, 3.5], [0.0, 3.0]])
     base = torch.tensor([[10.0, -10.0], [1.0, 2.0]], dtype=torch.float64)
-    _close(sce(base, [T1, T2, T3], [1.0] * 3), [[11.0, -6.5], [1.0, 5.0]])
+    assert_values(sce(base, [T1, T2, T3], [1.0] * 3), [[11.0, -6.5], [1.0, 5.0]])
 
 
 def test_task_weights() -> None:
     tv = torch.stack([T1, T2, T3])
-    _close(task_weights(tv), [3 / 19, 7 / 19, 9 / 19])
+    assert_values(task_weights(tv), [3 / 19, 7 / 19, 9 / 19])
     # all zero: uniform
-    _close(task_weights(torch.zeros(2, 3, dtype=torch.float64)), [0.5, 0.5])
+    assert_values(task_weights(torch.zeros(2, 3, dtype=torch.float64)), [0.5, 0.5])
 
 
 def test_select_topk() -> None:
@@ -94,7 +91,7 @@ def test_select_topk() -> None:
     # (1,0) 0; (1,1) of [-1, 3, -1]: 96/27. Two are non-zero; select_topk 0.5 keeps 1: (0,1).
     # Selected: T1 [[0, 2], [0, 0]], T2 [[0, -2], [0, 0]], T3 [[0, 4], [0, 0]];
     # energies 1, 1, 4 -> w = [1, 1, 4]/6; (0,1): sum 4 -> +: T1, T3 -> (2 + 16)/6 / (5/6) = 3.6
-    _close(sce(ZERO, [T1, T2, T3], [1.0] * 3, select_topk=0.5), [[0.0, 3.6], [0.0, 0.0]])
+    assert_values(sce(ZERO, [T1, T2, T3], [1.0] * 3, select_topk=0.5), [[0.0, 3.6], [0.0, 0.0]])
 
 
 def test_select_count_rounds_half_up_ties_by_index() -> None:
@@ -104,7 +101,7 @@ def test_select_count_rounds_half_up_ties_by_index() -> None:
     # entry 0: sum 0 -> +: first task alone -> 1; entry 2: 3
     a = torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64)
     b = torch.tensor([-1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    _close(sce(torch.zeros(4, dtype=torch.float64), [a, b], [1.0, 1.0], select_topk=0.5),
+    assert_values(sce(torch.zeros(4, dtype=torch.float64), [a, b], [1.0, 1.0], select_topk=0.5),
            [1.0, 0.0, 3.0, 0.0])
 
 
@@ -117,16 +114,16 @@ def test_small_task_vectors_keep_their_weights() -> None:
     b = torch.tensor([3e-4, -1e-4], dtype=torch.float64)
     base = torch.zeros(2, dtype=torch.float64)
     out = sce(base, [a, b], [1.0, 1.0])
-    _close(out, [16 / 6 * 1e-4, 1e-4], tol=1e-15)
+    assert_values(out, [16 / 6 * 1e-4, 1e-4], tol=1e-15)
     # and the result scales with the task vectors
-    _close(sce(base, [a * 1e4, b * 1e4], [1.0, 1.0]), (out * 1e4).tolist(), tol=1e-12)
+    assert_values(sce(base, [a * 1e4, b * 1e4], [1.0, 1.0]), (out * 1e4).tolist(), tol=1e-12)
 
 
 def test_one_model() -> None:
     # without selection: the model itself (its own weight 1 over its own weight)
     base = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     tv = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
-    _close(sce(base, [tv], [1.0]), [1.5, 1.0, 3.0])
+    assert_values(sce(base, [tv], [1.0]), [1.5, 1.0, 3.0])
     # with selection: one model's variance is 0 everywhere (mergekit: nothing kept, the base)
     with pytest.raises(RecipeError, match="two or more models"):
         sce(base, [tv], [1.0], select_topk=0.5)
@@ -143,7 +140,7 @@ def test_dtypes(dtype: torch.dtype) -> None:
     out = sce(ZERO.to(dtype), [T1.to(dtype), T2.to(dtype), T3.to(dtype)], [1.0] * 3)
     assert out.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 2e-2
-    _close(out, [[1.0, 3.5], [0.0, 3.0]], tol=tol)
+    assert_values(out, [[1.0, 3.5], [0.0, 3.0]], tol=tol)
 
 
 @settings(max_examples=40, deadline=None)
@@ -160,14 +157,14 @@ def test_property_matches_the_reference(data: st.DataObject, k: int, m: int,
         assume(kept == 0 or kept == m or var[kept - 1] != var[kept])
     tensors = [torch.tensor(t, dtype=torch.float64) for t in tvs]
     out = sce(torch.zeros(m, dtype=torch.float64), tensors, [1.0] * k, select_topk=topk)
-    _close(out, reference([[float(v) for v in t] for t in tvs], topk))
+    assert_values(out, reference([[float(v) for v in t] for t in tvs], topk))
 
 
 def test_api_and_recipe_checks() -> None:
     base = {"w": ZERO.float()}
     models = [{"w": (ZERO + t).float()} for t in (T1, T2, T3)]
     out = merge_state_dicts(base, models, "sce", parameters={"select_topk": 0.5})
-    _close(out["w"], [[0.0, 3.6], [0.0, 0.0]], tol=1e-6)
+    assert_values(out["w"], [[0.0, 3.6], [0.0, 0.0]], tol=1e-6)
     with pytest.raises(RecipeError, match="'select_topk' = 0.0 is out of range"):
         merge_state_dicts(base, models, "sce", parameters={"select_topk": 0.0})
     with pytest.raises(RecipeError, match="'select_topk' = 1.5 is out of range"):
@@ -193,11 +190,11 @@ def test_tadrop_block_runs_before_select() -> None:
     # energies (1 + 4)/4, (4 + 9)/4, (1 + 16)/4 -> w = [5, 13, 17]/35
     # (0,0) [1, 0, 1]: T1, T3 -> (5 + 17)/22 = 1;  (0,1) [2, -2, 4]: T1, T3 -> (10 + 68)/22 = 39/11
     # (1,1) [0, 3, 0]: T2 -> 3  (without the block: [[1, 3.5], [0, 3]])
-    _close(out["w"], [[1.0, 39 / 11], [0.0, 3.0]], tol=1e-6)
+    assert_values(out["w"], [[1.0, 39 / 11], [0.0, 3.0]], tol=1e-6)
     # with TADrop's default L2 rescale the kept entries grow by |tau| / |kept|:
     # sqrt(6/5), sqrt(14/13), sqrt(18/17)
     out = merge_state_dicts(base, models, "sce", sparsify={"method": "tadrop", "drop_rate": 0.5})
     kept = [[1.0, 2.0, 0.0, 0.0], [0.0, -2.0, 0.0, 3.0], [1.0, 4.0, 0.0, 0.0]]
     factors = [math.sqrt(6 / 5), math.sqrt(14 / 13), math.sqrt(18 / 17)]
     expected = reference([[f * v for v in t] for f, t in zip(factors, kept, strict=True)])
-    _close(out["w"].reshape(-1), expected, tol=1e-6)
+    assert_values(out["w"].reshape(-1), expected, tol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from value_helpers import assert_values
 
 from mergewise import SPARSIFIERS, RecipeError
 from mergewise.sparsify.magprune import check_window, keep_probabilities, magprune
@@ -12,10 +13,6 @@ from mergewise.sparsify.magprune import check_window, keep_probabilities, magpru
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _close(out: torch.Tensor, expected: list, tol: float = 1e-6) -> None:
-    torch.testing.assert_close(out, torch.tensor(expected, dtype=out.dtype), rtol=tol, atol=tol)
 
 
 def test_registration() -> None:
@@ -31,28 +28,28 @@ def test_probabilities_of_a_row() -> None:
     # p = 0.2 + 0.6 rank / 3 = [0.8, 0.4, 0.6, 0.2]
     p = keep_probabilities(torch.tensor([3.0, -1.0, 2.0, 0.0]), 0.5, 0.3)
     assert p.dtype == torch.float32 and p.shape == (1, 4)
-    _close(p, [[0.8, 0.4, 0.6, 0.2]])
+    assert_values(p, [[0.8, 0.4, 0.6, 0.2]])
 
 
 def test_ties_by_index_and_rows() -> None:
     # equal magnitudes rank by index: [0, 1, 2] -> [0.2, 0.5, 0.8]
-    _close(keep_probabilities(torch.tensor([1.0, -1.0, 1.0]), 0.5, 0.3), [[0.2, 0.5, 0.8]])
+    assert_values(keep_probabilities(torch.tensor([1.0, -1.0, 1.0]), 0.5, 0.3), [[0.2, 0.5, 0.8]])
     # per row: [[1, 2], [4, 3]] -> ranks [[0, 1], [1, 0]]
-    _close(keep_probabilities(torch.tensor([[1.0, 2.0], [4.0, 3.0]]), 0.5, 0.3),
+    assert_values(keep_probabilities(torch.tensor([[1.0, 2.0], [4.0, 3.0]]), 0.5, 0.3),
            [[0.2, 0.8], [0.8, 0.2]])
 
 
 def test_ranks_run_along_dimension_one() -> None:
     # a (1, 3, 2) tensor: dimension 1 holds [1, 2, 3] (ranks 0, 1, 2) and [6, 5, 4] (2, 1, 0)
     x = torch.tensor([[[1.0, 6.0], [2.0, 5.0], [3.0, 4.0]]])
-    _close(keep_probabilities(x, 0.5, 0.3), [[[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]])
+    assert_values(keep_probabilities(x, 0.5, 0.3), [[[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]])
 
 
 @pytest.mark.parametrize(("shape", "rows"), [((3, 1), 3), ((1,), 1), ((), 1)])
 def test_one_entry_rows_keep_with_density(shape: tuple[int, ...], rows: int) -> None:
     # mergekit: rank_norm = 0/0 = NaN (and a 0-d tensor fails); here p = density
     p = keep_probabilities(torch.full(shape, 2.0), 0.5, 0.3)
-    _close(p.reshape(-1), [0.5] * rows)
+    assert_values(p.reshape(-1), [0.5] * rows)
 
 
 def test_mask_from_the_generator_and_l1_rescale() -> None:
