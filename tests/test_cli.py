@@ -20,8 +20,10 @@ from mergewise import merge_state_dicts
 from mergewise.checkpoint import open_checkpoint
 from mergewise.cli import app
 
-METHODS = ["breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "emr", "linear",
-           "lot", "ram", "ramplus_tl", "regmean", "slerp", "task_arithmetic", "ties"]
+METHODS = ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+           "della_linear", "emr", "karcher", "linear", "lot", "model_stock", "multislerp",
+           "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "regmean", "sce", "slerp",
+           "task_arithmetic", "ties"]
 
 
 @pytest.fixture

@@ -167,7 +167,8 @@ def test_unknown_method_with_suggestion(name: str, suggestion: str | None) -> No
     assert f"merge_method: unknown merge method '{name}'" in msg
     if suggestion:
         assert f"did you mean '{suggestion}'" in msg
-    assert "known: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, emr, linear, " in msg
+    assert ("known: arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, "
+            "della_linear, emr, karcher, linear, ") in msg
     assert msg.endswith(", slerp, task_arithmetic, ties")
 
 

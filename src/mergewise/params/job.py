@@ -160,10 +160,16 @@ class JobParams:
         return list(dict.fromkeys(label for s in self._all_settings() for label in s.labels()))
 
 
+def interpolates_from_base(method: MergeMethod) -> bool:
+    """A two-model weight-space method whose base is its t = 0 end point (slerp); not one that
+    reads the base itself (``uses_base``: nuslerp's two models are task vectors from it)."""
+    return method.space == "weight" and method.max_models == 2 and not method.uses_base
+
+
 def base_is_first_input(method: MergeMethod, has_base: bool, n_models: int) -> bool:
-    """The one rule for two-model weight-space methods (slerp) given a base and one model: the
-    base is the first end point and the model the second."""
-    return method.space == "weight" and method.max_models == 2 and has_base and n_models == 1
+    """The one rule for such a method given a base and one model: the base is the first end
+    point and the model the second."""
+    return interpolates_from_base(method) and has_base and n_models == 1
 
 
 def base_is_special(method: MergeMethod) -> bool:
@@ -171,14 +177,13 @@ def base_is_special(method: MergeMethod) -> bool:
     method reads it, or it is slerp's t = 0 end point). Then a ``models:`` entry that is the
     base is the base, not one more input (mergekit: it is not a non-base model); for the others
     (linear, karcher, passthrough...) a listed base is an input like any model."""
-    return (method.space == "delta" or method.uses_base
-            or (method.space == "weight" and method.max_models == 2))
+    return method.space == "delta" or method.uses_base or interpolates_from_base(method)
 
 
 def check_listed_base(method: MergeMethod, has_base: bool, n_models: int) -> None:
     """After a listed base is taken out of the models: a two-model method (slerp) given a base
     interpolates between the base and exactly one model."""
-    if method.space == "weight" and method.max_models == 2 and has_base and n_models != 1:
+    if interpolates_from_base(method) and has_base and n_models != 1:
         raise RecipeError(f"merge_method {method.name} with base_model interpolates from the "
                           f"base (t = 0) to one model (t = 1); the recipe lists {n_models} "
                           "models besides the base")
