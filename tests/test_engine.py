@@ -376,13 +376,19 @@ def test_output_dtype_and_config(fam_name: str, out_dtype: str | None, expected:
 
 
 def test_compute_dtype_float64(family_bf16: Family, tmp_path: Path) -> None:
-    merge(recipe_for(family_bf16, "ties", dtype="float64"), tmp_path / "out")
+    merge(recipe_for(family_bf16, "ties", dtype="float64", out_dtype="bfloat16"), tmp_path / "out")
     out = load_dir(tmp_path / "out")
     assert {v.dtype for v in out.values()} == {torch.bfloat16}
     mem = merge_state_dicts(load_file(family_bf16.base / "model.safetensors"),
                             [load_file(e / "model.safetensors") for e in family_bf16.experts],
-                            "ties", dtype="float64")
+                            "ties", dtype="float64", out_dtype="bfloat16")
     assert_same_tensors(out, mem)
+    # without out_dtype, an explicit dtype is also the written one (mergekit)
+    merge(recipe_for(family_bf16, "ties", dtype="float64"), tmp_path / "out64")
+    assert {v.dtype for v in load_dir(tmp_path / "out64").values()} == {torch.float64}
+    # and with no dtype at all: computed in float32, written in the base's bfloat16
+    merge(recipe_for(family_bf16, "ties"), tmp_path / "plain")
+    assert {v.dtype for v in load_dir(tmp_path / "plain").values()} == {torch.bfloat16}
 
 
 def test_sidecar_files(family_bf16: Family, tmp_path: Path) -> None:

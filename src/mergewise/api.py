@@ -269,7 +269,7 @@ def merge_state_dicts(base: StateDict | None,
                       models: Sequence[StateDict] | Mapping[str, StateDict],
                       method: str = "ties", *, parameters: Mapping[str, Any] | None = None,
                       model_parameters: Sequence[Mapping[str, Any]] | None = None,
-                      sparsify: Mapping[str, Any] | None = None, dtype: str = "float32",
+                      sparsify: Mapping[str, Any] | None = None, dtype: str | None = None,
                       out_dtype: str | None = None, seed: int = 0,
                       device: str = "cpu", task: str | None = None,
                       records: list[dict[str, Any]] | None = None,
@@ -317,7 +317,7 @@ def _run_memory_job(job: MergeJob, base: StateDict | None, task: str | None,
 def merge_task_state_dicts(base: StateDict, models: Sequence[StateDict] | Mapping[str, StateDict],
                            method: str = "emr", *, parameters: Mapping[str, Any] | None = None,
                            model_parameters: Sequence[Mapping[str, Any]] | None = None,
-                           sparsify: Mapping[str, Any] | None = None, dtype: str = "float32",
+                           sparsify: Mapping[str, Any] | None = None, dtype: str | None = None,
                            out_dtype: str | None = None, seed: int = 0,
                            device: str = "cpu",
                            records: list[dict[str, Any]] | None = None) -> TaskModels:
@@ -358,7 +358,7 @@ def _run_task_specific(job: MergeJob, base: StateDict | None,
 def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[str, StateDict],
                 method: str, *, parameters: Mapping[str, Any] | None,
                 model_parameters: Sequence[Mapping[str, Any]] | None,
-                sparsify: Mapping[str, Any] | None, dtype: str, out_dtype: str | None,
+                sparsify: Mapping[str, Any] | None, dtype: str | None, out_dtype: str | None,
                 seed: int, device: str, features: Any = None) -> MergeJob:
     named = (list(models.items()) if isinstance(models, Mapping)
              else [(f"model_{i}", m) for i, m in enumerate(models)])
@@ -382,7 +382,9 @@ def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[st
             entry["features"] = f"<memory:{task}>"
         entries.append(entry)
     data: dict[str, Any] = {"merge_method": method, "models": entries,
-                            "parameters": dict(parameters or {}), "dtype": dtype, "seed": seed}
+                            "parameters": dict(parameters or {}), "seed": seed}
+    if dtype is not None:
+        data["dtype"] = dtype
     if base is not None:
         data["base_model"] = "<memory:base>"
     if sparsify is not None:

@@ -36,7 +36,7 @@ from .plan import PlanSummary, TensorPlan, check_configs, plan_tensors, summariz
 from .recipe import Recipe
 from .rng import tensor_generator
 from .statspass import Observer, Progress, StatsPass, run_stats_pass
-from .tensors import FLOAT_DTYPES, dtype_name
+from .tensors import DEFAULT_COMPUTE_DTYPE, FLOAT_DTYPES, dtype_name
 from .vocab import Alignment
 
 # (tensor name, base in the compute dtype, stored output tensor, the method's modulators or None)
@@ -130,7 +130,7 @@ class MergeJob:
         self.params: JobParams = resolve_job(recipe, scope, labels)
         self.method = self.params.method
         self.base = base
-        self.compute_dtype = FLOAT_DTYPES[recipe.dtype]
+        self.compute_dtype = FLOAT_DTYPES[recipe.dtype or DEFAULT_COMPUTE_DTYPE]
         self.load = TensorReader(device, self.compute_dtype)
         self.device = self.load.device
         self.slots = [ModelSlot(m.index, m.task, ckpt, m.step)
@@ -139,7 +139,10 @@ class MergeJob:
         self.weight_inputs: list[Checkpoint] = ([base] if self.params.base_first and base
                                                 else []) + list(models)
         self.reference = base if base is not None else models[0]
-        out = FLOAT_DTYPES[recipe.out_dtype] if recipe.out_dtype else None
+        # written in out_dtype, else in an explicit dtype (mergekit: the computed tensors are
+        # written as they are), else in the base's dtype tensor by tensor
+        written = recipe.out_dtype or recipe.dtype
+        out = FLOAT_DTYPES[written] if written else None
         if tensors is not None:
             check_configs([c for c in (base, *models) if c is not None])
         self.vocab = vocab

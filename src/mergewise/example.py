@@ -27,7 +27,6 @@ def build_example(root: Path) -> Path:
             "lambda": 1.0,
             "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.2}],
         },
-        "dtype": "float32",
         "seed": 0,
         "name": "mergewise example (TIES, 3 tasks)",
     }

@@ -125,8 +125,8 @@ class Recipe(BaseModel):
     slices: list[Slice] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     sparsify: dict[str, ParamValue] | None = None
-    dtype: DTypeName = "float32"
-    out_dtype: DTypeName | None = None
+    dtype: DTypeName | None = None  # compute dtype; None: float32 (mergewise's default)
+    out_dtype: DTypeName | None = None  # None: dtype when given (as mergekit), else the base's
     seed: int = Field(0, ge=0)
     tokenizer_source: str | None = None
     tokenizer: TokenizerBlock | None = None

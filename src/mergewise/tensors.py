@@ -26,6 +26,7 @@ DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items
 # the floating-point dtypes a recipe may name for computing (``dtype``) and writing (``out_dtype``)
 FLOAT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
                                         "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_COMPUTE_DTYPE = "float32"  # when a recipe gives no dtype (mergekit: the inputs' dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

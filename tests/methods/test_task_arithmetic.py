@@ -139,7 +139,8 @@ def test_api_zero_task_vectors_give_base(dtype: torch.dtype, compute: str) -> No
     models = [{k: v.clone() for k, v in base.items()} for _ in range(2)]
     out = merge_state_dicts(base, models, "task_arithmetic",
                             parameters={"lambda": 1.7, "normalize": True, "density": 0.5},
-                            model_parameters=[{"weight": 0.3}, {"weight": 2.0}], dtype=compute)
+                            model_parameters=[{"weight": 0.3}, {"weight": 2.0}], dtype=compute,
+                            out_dtype=str(dtype).removeprefix("torch."))
     for k in base:
         assert out[k].dtype == dtype
         assert torch.equal(out[k], base[k])

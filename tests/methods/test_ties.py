@@ -335,7 +335,7 @@ def test_api_global_many_ties_matches_reference(seed: int, in_dtype: torch.dtype
                                             "aggregate": aggregate, "lambda": 0.75},
                                 model_parameters=[{"weight": 1.0}, {"weight": 2.0, "density": 0.3},
                                                   {"weight": 0.5}],
-                                dtype=compute)
+                                dtype=compute, out_dtype=str(in_dtype).removeprefix("torch."))
         assert torch.equal(out["position_ids"], base["position_ids"])
         for n, r in ref.items():
             assert out[n].dtype == in_dtype
