@@ -50,18 +50,25 @@ class Float64Norm:
         return float(torch.linalg.vector_norm(self.buf.copy_(t)))
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of half-precision tensors accumulate in float32 and round once (as torch's own
+    reductions, and mergekit's, do); float32 and float64 sums stay in their dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None
                  ) -> torch.Tensor:
-    """sum_k w_k t_k (every w_k = 1 when ``weights`` is None), accumulated in model order into a
-    fresh tensor of ``tensors[0]``'s dtype: zeros, then one in-place add per model."""
-    out = torch.zeros_like(tensors[0])
-    if weights is None:
-        for t in tensors:
-            out.add_(t)
-    else:
-        for w, t in zip(weights, tensors, strict=True):
-            out.add_(t, alpha=w)
-    return out
+    """sum_k w_k t_k (every w_k = 1 when ``weights`` is None) in model order, as mergekit's
+    task-arithmetic family computes it: each product w_k t_k rounded in the tensors' dtype
+    (the weight first rounded to that dtype), the sum accumulated in float32 for half
+    precision and rounded once; returned in ``tensors[0]``'s dtype."""
+    dtype = tensors[0].dtype
+    acc = accumulation_dtype(dtype)
+    out = torch.zeros(tensors[0].shape, dtype=acc, device=tensors[0].device)
+    for k, t in enumerate(tensors):
+        w = 1.0 if weights is None else float(torch.tensor(weights[k], dtype=dtype))
+        out.add_(t if w == 1.0 else t * w)
+    return out if acc == dtype else out.to(dtype)
 
 
 def divide_by_weight_sum(t: torch.Tensor, weights: Sequence[float], method: str) -> torch.Tensor:

@@ -92,10 +92,14 @@ def test_nearly_colinear_threshold() -> None:
     _close(far, [math.cos(w / 2), math.sin(w / 2)], torch.float64)
 
 
-def test_zero_norm_falls_back_to_lerp() -> None:
+def test_zero_tensor_sits_at_ninety_degrees() -> None:
+    """mergekit: a zero norm counts as 1, so the cosine is 0 and theta = pi/2: the non-zero end
+    is scaled by sin(t pi/2) (or sin((1-t) pi/2)), not by t as a lerp would."""
     z, b = torch.zeros(2), torch.tensor([2.0, 4.0])
-    assert torch.equal(slerp(None, [z, b], [], t=0.5), torch.tensor([1.0, 2.0]))
-    assert torch.equal(slerp(None, [b, z], [], t=0.25), torch.tensor([1.5, 3.0]))
+    half = torch.sin(torch.tensor(0.5) * torch.acos(torch.tensor(0.0)))  # float32, as computed
+    assert torch.equal(slerp(None, [z, b], [], t=0.5), half * b)
+    quarter = torch.sin((1 - torch.tensor(0.25)) * torch.acos(torch.tensor(0.0)))
+    assert torch.equal(slerp(None, [b, z], [], t=0.25), quarter * b)
     assert torch.equal(slerp(None, [z, z], [], t=0.5), torch.zeros(2))
 
 
