@@ -72,8 +72,10 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float] | Non
 
 
 def divide_by_weight_sum(t: torch.Tensor, weights: Sequence[float], method: str) -> torch.Tensor:
-    """``t / sum(weights)`` in place (``normalize: true``); a sum of 0 is a recipe error."""
-    total = sum(weights)
-    if abs(total) < 1e-12:
+    """``t / sum(weights)`` in place (``normalize: true``), the weights rounded to ``t``'s dtype
+    and summed there, as mergekit; a sum below 1e-8 (where mergekit silently skips the division)
+    is a recipe error."""
+    total = torch.tensor(list(weights), dtype=t.dtype).sum()
+    if abs(float(total)) < 1e-8:
         raise RecipeError(f"{method}: the model weights sum to 0; set normalize: false")
-    return t.div_(total)
+    return t.div_(total.to(t.device))

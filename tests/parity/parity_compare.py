@@ -78,6 +78,7 @@ class TensorDiff:
     max_ulps: float
     over: int  # entries more than 1 ulp apart
     unexplained: int = 0  # topk: entries over 1 ulp not at a selection threshold
+    padding_ulps: float = 0.0  # union with padding: the padding rows' largest gap
 
 
 @dataclass
@@ -161,8 +162,8 @@ def compare_outputs(mk: Output, mw: Output, *, by_token: bool = False,
         b = mw.dtype_name if key == "dtype" else mw.config.get(key)
         if a != b:
             cmp.problems.append(f"config.json {key}: mergekit {a!r}, mergewise {b!r}")
-    if mk.chat_template != mw.chat_template:
-        cmp.problems.append("chat template differs: mergekit "
+    if _rendered(mk.chat_template) != _rendered(mw.chat_template):
+        cmp.problems.append("chat template renders differently: mergekit "
                             f"{_short(mk.chat_template)}, mergewise {_short(mw.chat_template)}")
     dtype_notes: list[str] = []
     for name in sorted(set(mk.tensors) & set(mw.tensors)):
@@ -178,7 +179,13 @@ def compare_outputs(mk: Output, mw: Output, *, by_token: bool = False,
         if a.shape != b.shape:
             cmp.problems.append(f"{name}: shape {list(a.shape)} (mergekit) vs {list(b.shape)}")
             continue
-        cmp.tensors.append(_diff(name, a, b, explain))
+        padded = _padding_rows(mk, a.shape[0]) if by_token and name in VOCAB_TENSORS else 0
+        diff = _diff(name, a, b, explain, padded)
+        if padded and diff.padding_ulps:
+            cmp.notes.append(f"{name}: the {padded} padding rows agree to "
+                             f"{diff.padding_ulps:.3g} ulp (each is a mean over the rows in that "
+                             "tool's token order; mergekit's new-token order varies per run)")
+        cmp.tensors.append(diff)
     if dtype_notes:
         cmp.problems.append(f"tensor dtype differs in {len(dtype_notes)} tensor(s), e.g. "
                             f"{dtype_notes[0]} (mergekit vs mergewise)")
@@ -195,23 +202,54 @@ def compare_outputs(mk: Output, mw: Output, *, by_token: bool = False,
     return cmp
 
 
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+
+
+def _rendered(template: str | None) -> str | None:
+    """What a template renders for a fixed conversation, as transformers renders chat templates
+    (jinja2 with trim_blocks and lstrip_blocks): equal renderings are the same template."""
+    if template is None:
+        return None
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=CONVERSATION, add_generation_prompt=True)
+
+
 def _short(text: str | None) -> str:
     return "none" if text is None else f"{len(text)} chars starting {text[:30]!r}"
 
 
-def _diff(name: str, a: torch.Tensor, b: torch.Tensor, explain: Explainer | None) -> TensorDiff:
+PADDING_ULPS = 8.0  # a mean of ~260 rows summed in another order: a few roundings
+
+
+def _padding_rows(mk: Output, rows: int) -> int:
+    """Rows past the vocabulary (pad_to_multiple_of) in mergekit's output."""
+    return max(0, rows - len(mk.vocab)) if mk.vocab is not None else 0
+
+
+def _diff(name: str, a: torch.Tensor, b: torch.Tensor, explain: Explainer | None,
+          padded: int = 0) -> TensorDiff:
     x, y = a.double(), b.double()
     same = (x == y) | (torch.isnan(x) & torch.isnan(y))
     gap = torch.where(same, torch.zeros_like(x), (x - y).abs())
     spacing = torch.minimum(ulp(x, a.dtype), ulp(y, a.dtype))
     ulps = torch.where(same, torch.zeros_like(x), gap / spacing)
     ulps = torch.nan_to_num(ulps, nan=math.inf)
+    padding_ulps = 0.0
+    if padded:  # padding rows: within PADDING_ULPS, reported, not counted as over
+        pad = ulps[-padded:]
+        padding_ulps = float(pad.max())
+        ulps = ulps.clone()
+        ulps[-padded:] = torch.where(pad <= PADDING_ULPS, torch.zeros_like(pad), pad)
     over = ulps > 1.0
     unexplained = 0
     if explain is not None and bool(over.any()):
         unexplained = int((over & ~explain(name, over)).sum())
     return TensorDiff(name, a.numel(), float(torch.nan_to_num(gap, nan=math.inf).max()) if a.numel() else 0.0,
-                      float(ulps.max()) if a.numel() else 0.0, int(over.sum()), unexplained)
+                      float(ulps.max()) if a.numel() else 0.0, int(over.sum()), unexplained,
+                      padding_ulps)
 
 
 # --- top-k thresholds --------------------------------------------------------------------

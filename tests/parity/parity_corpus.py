@@ -21,8 +21,8 @@ ignores unknown top-level keys and gets ``--random-seed 0`` instead.
   mergewise must refuse it with a one-line error containing ``refusal``.
 
 ``pending`` names mergewise work that has not landed yet: the entry is an ``xfail(strict=False)``
-and flips to a pass when it lands. ``finding`` names a difference the harness found that is not
-on the list of features being built; it is an xfail too, so CI stays green, and it is reported.
+and flips to a pass when it lands. ``finding`` names a deliberate, documented difference (an
+xfail too, reported as *explained* with what differed).
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ SLERP_F64 = ("mergewise computes slerp's angle and coefficients in float64; merg
              "(norms, dot, acos, sin)")
 BASE_LISTED = ("a base listed under models is a task model in mergewise (zero delta, its weight "
                "in the normalisation); mergekit drops it from the task models")
-COMPUTE_DTYPE = ("without dtype, mergewise computes in float32; mergekit computes task-vector "
-                 "methods in the inputs' dtype (bf16 here)")
+COMPUTE_DTYPE = ("without dtype, mergewise computes in float32 (its documented default, more "
+                 "precise) where mergekit computes task-vector methods in the inputs' dtype (bf16 "
+                 "here); with dtype: bfloat16 the two agree (ties_bf16_tie_family)")
+DTYPE_NAME = ("mergekit copies the dtype name as written ('torch.bfloat16') into config.json; "
+              "mergewise writes 'bfloat16', the name transformers reads; the tensors agree")
 INT8_MASK = "int8_mask is refused as an unknown parameter (mergekit accepts it; no numeric effect)"
 
 
@@ -81,7 +84,7 @@ class Entry:
     def xfail_reason(self) -> str | None:
         parts = [f"needs {', '.join(self.pending)}"] if self.pending else []
         if self.finding:
-            parts.append(f"differs from mergekit (not on the feature list): {'; '.join(self.finding)}")
+            parts.append(f"a deliberate difference: {'; '.join(self.finding)}")
         return "; ".join(parts) or None
 
 
@@ -109,15 +112,13 @@ merge_method: linear
 base_model: $base
 """ + _models("{model: $base, parameters: {weight: 0.5}}", "{model: $m1, parameters: {weight: 0.5}}") + """
 dtype: bfloat16""", "exact",
-          "float32 inputs, dtype bfloat16: mergekit casts at load, sums in f32, writes bf16",
-          finding=(OUT_DTYPE,)),
+          "float32 inputs, dtype bfloat16: mergekit casts at load, sums in f32, writes bf16"),
     Entry("linear_fp16_compute", """
 merge_method: linear
 base_model: $base
 """ + _models("{model: $base, parameters: {weight: 0.3}}", "{model: $m1, parameters: {weight: 0.7}}") + """
 dtype: float16
-out_dtype: float16""", "exact", "float32 inputs computed and written in float16",
-          finding=(LINEAR_F32,)),
+out_dtype: float16""", "exact", "float32 inputs computed and written in float16"),
     Entry("linear_bf16_inputs", """
 merge_method: linear
 base_model: $bf16_base
@@ -130,22 +131,19 @@ base_model: $base
               "{model: $m2, parameters: {weight: 0.4}}") + """
 parameters: {normalize: false}
 dtype: float32""", "exact",
-          "a global gradient: weight interpolated over the layer index (t = 0 for embed/norm/head)",
-          pending=(GRADIENTS,)),
+          "a global gradient: weight interpolated over the layer index (t = 0 for embed/norm/head)"),
     # --- task arithmetic -----------------------------------------------------------------
     Entry("task_arithmetic_lambda", """
 merge_method: task_arithmetic
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 0.7}}", "{model: $m2, parameters: {weight: 0.4}}") + """
 parameters: {lambda: 0.9}
-dtype: float32""", "exact", "weights != 1 and lambda; normalize default false",
-          finding=(WEIGHTED_SUM,)),
+dtype: float32""", "exact", "weights != 1 and lambda; normalize default false"),
     Entry("task_arithmetic_fp16", """
 merge_method: task_arithmetic
 base_model: $fp16_base
 """ + _models("{model: $fp16_m1, parameters: {weight: 0.7}}", "{model: $fp16_m2, parameters: {weight: 0.4}}") + """
-dtype: float16""", "exact", "fp16 checkpoints computed in fp16 (mergekit rounds weights to fp16)",
-          finding=(WEIGHTED_SUM,)),
+dtype: float16""", "exact", "fp16 checkpoints computed in fp16 (mergekit rounds weights to fp16)"),
     Entry("task_arithmetic_base_listed", """
 merge_method: task_arithmetic
 base_model: $base
@@ -154,8 +152,7 @@ base_model: $base
 parameters: {normalize: true}
 dtype: float32""", "exact",
           "the base listed under models with a weight (Hub style): mergekit drops it from the "
-          "non-base inputs, so its weight is not in the normalisation",
-          finding=(BASE_LISTED, WEIGHTED_SUM)),
+          "non-base inputs, so its weight is not in the normalisation"),
     # --- TIES ----------------------------------------------------------------------------
     Entry("ties_issue_four_models", """
 merge_method: ties
@@ -163,30 +160,27 @@ base_model: $base
 """ + _models(*(f"{{model: $m{i}, parameters: {{weight: 0.25, density: 0.2}}}}" for i in range(1, 5))) + """
 dtype: float32""", "topk",
           "issue 12 failure 1: four models at weight 0.25, density 0.2; normalize default true "
-          "divides by the agreeing weights", pending=(NORMALIZE,)),
+          "divides by the agreeing weights"),
     Entry("ties_normalize_false", """
 merge_method: ties
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 0.6, density: 0.4}}",
               "{model: $m2, parameters: {weight: 0.8, density: 0.4}}") + """
 parameters: {normalize: false}
-dtype: float32""", "topk", "normalize false: the agreeing weighted deltas summed",
-          pending=(NORMALIZE,)),
+dtype: float32""", "topk", "normalize false: the agreeing weighted deltas summed"),
     Entry("ties_mixed_density", """
 merge_method: ties
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 1.0, density: 0.3}}",
               "{model: $m2, parameters: {weight: 0.5, density: 0.7}}") + """
 parameters: {lambda: 1.2}
-dtype: float32""", "topk", "per-model densities and weights, lambda after normalisation",
-          pending=(NORMALIZE,)),
+dtype: float32""", "topk", "per-model densities and weights, lambda after normalisation"),
     Entry("ties_base_listed", """
 merge_method: ties
 base_model: $base
 """ + _models("{model: $base}", "{model: $m1, parameters: {weight: 0.5, density: 0.5}}",
               "{model: $m2, parameters: {weight: 0.5, density: 0.5}}") + """
-dtype: float32""", "topk", "Hub style: the base listed under models without parameters",
-          pending=(NORMALIZE,)),
+dtype: float32""", "topk", "Hub style: the base listed under models without parameters"),
     Entry("ties_int8_mask", """
 merge_method: ties
 base_model: $base
@@ -194,7 +188,7 @@ base_model: $base
               "{model: $m2, parameters: {weight: 1.0, density: 0.5}}") + """
 parameters: {int8_mask: true}
 dtype: float32""", "topk", "int8_mask has no numeric effect in mergekit (weights 1: normalize "
-          "defaults do not matter)", finding=(INT8_MASK,)),
+          "defaults do not matter)"),
     Entry("ties_bf16_tie_family", """
 merge_method: ties
 base_model: $tie_base
@@ -215,14 +209,12 @@ merge_method: dare_ties
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 0.6, density: 0.5}}",
               "{model: $m2, parameters: {weight: 0.4, density: 0.5}}") + """
-dtype: float32""", "distribution", "Bernoulli drop + L1 rescale + sign election; normalize default false",
-          pending=(NORMALIZE, DARE_L1)),
+dtype: float32""", "distribution", "Bernoulli drop + L1 rescale + sign election; normalize default false"),
     Entry("dare_linear_single", """
 merge_method: dare_linear
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 1.0, density: 0.3}}") + """
-dtype: float32""", "distribution", "one model: the kept mask and the rescale factor are recoverable",
-          pending=(DARE_L1,)),
+dtype: float32""", "distribution", "one model: the kept mask and the rescale factor are recoverable"),
     Entry("dare_linear_no_rescale", """
 merge_method: dare_linear
 base_model: $base
@@ -241,8 +233,7 @@ dtype: float32""", "distribution",
 merge_method: dare_linear
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 0.5}}", "{model: $m2, parameters: {weight: 0.5}}") + """
-dtype: float32""", "exact", "no density: mergekit's default 1.0 drops nothing (deterministic)",
-          pending=(DENSITY_DEFAULT,)),
+dtype: float32""", "exact", "no density: mergekit's default 1.0 drops nothing (deterministic)"),
     # --- breadcrumbs ---------------------------------------------------------------------
     Entry("breadcrumbs", """
 merge_method: breadcrumbs
@@ -255,8 +246,7 @@ merge_method: breadcrumbs_ties
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 1.0, density: 0.7, gamma: 0.02}}",
               "{model: $m2, parameters: {weight: 0.8, density: 0.7, gamma: 0.02}}") + """
-dtype: float32""", "topk", "breadcrumbs trim + sign election; normalize default false",
-          pending=(NORMALIZE,)),
+dtype: float32""", "topk", "breadcrumbs trim + sign election; normalize default false"),
     # --- della ---------------------------------------------------------------------------
     Entry("della_single", """
 merge_method: della
@@ -264,15 +254,13 @@ base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 1.0, density: 0.5, epsilon: 0.15}}") + """
 parameters: {lambda: 1.1}
 dtype: float32""", "distribution",
-          "rank-dependent keep probability per row, L1 rescale; one model: mask recoverable",
-          pending=("della",)),
+          "rank-dependent keep probability per row, L1 rescale; one model: mask recoverable"),
     Entry("della_linear", """
 merge_method: della_linear
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}}",
               "{model: $m2, parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}}") + """
-dtype: float32""", "distribution", "della without sign election, normalize default false",
-          pending=("della_linear",)),
+dtype: float32""", "distribution", "della without sign election, normalize default false"),
     # --- the other mergekit methods ------------------------------------------------------
     Entry("sce", """
 merge_method: sce
@@ -280,54 +268,67 @@ base_model: $base
 """ + _models("{model: $m1}", "{model: $m2}", "{model: $m3}") + """
 parameters: {select_topk: 0.5}
 dtype: float32""", "exact",
-          "variance top-k (k = n/2 exactly for even n, so no rounding or tie question)",
-          pending=("sce",)),
+          "variance top-k (k = n/2 exactly for even n, so no rounding or tie question)"),
     Entry("model_stock", """
 merge_method: model_stock
 base_model: $base
 """ + _models("{model: $m1}", "{model: $m2}", "{model: $m3}") + """
-dtype: float32""", "exact", "interpolation ratio from the mean pairwise cosine of the deltas",
-          pending=("model_stock",)),
+dtype: float32""", "exact", "interpolation ratio from the mean pairwise cosine of the deltas"),
     Entry("nuslerp", """
 merge_method: nuslerp
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 0.3}}", "{model: $m2, parameters: {weight: 0.7}}") + """
-dtype: float32""", "exact", "slerp of the two deltas, t = w2/(w1+w2), whole tensor flattened",
-          pending=("nuslerp",)),
+dtype: float32""", "exact", "slerp of the two deltas, t = w2/(w1+w2), whole tensor flattened"),
     Entry("multislerp", """
 merge_method: multislerp
 base_model: $base
 """ + _models("{model: $m1, parameters: {weight: 0.2}}", "{model: $m2, parameters: {weight: 0.3}}",
               "{model: $m3, parameters: {weight: 0.5}}") + """
-dtype: float32""", "exact", "spherical barycentre of three deltas", pending=("multislerp",)),
+dtype: float32""", "exact", "spherical barycentre of three deltas"),
     Entry("karcher", """
 merge_method: karcher
 base_model: $base
 """ + _models("{model: $base}", "{model: $m1}", "{model: $m2}") + """
 dtype: float32""", "exact",
-          "Riemannian mean of base, m1, m2 (mergekit adds the base as an input anyway: listed)",
-          pending=("karcher",)),
+          "Riemannian mean of base, m1, m2 (mergekit adds the base as an input anyway: listed)"),
     Entry("nearswap", """
 merge_method: nearswap
 base_model: $base
 """ + _models("{model: $m1}") + """
 parameters: {t: 0.004}
-dtype: float32""", "exact", "per-entry interpolation weight clamp(t/|base - m1|, 0, 1)",
-          pending=("nearswap",)),
+dtype: float32""", "exact", "per-entry interpolation weight clamp(t/|base - m1|, 0, 1)"),
     Entry("arcee_fusion", """
 merge_method: arcee_fusion
 base_model: $base
 """ + _models("{model: $m1}") + """
-dtype: float32""", "exact", "importance = |delta| x row KL; keep above median + 1.5 IQR",
-          pending=("arcee_fusion",)),
+dtype: float32""", "exact", "importance = |delta| x row KL; keep above median + 1.5 IQR"),
+    Entry("ram", """
+merge_method: ram
+base_model: $base
+""" + _models("{model: $m1}", "{model: $m2}", "{model: $m3}") + """
+parameters: {epsilon: 0.005}
+dtype: float32""", "exact", "unique contributions kept, shared ones averaged (|tau| > epsilon)"),
+    Entry("ramplus_tl", """
+merge_method: ramplus_tl
+base_model: $base
+""" + _models("{model: $m1}", "{model: $m2}", "{model: $m3}") + """
+parameters: {epsilon: 0.005, r: 0.2, alpha: 0.5}
+dtype: float32""", "exact", "RAM with each model's unique entries boosted by its overlap ratio"),
+    Entry("ties_torch_dtype_name", """
+merge_method: ties
+base_model: $base
+""" + _models("{model: $m1, parameters: {weight: 0.7, density: 0.3}}",
+              "{model: $m2, parameters: {weight: 0.3, density: 0.3}}") + """
+dtype: torch.float32
+out_dtype: torch.bfloat16""", "topk", "mergekit's torch.-prefixed dtype names; written in bf16",
+          finding=(DTYPE_NAME,)),
     # --- slerp ---------------------------------------------------------------------------
     Entry("slerp_models", """
 merge_method: slerp
 base_model: $base
 """ + _models("{model: $m1}") + """
 parameters: {t: 0.3}
-dtype: float32""", "exact", "slerp base -> m1 at t = 0.3 (the base is v0)",
-          finding=(SLERP_F64,)),
+dtype: float32""", "exact", "slerp base -> m1 at t = 0.3 (the base is v0)"),
     Entry("slerp_slices_gradient", """
 merge_method: slerp
 base_model: $m1
@@ -342,7 +343,7 @@ parameters:
     - {value: 0.5}
 dtype: float32""", "exact",
           "issue 12 failure 2, the most common Hub recipe: slerp over slices, t gradients per "
-          "substring filter", pending=(SLICES, GRADIENTS, SUBSTRING_FILTERS), finding=(SLERP_F64,)),
+          "substring filter"),
     Entry("slerp_filters_no_slices", """
 merge_method: slerp
 base_model: $base
@@ -350,15 +351,13 @@ base_model: $base
 parameters:
   t: [{filter: self_attn, value: 0.2}, {filter: mlp, value: 0.9}, {value: 0.5}]
 dtype: float32""", "exact",
-          "issue 12 failure 3: substring filters without slices", pending=(SUBSTRING_FILTERS,),
-          finding=(SLERP_F64,)),
+          "issue 12 failure 3: substring filters without slices"),
     Entry("slerp_global_gradient", """
 merge_method: slerp
 base_model: $base
 """ + _models("{model: $m1}") + """
 parameters: {t: [0, 0.5, 1]}
-dtype: float32""", "exact", "one gradient for every tensor: t = i/(L-1) per layer, 0 elsewhere",
-          pending=(GRADIENTS,), finding=(SLERP_F64,)),
+dtype: float32""", "exact", "one gradient for every tensor: t = i/(L-1) per layer, 0 elsewhere"),
     # --- passthrough ---------------------------------------------------------------------
     Entry("passthrough_stack", """
 merge_method: passthrough
@@ -367,7 +366,7 @@ slices:
   - sources: [{model: $m2, layer_range: [1, 4]}]
 dtype: float32""", "exact",
           "frankenmerge: m1 layers 0-2 then m2 layers 1-3, 6 layers (no base_model: mergekit's "
-          "passthrough takes one input per slice)", pending=(SLICES, PASSTHROUGH)),
+          "passthrough takes one input per slice)"),
     # --- tokenizers ----------------------------------------------------------------------
     Entry("tokenizer_union", """
 merge_method: linear
@@ -375,15 +374,13 @@ base_model: $base
 """ + _models("{model: $base, parameters: {weight: 0.5}}", "{model: $mu, parameters: {weight: 0.5}}") + """
 tokenizer_source: union
 dtype: float32""", "exact",
-          "260-token union; rows compared by token string (mergekit's new-token ids vary per run)",
-          pending=(UNION,)),
+          "260-token union; rows compared by token string (mergekit's new-token ids vary per run)"),
     Entry("tokenizer_block_pad", """
 merge_method: linear
 base_model: $base
 """ + _models("{model: $base, parameters: {weight: 0.5}}", "{model: $mu, parameters: {weight: 0.5}}") + """
 tokenizer: {source: union, pad_to_multiple_of: 8}
-dtype: float32""", "exact", "union padded to 264 rows: padding rows are each model's mean row",
-          pending=(TOKENIZER_BLOCK,)),
+dtype: float32""", "exact", "union padded to 264 rows: padding rows are each model's mean row"),
     Entry("tokenizer_base", """
 merge_method: linear
 base_model: $base
@@ -395,15 +392,13 @@ merge_method: linear
 base_model: $base
 """ + _models("{model: $base, parameters: {weight: 0.5}}", "{model: $mu, parameters: {weight: 0.5}}") + """
 tokenizer_source: base
-dtype: float32""", "exact", "the 260-vocab expert aligned to the base's 256 tokens",
-          pending=(TOKENIZER_BASE,)),
+dtype: float32""", "exact", "the 260-vocab expert aligned to the base's 256 tokens"),
     Entry("chat_template", """
 merge_method: linear
 base_model: $base
 """ + _models("{model: $base, parameters: {weight: 0.5}}", "{model: $m1, parameters: {weight: 0.5}}") + """
 chat_template: chatml
-dtype: float32""", "exact", "a built-in chat template written with the tokenizer",
-          pending=(CHAT_TEMPLATE,)),
+dtype: float32""", "exact", "a built-in chat template written with the tokenizer"),
     # --- what mergekit silently ignores and mergewise refuses ----------------------------
     Entry("refused_permodel_lambda", """
 merge_method: ties

@@ -26,10 +26,11 @@ class Row:
 
     @property
     def result(self) -> str:
-        reason = self.entry.xfail_reason
         if self.problem:
-            return "xfail" if reason else "**FAIL**"
-        return "XPASS" if reason else "pass"
+            if self.entry.finding:
+                return "explained"
+            return "xfail" if self.entry.pending else "**FAIL**"
+        return "XPASS" if self.entry.pending else "pass"
 
 
 def _cell(text: str) -> str:
@@ -54,7 +55,7 @@ def render(rows: dict[str, Row], meta: dict[str, str]) -> str:
         "*distribution*: random methods compared by changed fraction, mean and mean square of the",
         "merged delta (5 standard errors) and, with one model, the recovered rescale rule;",
         "*refused*: mergekit silently ignores part of the recipe, mergewise must refuse it.",
-        "*xfail*: the entry waits for work named in its `pending` (or is a reported `finding`).",
+        "*explained*: a deliberate, documented difference (the row says what and why).",
         "",
         "| recipe | expect | mergekit | mergewise | max diff | differing entries | result | why |",
         "|---|---|---|---|---|---|---|---|",
@@ -79,14 +80,15 @@ def render(rows: dict[str, Row], meta: dict[str, str]) -> str:
     for e in CORPUS:
         for p in e.pending:
             pending.setdefault(p, []).append(e.name)
-    lines += ["", "## Pending features and the entries waiting for them", ""]
-    lines += [f"- {p}: {', '.join(f'`{n}`' for n in names)}" for p, names in pending.items()]
+    if pending:
+        lines += ["", "## Pending features and the entries waiting for them", ""]
+        lines += [f"- {p}: {', '.join(f'`{n}`' for n in names)}" for p, names in pending.items()]
     findings: dict[str, list[str]] = {}
     for e in CORPUS:
         for f in e.finding:
             findings.setdefault(f, []).append(e.name)
     if findings:
-        lines += ["", "## Findings: differences not on the list of features being built", ""]
+        lines += ["", "## Deliberate differences", ""]
         for f, names in findings.items():
             lines.append(f"- {f}.")
             for n in names:
