@@ -96,12 +96,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         assert target is not None
         start = time.perf_counter()
         if sources is not None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mergewise-")))
-            stats, _ = obtain(sources, seed=rec.seed, tokenizer_paths=paths.tokenizer_candidates(),
-                              root=root, workdir=workdir, device=device)
-            for st in stats:
-                stack.callback(st.close)
-            job.set_features(stats)
+            _attach_features(job, sources, paths, root, device, stack)
         metadata = {"mergewise_version": __version__, "mergewise_recipe": rec.to_yaml()}
         with OutputDirectory(target, [t.out for t in job.tensors], shard_size=size,
                              metadata=metadata, overwrite=overwrite) as output:
@@ -116,17 +111,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
                 modulators = modulator_report(output.tmp / MODULATORS_FILE, job,
                                               output.tensor_bytes, mod_writer.collector)
             report = _merge_report(job, records, time.perf_counter() - start, modulators)
-            config, texts = job.reference.config, {"mergewise_recipe.yaml": rec.to_yaml()}
-            tagalong = _tagalong(rec, job.reference, paths)
-            tok_dir = tagalong[-1][0]
-            if alignment is not None:
-                tok_dir = inputs[alignment.source_index].directory
-                tagalong = [tagalong[0], (tok_dir, TOKENIZER_FILES)]
-                texts[TOKENIZER_JSON] = tokenizer_text(alignment, tok_dir, alignment.vocabs)
-                if config is not None:
-                    config["vocab_size"] = alignment.rows
-            if template is not None:
-                texts.update(template_files(template, tok_dir))
+            tagalong, config, texts = _side_files(rec, job, paths, inputs, alignment, template)
             output.finish(tagalong=tagalong, config=config, texts=texts,
                           card=merge_card(rec, job.method, [s.task for s in job.slots]),
                           report=(report, tensor_rows(records, report["tasks"])))
@@ -134,6 +119,36 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
                            report_path=target / "report.json",
                            seconds=time.perf_counter() - start, records=records,
                            modulators=modulators)
+
+
+def _attach_features(job: MergeJob, sources: list[FeatureSource], paths: InputPaths,
+                     root: Path | None, device: str, stack: contextlib.ExitStack) -> None:
+    """Every model's feature statistics (reused or captured now), attached to the job."""
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mergewise-")))
+    stats, _ = obtain(sources, seed=job.recipe.seed, tokenizer_paths=paths.tokenizer_candidates(),
+                      root=root, workdir=workdir, device=device)
+    for st in stats:
+        stack.callback(st.close)
+    job.set_features(stats)
+
+
+def _side_files(rec: Recipe, job: MergeJob, paths: InputPaths, inputs: list[Checkpoint],
+                alignment: Any, template: str | None
+                ) -> tuple[list[Tagalong], dict[str, Any] | None, dict[str, str]]:
+    """The output's tag-along files, config and generated text files: the recipe copy, an
+    aligned vocabulary's tokenizer.json and vocab_size, the chat template."""
+    config, texts = job.reference.config, {"mergewise_recipe.yaml": rec.to_yaml()}
+    tagalong = _tagalong(rec, job.reference, paths)
+    tok_dir = tagalong[-1][0]
+    if alignment is not None:
+        tok_dir = inputs[alignment.source_index].directory
+        tagalong = [tagalong[0], (tok_dir, TOKENIZER_FILES)]
+        texts[TOKENIZER_JSON] = tokenizer_text(alignment, tok_dir, alignment.vocabs)
+        if config is not None:
+            config["vocab_size"] = alignment.rows
+    if template is not None:
+        texts.update(template_files(template, tok_dir))
+    return tagalong, config, texts
 
 
 def _merge_sliced(rec: Recipe, root: Path | None, target: Path | None, *, overwrite: bool,
