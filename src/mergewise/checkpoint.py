@@ -146,7 +146,7 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         info, begin, end = self._entries[name]
         if self._fh is None:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across reads
+            self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open; raw reads
         buf = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
             self._fh.seek(self._data_start + begin)

@@ -30,7 +30,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import FeatureError, MergewiseError, NonFiniteError, RecipeError
 from .features.statsfile import FeatureStats
-from .numerics import Float64Norm, all_finite, check_finite
+from .numerics import all_finite, check_finite, report_norm
 from .params import JobParams, Scope, SparsifyStep, resolve_job
 from .plan import PlanSummary, TensorPlan, check_configs, plan_tensors, summarize
 from .recipe import Recipe
@@ -79,6 +79,19 @@ class TensorReader:
         check_finite(t, ckpt.label, name)
         return t
 
+    def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor) -> torch.Tensor:
+        """``self(ckpt, name) - base`` in one pass: a narrower stored dtype (bf16 under float32
+        compute) is promoted inside the subtraction, which converts exactly, so the values are
+        the same; the finite check runs on the task vector, and only when it fails on the input
+        (a finite input whose task vector overflows passes, as before)."""
+        raw = ckpt.read(name).to(device=self.device)
+        if torch.promote_types(raw.dtype, self.dtype) != self.dtype or raw.dtype == torch.bool:
+            return self(ckpt, name) - base
+        delta = torch.sub(raw, base)
+        if not all_finite(delta):
+            check_finite(raw, ckpt.label, name)
+        return delta
+
 
 class VocabReader:
     """A ``TensorReader`` that hands out vocabulary tensors (embeddings, head) with their rows
@@ -101,6 +114,11 @@ class VocabReader:
             self._aligned = self.alignment.align([self.read(c, name) for c in self.inputs])
             self._name = name
         return self._aligned[next(i for i, c in enumerate(self.inputs) if c is ckpt)]
+
+    def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor) -> torch.Tensor:
+        if name not in self.names:
+            return self.read.delta(ckpt, name, base)
+        return self(ckpt, name) - base
 
 
 @dataclass
@@ -243,17 +261,16 @@ class MergeJob:
         """Sparsified task vectors of every model for output tensor ``plan``; with a
         ``record``, each model's norms and kept count go into ``record["models"]``."""
         deltas = []
-        norm64 = Float64Norm()  # one float64 buffer for this tensor's report norms
         for slot, source in zip(self.slots, self.sources(plan), strict=True):
-            delta = self.load(slot.ckpt, source) - base  # out of place: never touch inputs
+            raw = self.load.delta(slot.ckpt, source, base)  # out of place: never touch inputs
             info: dict[str, Any] | None = {} if record is not None else None
             if info is not None:
-                info["norm_before"] = norm64(delta)
-            if slot.step is not None:
-                delta = self._sparsify(slot, plan, source, delta, info)
+                info["norm_before"] = report_norm(raw)
+            delta = self._sparsify(slot, plan, source, raw, info) if slot.step else raw
             if info is not None:
                 info["kept"] = int(torch.count_nonzero(delta))
-                info["norm_after"] = norm64(delta)
+                # a step that kept the tensor as it is (density 1) changed no norm
+                info["norm_after"] = info["norm_before"] if delta is raw else report_norm(delta)
                 record.setdefault("models", []).append(info)  # type: ignore[union-attr]
             deltas.append(delta)
         return deltas
@@ -292,7 +309,7 @@ class MergeJob:
         if self.method.task_specific:
             out, modulators = out.merged, out.modulators
         if record is not None:
-            record["merged_delta_norm"] = float(torch.linalg.vector_norm(out - base))
+            record["merged_delta_norm"] = report_norm(out, minus=base)
         return out, base, modulators
 
     def _merge_weights(self, plan: TensorPlan, params: dict[str, Any]) -> torch.Tensor:
@@ -320,15 +337,15 @@ class MergeJob:
             out, base, modulators = self._merge_deltas(plan, params, record)
             if modulator_sink is None:
                 base = None  # free it before the cast (peak memory)
-        if not all_finite(out):
-            raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "
-                                 "check the recipe's weights and lambda")
-        out = out.to(dtype=plan.out_dtype)
-        if not all_finite(out):  # finite in the compute dtype, not in out_dtype
+        stored = out.to(dtype=plan.out_dtype)
+        if not all_finite(stored):  # one check on what is written; the message says why
+            if not all_finite(out):
+                raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "
+                                     "check the recipe's weights and lambda")
             raise NonFiniteError(f"{self.method.name}: tensor '{name}' overflows out_dtype "
                                  f"{dtype_name(plan.out_dtype)} (values beyond its range); use a "
                                  "wider out_dtype or check the recipe's weights and lambda")
-        out = out.cpu()
+        out = stored.cpu()
         if modulator_sink is not None:
             modulator_sink(name, base, out, modulators)
         return out

@@ -130,13 +130,24 @@ resolved without ranking the mass.
     return mask
 
 
+def block_counts(flags: torch.Tensor, blocks: int, block: int) -> torch.Tensor:
+    """True entries per block of a flat CPU/GPU bool tensor (int64). On the CPU numpy's integer
+    add-reduce over the bytes: torch's count_nonzero along a dimension is ~20x slower."""
+    if flags.device.type == "cpu":
+        import numpy as np
+
+        u8 = flags.view(torch.uint8).numpy().reshape(blocks, block)
+        return torch.from_numpy(np.add.reduce(u8, axis=1, dtype=np.int64))
+    return torch.count_nonzero(flags.view(blocks, block), dim=1)
+
+
 def _position_of(flags: torch.Tensor, count: int) -> int:
     """Flat index of the ``count``-th (1-based) True entry of a flat bool tensor, from per-block
     counts: no index array the size of the tensor."""
     block = 1 << 16
     n = flags.numel()
     full = n // block
-    counts = torch.count_nonzero(flags[: full * block].view(full, block), dim=1)
+    counts = block_counts(flags[: full * block], full, block)
     if n > full * block:
         counts = torch.cat([counts, torch.count_nonzero(flags[full * block:]).reshape(1)])
     cumulative = torch.cumsum(counts, 0)

@@ -63,7 +63,8 @@ def run_stats_pass(read: Reader, base: Checkpoint, observers: Sequence[Observer]
             for o in observers:
                 if p >= o.stats.passes:
                     continue
-                delta = read(o.ckpt, o.source(plan)) - base_tensor
+                delta = (read.delta(o.ckpt, o.source(plan), base_tensor)  # type: ignore[attr-defined]
+                         if hasattr(read, "delta") else read(o.ckpt, o.source(plan)) - base_tensor)
                 o.stats.observe(p, plan.name, delta, o.params(plan))
                 del delta
             if progress is not None:

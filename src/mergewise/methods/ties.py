@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..numerics import weighted_sum
+from ..numerics import rounded_weight, weighted_sum
 from ..registry import INT8_MASK, LAMBDA, METHODS, MergeMethod, Param, normalize_param
 
 AGGREGATE = Param("aggregate", None, str,
@@ -52,48 +52,41 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                int8_mask: bool = False) -> torch.Tensor:
     """Elect + disjoint merge of already-trimmed task vectors (shared by the *_ties methods).
 
-    Written for speed on large tensors (preallocated scratch buffers instead of fresh
-    temporaries); every value is computed by the same float operations as the plain version:
-    agree = w*tau * sign > 0; merged += where(agree, w*tau, 0); divisor = count of agreeing
-    models (0 -> 1); base + lambda * merged/divisor.
+    Written for speed on large tensors: masks are float 0/1 tensors (torch's float kernels are
+    several times faster than its bool ones) in preallocated buffers; every value is computed
+    by the same float operations as the plain version: agree = w*tau * sign > 0;
+    merged += where(agree, w*tau, 0) (here w*tau times a 0/1 mask: exact, and adding the signed
+    zero of a dropped entry leaves the sum as it was); divisor = count of agreeing models or the
+    sum of their weights (0 -> 1); base + lambda * merged/divisor.
     """
     aggregate = aggregation(normalize, aggregate)
+    dtype = tensors[0].dtype
     total = weighted_sum(tensors, weights)
-    agree = torch.ge(total, 0)  # scratch mask from here on
-    disagree = torch.empty_like(agree)
-    sign = total.copy_(agree).mul_(2.0).sub_(1.0)  # where(total >= 0, 1, -1), in total's storage
+    sign = torch.ge(total, 0, out=total).mul_(2.0).sub_(1.0)  # where(total >= 0, 1, -1)
     merged = torch.zeros_like(sign)
-    scratch = torch.empty_like(sign)
+    product = torch.empty_like(sign)
+    agree = torch.empty_like(sign)  # 1.0 where model k agrees with the sign, else 0.0
+    divisor = torch.zeros_like(sign) if aggregate != "sum" else None
     weighted_buf = None
-    # "mean" counts agreeing models exactly in a small integer tensor (no float adds of booleans)
-    count = (torch.zeros_like(sign, dtype=torch.uint8)
-             if aggregate == "mean" and len(tensors) < 256 else None)
-    divisor = torch.zeros_like(sign) if aggregate != "sum" and count is None else None
     for w, d in zip(weights, tensors, strict=True):
-        if w == 1.0:
+        wd = rounded_weight(w, dtype)
+        if wd == 1.0:
             weighted = d  # d * 1.0 is d, bit for bit
         else:
             if weighted_buf is None:
                 weighted_buf = torch.empty_like(sign)
-            weighted = torch.mul(d, w, out=weighted_buf)
-        torch.gt(torch.mul(weighted, sign, out=scratch), 0, out=agree)
-        torch.logical_not(agree, out=disagree)
-        merged.add_(scratch.copy_(weighted).masked_fill_(disagree, 0.0))  # where(agree, wt, 0)
-        if count is not None:
-            count.add_(agree.view(torch.uint8))
-        elif aggregate == "mean":
-            divisor += agree  # type: ignore[operator]
+            weighted = torch.mul(d, wd, out=weighted_buf)
+        torch.gt(torch.mul(weighted, sign, out=product), 0, out=agree)
+        merged.addcmul_(weighted, agree)
+        if aggregate == "mean":
+            divisor.add_(agree)  # type: ignore[union-attr]  # exact small integers
         elif aggregate == "weighted_mean":
-            divisor += agree * w  # type: ignore[operator]
-    if count is not None:
-        # integer counts 0..K, exact in every float dtype: 0 (nobody agrees) becomes 1
-        merged.div_(scratch.copy_(count).clamp_(min=1))
-    elif aggregate != "sum":
+            divisor.add_(agree, alpha=wd)  # type: ignore[union-attr]  # + w or + 0, exact
+    if divisor is not None:
         # ``== 0`` too: in float16 the literal 1e-12 rounds to 0, so ``< 1e-12`` alone misses
         # empty entries and 0/0 gives NaN
-        empty = (divisor == 0) | (divisor.abs() < 1e-12)  # type: ignore[operator]
-        divisor = torch.where(empty, torch.ones_like(divisor), divisor)  # type: ignore[arg-type]
-        merged /= divisor
+        empty = (divisor == 0) | (divisor.abs() < 1e-12)
+        merged.div_(divisor.masked_fill_(empty, 1.0))
     if lam != 1.0:
         merged.mul_(lam)  # lambda * merged (1.0 * x is x, bit for bit)
     if base.dtype != merged.dtype or base.shape != merged.shape:

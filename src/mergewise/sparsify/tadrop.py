@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import RecipeError
+from ..numerics import Float64Norm
 from ..registry import SPARSIFIERS, Param, Sparsifier
 from ..selection import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles, topk_mask
 from ..statspass import StatsPass
@@ -134,8 +135,8 @@ class TADropStats(StatsPass):
 
 def l2_rescale(delta: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Scale ``kept`` so its L2 norm equals ``delta``'s; returns the tensor and the factor."""
-    before = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-    after = float(torch.linalg.vector_norm(kept, dtype=torch.float64))
+    norm = Float64Norm()  # the same float64 norms, through one reused buffer
+    before, after = norm(delta), norm(kept)
     if before < NORM_EPS or after < NORM_EPS:
         return kept, 1.0
     factor = before / after
