@@ -144,18 +144,21 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def read(self, name: str) -> torch.Tensor:
+        """One tensor, by a positional read into a fresh buffer: no shared file offset, so
+        reads from several threads (the engine's prefetch) do not disturb each other."""
         info, begin, end = self._entries[name]
         if self._fh is None:
             self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open; raw reads
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        if end > begin:
-            self._fh.seek(self._data_start + begin)
-            got = self._fh.readinto(memoryview(buf.numpy()))
-            if got != end - begin:
+        view, got = memoryview(buf.numpy()), 0
+        while got < end - begin:  # preadv may return less than asked for on huge reads
+            n = os.preadv(self._fh.fileno(), [view[got:]], self._data_start + begin + got)
+            if n <= 0:
                 raise CheckpointError(
                     f"{self.path}: short read of tensor '{name}' ({got} of {end - begin} bytes); "
                     "the file changed or is truncated"
                 )
+            got += n
         return buf.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:

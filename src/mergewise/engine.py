@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, StateDictCheckpoint
 from .errors import FeatureError, MergewiseError, NonFiniteError, RecipeError
 from .features.statsfile import FeatureStats
 from .numerics import all_finite, check_finite, report_norm
@@ -62,10 +63,43 @@ def check_filters_match(jobs: Sequence[MergeJob]) -> None:
                           "'self_attn' or 'mlp'; {glob: '*.mlp.*'} for a shell pattern")
 
 
+class Prefetcher:
+    """Reads the next tensor's inputs on a background thread while the current one is merged
+    (positional file reads release the GIL, as torch's kernels do). One tensor ahead at most,
+    so memory grows by one tensor per input; in-memory inputs are never prefetched."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergewise-read")
+        self._pending: dict[tuple[int, str], Future[torch.Tensor]] = {}
+
+    def ahead(self, reads: Sequence[tuple[Checkpoint, str]]) -> None:
+        for ckpt, name in reads:
+            key = (id(ckpt), name)
+            if key not in self._pending and not isinstance(ckpt, StateDictCheckpoint):
+                self._pending[key] = self._pool.submit(ckpt.read, name)
+
+    def take(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        future = self._pending.pop((id(ckpt), name), None)
+        return future.result() if future is not None else ckpt.read(name)
+
+    def forget(self, reads: Sequence[tuple[Checkpoint, str]]) -> None:
+        """Drop what was read ahead for a tensor and not used (so nothing piles up)."""
+        for ckpt, name in reads:
+            future = self._pending.pop((id(ckpt), name), None)
+            if future is not None:
+                future.cancel()
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+
+
 class TensorReader:
     """Read one tensor, move it to the compute device, upcast it, check it is finite. May
     return the caller's own tensor (in-memory inputs already in the compute dtype): never
-    modify the result in place."""
+    modify the result in place. While ``prefetch`` is set, reads come from it."""
 
     def __init__(self, device: str | torch.device, dtype: torch.dtype):
         self.device = torch.device(device)
@@ -73,9 +107,13 @@ class TensorReader:
             raise MergewiseError("--device cuda was asked for, but torch sees no CUDA device; "
                                  "use --device cpu")
         self.dtype = dtype
+        self.prefetch: Prefetcher | None = None
+
+    def raw(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        return self.prefetch.take(ckpt, name) if self.prefetch else ckpt.read(name)
 
     def __call__(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        t = ckpt.read(name).to(device=self.device, dtype=self.dtype)
+        t = self.raw(ckpt, name).to(device=self.device, dtype=self.dtype)
         check_finite(t, ckpt.label, name)
         return t
 
@@ -84,9 +122,11 @@ class TensorReader:
         compute) is promoted inside the subtraction, which converts exactly, so the values are
         the same; the finite check runs on the task vector, and only when it fails on the input
         (a finite input whose task vector overflows passes, as before)."""
-        raw = ckpt.read(name).to(device=self.device)
+        raw = self.raw(ckpt, name).to(device=self.device)
         if torch.promote_types(raw.dtype, self.dtype) != self.dtype or raw.dtype == torch.bool:
-            return self(ckpt, name) - base
+            upcast = raw.to(dtype=self.dtype)
+            check_finite(upcast, ckpt.label, name)
+            return upcast - base
         delta = torch.sub(raw, base)
         if not all_finite(delta):
             check_finite(raw, ckpt.label, name)
@@ -328,7 +368,8 @@ class MergeJob:
         modulators go to ``modulator_sink`` (None when every task vector was zero)."""
         name = plan.name
         if not plan.merged:
-            return self.reference.read(plan.ref_name).clone()
+            reader = self.load.read if isinstance(self.load, VocabReader) else self.load
+            return reader.raw(self.reference, plan.ref_name).clone()
         params = self._method_params(plan, record)
         modulators = base = None
         if self.method.space == "weight":
@@ -359,7 +400,15 @@ class MergeJob:
                               lambda plan, i=s.index: self.sources(plan)[i])
                      for s in self.slots if s.stats is not None and s.step is not None]
         if self.base is not None:
-            run_stats_pass(self.load, self.base, observers, self.tensors, progress)
+            base = self.base
+
+            def ahead(plan: TensorPlan) -> None:
+                prefetch = self.load.prefetch if isinstance(self.load, TensorReader) else None
+                if prefetch is not None:
+                    prefetch.ahead([(base, plan.base_name),
+                                    *((o.ckpt, o.source(plan)) for o in observers)])
+
+            run_stats_pass(self.load, base, observers, self.tensors, progress, ahead)
 
     def run(self, sink: Sink, progress: Progress | None = None,
             stats_progress: Progress | None = None,
@@ -375,14 +424,41 @@ class MergeJob:
                 f"a task ({tasks}): merge_task_state_dicts(...)[task], "
                 "merge_state_dicts(..., task=NAME), or `mergewise merge` then "
                 "`mergewise materialize OUT --task NAME --out DIR`")
-        self.run_stats_pass(stats_progress)
+        reader = self.load.read if isinstance(self.load, VocabReader) else self.load
+        reader.prefetch = Prefetcher()
+        try:
+            self.run_stats_pass(stats_progress)
+            return self._merge_pass(sink, progress, modulator_sink, reader.prefetch)
+        finally:
+            reader.prefetch.close()
+            reader.prefetch = None
+
+    def reads(self, plan: TensorPlan) -> list[tuple[Checkpoint, str]]:
+        """Every (checkpoint, name) the merge pass reads for ``plan``."""
+        if not plan.merged:
+            return [(self.reference, plan.ref_name)]
+        inputs = [(s.ckpt, n) for s, n in zip(self.slots, self.sources(plan), strict=True)]
+        if self.params.base_first and self.base is not None:
+            inputs.insert(0, (self.base, plan.base_name))
+        if self.reads_base and self.base is not None:
+            inputs.append((self.base, plan.base_name))
+        if isinstance(self.load, VocabReader) and plan.name in self.load.names:
+            inputs = [(c, plan.name) for c in self.load.inputs]
+        return inputs
+
+    def _merge_pass(self, sink: Sink, progress: Progress | None,
+                    modulator_sink: ModulatorSink | None,
+                    prefetch: Prefetcher) -> list[dict[str, Any]]:
         n_inputs = len(self.weight_inputs) + (1 if self.reads_base else 0)
         records = []
-        for plan in self.tensors:
+        for i, plan in enumerate(self.tensors):
+            if i + 1 < len(self.tensors):
+                prefetch.ahead(self.reads(self.tensors[i + 1]))
             start = time.perf_counter()
             record: dict[str, Any] = {"name": plan.name, "shape": list(plan.shape),
                                       "numel": plan.numel, "merged": plan.merged}
             out = self.merge_tensor(plan, record, modulator_sink)
+            prefetch.forget(self.reads(plan))
             sink(plan.name, out)
             record["seconds"] = round(time.perf_counter() - start, 6)
             records.append(record)

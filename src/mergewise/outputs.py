@@ -23,7 +23,7 @@ from .registry import MergeMethod
 from .report import write_tables
 from .tensors import TensorInfo, dtype_name
 from .version import __version__
-from .writer import ShardedWriter, atomic_directory, copy_tagalong
+from .writer import BackgroundWriter, ShardedWriter, atomic_directory, copy_tagalong
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -80,17 +80,25 @@ class OutputDirectory(AbstractContextManager["OutputDirectory"]):
     def __enter__(self) -> OutputDirectory:
         self.tmp = self._atomic.__enter__()
         self._shards = ShardedWriter(self.tmp, self.tensors, self._shard_size, self._metadata)
+        self._writes: BackgroundWriter | None = BackgroundWriter(self._shards.write)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> bool | None:
+        if self._writes is not None:  # stop writing before the temp dir is removed
+            self._writes.close(abort=True)
         return self._atomic.__exit__(kind, exc, tb)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._shards.write(name, tensor)
+        assert self._writes is not None, "write after end_shards"
+        self._writes.write(name, tensor)
 
     def end_shards(self) -> list[str]:
-        """Close the last shard and write the index; returns the output's file names."""
+        """Finish the writes, close the last shard and write the index; returns the output's
+        file names."""
+        assert self._writes is not None
+        writes, self._writes = self._writes, None
+        writes.close()
         self.files[:0] = self._shards.finalize()
         self.tensor_bytes = self._shards.total_size
         return self.files

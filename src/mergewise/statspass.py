@@ -50,15 +50,19 @@ class Observer:
 
 
 def run_stats_pass(read: Reader, base: Checkpoint, observers: Sequence[Observer],
-                   tensors: Sequence[TensorPlan], progress: Progress | None = None) -> None:
+                   tensors: Sequence[TensorPlan], progress: Progress | None = None,
+                   ahead: Callable[[TensorPlan], None] | None = None) -> None:
     """Stream the task vector (model - base) of every merged tensor through each observer, once
-    per pass it declares; the base tensor is read once per tensor and pass."""
+    per pass it declares; the base tensor is read once per tensor and pass. ``ahead(plan)`` is
+    told the next tensor first, so its inputs can be read while this one is observed."""
     if not observers:
         return
     passes = max(o.stats.passes for o in observers)
     merged = [t for t in tensors if t.merged]
     for p in range(passes):
-        for plan in merged:
+        for j, plan in enumerate(merged):
+            if ahead is not None and j + 1 < len(merged):
+                ahead(merged[j + 1])
             base_tensor = read(base, plan.base_name)
             for o in observers:
                 if p >= o.stats.passes:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -227,3 +229,43 @@ def copy_tagalong(source_dir: Path | None, dest: Path, names: Sequence[str]) -> 
             shutil.copyfile(src, dest / name)
             copied.append(name)
     return copied
+
+
+class BackgroundWriter:
+    """Hands tensors to ``write`` on a thread of its own, so writing one tensor overlaps merging
+    the next (file writes and torch kernels release the GIL). At most ``depth`` tensors wait;
+    the order is kept; an error in the thread is raised by the next ``write`` or by ``close``.
+    The caller must not modify a tensor after handing it over."""
+
+    def __init__(self, write: Callable[[str, torch.Tensor], None], depth: int = 2):
+        self._write = write
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._abort = False
+        self._thread = threading.Thread(target=self._run, name="mergewise-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None and not self._abort:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = exc
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((name, tensor))
+
+    def close(self, abort: bool = False) -> None:
+        """Wait until every tensor is written (or, with ``abort``, drop what is left), then
+        re-raise a write error."""
+        self._abort = self._abort or abort
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and not abort:
+            raise self._error
