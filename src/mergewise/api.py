@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from .recipe import Recipe, load_recipe, parse_recipe
 from .registry import METHODS
 from .report import tensor_rows
 from .slicejobs import open_sliced
+from .statspass import StatsCache
 from .version import __version__
 from .vocab import TOKENIZER_JSON, alignment_for, tokenizer_text
 from .writer import DEFAULT_SHARD_SIZE, check_output_target, parse_size
@@ -63,11 +65,13 @@ def _coerce_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Rec
 def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | None = None, *,
           overwrite: bool = False, device: str = "cpu",
           shard_size: int | str = DEFAULT_SHARD_SIZE, dry_run: bool = False,
-          progress: bool = False) -> MergeResult:
+          progress: bool = False, stats_cache: str | Path | None = None) -> MergeResult:
     """Merge the checkpoints a recipe names and write a HF-style directory to ``out``.
 
     Everything that can be checked without reading tensor data (recipe, paths, formats, names,
     shapes, dtypes, output path) is checked first; ``dry_run`` stops there and returns the plan.
+    ``stats_cache`` (default ``$MERGEWISE_STATS_CACHE``): a directory keeping per-tensor stats
+    (TADrop's d) across runs, so a sweep over drop rates skips the stats pass's work.
     """
     rec, root = _coerce_recipe(recipe)
     size = parse_size(shard_size)
@@ -87,7 +91,9 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         alignment = (alignment_for(rec.vocabulary, inputs, len(models) if base else None,
                                    lambda text, key: resolve_path(text, root, key))
                      if rec.vocabulary is not None else None)
-        job = MergeJob(rec, base, models, device=device, vocab=alignment)
+        cache_dir = stats_cache or os.environ.get("MERGEWISE_STATS_CACHE")
+        job = MergeJob(rec, base, models, device=device, vocab=alignment,
+                       stats_cache=StatsCache(Path(cache_dir)) if cache_dir else None)
         template = (chat_template(rec.chat_template, [c.directory for c in inputs])
                     if rec.chat_template is not None else None)  # checked before merging
         summary = job.summary()

@@ -15,6 +15,7 @@ message naming the file and tensor. Tests cross-check it against the ``safetenso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -45,6 +46,11 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def identity(self, name: str) -> str | None:
+        """A string that changes whenever the tensor's stored bytes may have changed (for caches
+        of per-tensor statistics), or None when there is none (in-memory tensors)."""
+        return None
 
     def close(self) -> None:
         """Release file handles (safe to call twice)."""
@@ -161,6 +167,22 @@ class SafetensorsFile:
             got += n
         return buf.view(info.dtype).reshape(info.shape)
 
+    def identity(self, name: str) -> str:
+        """The file (real path, size, inode, mtime), the tensor's header entry and a hash of 48
+        KiB sampled from its start, middle and end: any rewrite of the file changes the mtime,
+        any other tensor content the sampled bytes very likely."""
+        info, begin, end = self._entries[name]
+        st = self.path.stat()
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.path.resolve()}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{name}|"
+                 f"{info.dtype}|{list(info.shape)}|{begin}|{end}".encode())
+        span = end - begin
+        with open(self.path, "rb", buffering=0) as fh:
+            for start in sorted({0, max(0, span // 2 - 8192), max(0, span - 16384)}):
+                h.update(os.pread(fh.fileno(), min(16384, span - start),
+                                  self._data_start + begin + start))
+        return h.hexdigest()
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -200,6 +222,9 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
+
+    def identity(self, name: str) -> str:
+        return self._where[name].identity(name)
 
     def close(self) -> None:
         for f in self._files:

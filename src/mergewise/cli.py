@@ -43,6 +43,9 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output")] = False,
     shard_size: Annotated[str, typer.Option("--shard-size", help="max bytes per shard, e.g. 5GB")] = "5GB",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    stats_cache: Annotated[Path | None, typer.Option(
+        "--stats-cache", help="keep per-tensor statistics (TADrop's d) here across runs; "
+        "default $MERGEWISE_STATS_CACHE")] = None,
 ) -> None:
     """Merge the checkpoints a recipe names into --out (written atomically)."""
     from .api import merge as run_merge
@@ -51,7 +54,8 @@ def merge(
         _fail(MergewiseError("--out DIR is required (or use --dry-run)"))
     try:
         result = run_merge(recipe, out_dir, overwrite=overwrite, device=device,
-                           shard_size=shard_size, dry_run=dry_run, progress=progress)
+                           shard_size=shard_size, dry_run=dry_run, progress=progress,
+                           stats_cache=stats_cache)
     except MergewiseError as exc:
         _fail(exc)
         return

@@ -36,7 +36,7 @@ from .params import JobParams, Scope, SparsifyStep, resolve_job
 from .plan import PlanSummary, TensorPlan, check_configs, plan_tensors, summarize
 from .recipe import Recipe
 from .rng import tensor_generator
-from .statspass import Observer, Progress, StatsPass, run_stats_pass
+from .statspass import Observer, Progress, StatsCache, StatsPass, run_stats_pass
 from .tensors import DEFAULT_COMPUTE_DTYPE, FLOAT_DTYPES, dtype_name
 from .vocab import Alignment
 
@@ -179,12 +179,14 @@ class MergeJob:
                  device: str = "cpu", features: Sequence[FeatureStats] | None = None, *,
                  tensors: Sequence[TensorPlan] | None = None, scope: Scope | None = None,
                  labels: Sequence[str] | None = None, check_filters: bool = True,
-                 vocab: Alignment | None = None):
+                 vocab: Alignment | None = None, stats_cache: StatsCache | None = None):
         """``tensors`` and ``scope`` come from a slice of a ``slices:`` recipe (its planned
         tensors, and its own parameters between the models' and the recipe's); a slice's
         filters are checked over all slices (``check_filters_match``). ``vocab``: embedding and
-        head rows aligned to one output vocabulary, over the inputs models then base."""
+        head rows aligned to one output vocabulary, over the inputs models then base.
+        ``stats_cache``: per-tensor statistics of earlier runs (TADrop's d), reused."""
         self.recipe = recipe
+        self.stats_cache = stats_cache
         self.params: JobParams = resolve_job(recipe, scope, labels)
         self.method = self.params.method
         self.base = base
@@ -400,15 +402,10 @@ class MergeJob:
                               lambda plan, i=s.index: self.sources(plan)[i])
                      for s in self.slots if s.stats is not None and s.step is not None]
         if self.base is not None:
-            base = self.base
-
-            def ahead(plan: TensorPlan) -> None:
-                prefetch = self.load.prefetch if isinstance(self.load, TensorReader) else None
-                if prefetch is not None:
-                    prefetch.ahead([(base, plan.base_name),
-                                    *((o.ckpt, o.source(plan)) for o in observers)])
-
-            run_stats_pass(self.load, base, observers, self.tensors, progress, ahead)
+            prefetch = self.load.prefetch if isinstance(self.load, TensorReader) else None
+            run_stats_pass(self.load, self.base, observers, self.tensors, progress,
+                           prefetch.ahead if prefetch is not None else None,
+                           cache=self.stats_cache, dtype=self.compute_dtype)
 
     def run(self, sink: Sink, progress: Progress | None = None,
             stats_progress: Progress | None = None,

@@ -9,8 +9,11 @@ are kept.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +40,60 @@ class StatsPass:
     def for_tensor(self, name: str) -> Any:
         raise NotImplementedError
 
+    # A pass whose per-tensor observation is a small value determined by the task vector alone
+    # (and a few settings) may be cached across runs: ``cache_tag`` names those settings (None:
+    # not cacheable), ``observed`` gives the value after ``observe``, ``observe_cached`` takes
+    # it instead of the task vector.
+    def cache_tag(self, params: dict[str, Any]) -> str | None:
+        return None
+
+    def observed(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def observe_cached(self, pass_index: int, name: str, value: Any, numel: int,
+                       params: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+UNCACHED = object()  # what ``observed`` returns for an observation that must not be cached
+
+
+class StatsCache:
+    """Per-tensor statistics of earlier runs in ``DIR/stats-cache.json``, keyed by the stats'
+    settings, the compute dtype and the identities of the base and model tensors (file,
+    mtime, header entry, sampled bytes; see ``Checkpoint.identity``), so a sweep over TADrop's
+    drop rate or strength reads and ranks each task vector once. Written atomically at the end
+    of a stats pass."""
+
+    FILE = "stats-cache.json"
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / self.FILE
+        try:
+            self.entries: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    @staticmethod
+    def key(*parts: object) -> str:
+        return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()
+
+    def get(self, key: str) -> Any:
+        return self.entries.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.entries[key] = value
+        self.changed = True
+
+    def save(self) -> None:
+        if self.changed:
+            from .writer import atomic_file
+
+            with atomic_file(self.path) as tmp:
+                tmp.write_text(json.dumps(self.entries))
+            self.changed = False
+
 
 @dataclass
 class Observer:
@@ -49,30 +106,73 @@ class Observer:
     source: Callable[[TensorPlan], str] = lambda plan: plan.name
 
 
+Reads = list[tuple["Checkpoint", str]]
+
+
+def _cache_key(cache: StatsCache | None, o: Observer, base: Checkpoint, plan: TensorPlan,
+               params: dict[str, Any], dtype: object) -> str | None:
+    tag = o.stats.cache_tag(params) if cache is not None else None
+    if tag is None:
+        return None
+    ids = (base.identity(plan.base_name), o.ckpt.identity(o.source(plan)))
+    return None if None in ids else StatsCache.key(tag, dtype, *ids)
+
+
 def run_stats_pass(read: Reader, base: Checkpoint, observers: Sequence[Observer],
                    tensors: Sequence[TensorPlan], progress: Progress | None = None,
-                   ahead: Callable[[TensorPlan], None] | None = None) -> None:
+                   ahead: Callable[[Reads], None] | None = None,
+                   cache: StatsCache | None = None, dtype: object = "") -> None:
     """Stream the task vector (model - base) of every merged tensor through each observer, once
-    per pass it declares; the base tensor is read once per tensor and pass. ``ahead(plan)`` is
-    told the next tensor first, so its inputs can be read while this one is observed."""
+    per pass it declares; the base tensor is read once per tensor and pass, and not at all
+    when every observer finds the tensor in ``cache``. ``ahead(reads)`` is told what the next
+    tensor will read, so it can be read while this one is observed."""
     if not observers:
         return
     passes = max(o.stats.passes for o in observers)
     merged = [t for t in tensors if t.merged]
+
+    def todo(p: int, plan: TensorPlan) -> list[tuple[Observer, dict[str, Any], str | None]]:
+        out = []
+        for o in observers:
+            if p < o.stats.passes:
+                params = o.params(plan)
+                key = _cache_key(cache, o, base, plan, params, dtype) if p == 0 else None
+                out.append((o, params, key))
+        return out
+
     for p in range(passes):
+        work = [todo(p, plan) for plan in merged]
         for j, plan in enumerate(merged):
             if ahead is not None and j + 1 < len(merged):
-                ahead(merged[j + 1])
-            base_tensor = read(base, plan.base_name)
-            for o in observers:
-                if p >= o.stats.passes:
-                    continue
-                delta = (read.delta(o.ckpt, o.source(plan), base_tensor)  # type: ignore[attr-defined]
-                         if hasattr(read, "delta") else read(o.ckpt, o.source(plan)) - base_tensor)
-                o.stats.observe(p, plan.name, delta, o.params(plan))
-                del delta
+                misses = [(o.ckpt, o.source(merged[j + 1])) for o, _, key in work[j + 1]
+                          if key is None or cache.get(key) is None]  # type: ignore[union-attr]
+                ahead([(base, merged[j + 1].base_name), *misses] if misses else [])
+            _observe(read, base, plan, p, work[j], cache)
             if progress is not None:
                 progress(plan.name, plan.numel * plan.in_dtype.itemsize * (len(observers) + 1))
         for o in observers:
             if p < o.stats.passes:
                 o.stats.end_pass(p)
+    if cache is not None:
+        cache.save()
+
+
+def _observe(read: Reader, base: Checkpoint, plan: TensorPlan, p: int,
+             work: list[tuple[Observer, dict[str, Any], str | None]],
+             cache: StatsCache | None) -> None:
+    """One tensor of one pass: cached observations, else the task vectors from the files."""
+    base_tensor = None
+    for o, params, key in work:
+        hit = cache.get(key) if cache is not None and key is not None else None
+        if hit is not None:
+            o.stats.observe_cached(p, plan.name, hit["value"], plan.numel, params)
+            continue
+        if base_tensor is None:
+            base_tensor = read(base, plan.base_name)
+        delta = (read.delta(o.ckpt, o.source(plan), base_tensor)  # type: ignore[attr-defined]
+                 if hasattr(read, "delta") else read(o.ckpt, o.source(plan)) - base_tensor)
+        o.stats.observe(p, plan.name, delta, params)
+        del delta
+        value = o.stats.observed(plan.name) if cache is not None and key is not None else UNCACHED
+        if value is not UNCACHED:
+            cache.put(key, {"value": value})  # type: ignore[union-attr,arg-type]

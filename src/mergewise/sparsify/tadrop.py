@@ -35,7 +35,7 @@ from ..errors import RecipeError
 from ..numerics import Float64Norm
 from ..registry import SPARSIFIERS, Param, Sparsifier
 from ..selection import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles, topk_mask
-from ..statspass import StatsPass
+from ..statspass import UNCACHED, StatsPass
 
 NORM_EPS = 1e-12
 
@@ -87,6 +87,20 @@ class TADropStats(StatsPass):
         skipped = _skip(name, params.get("skip") or [])
         d = None if skipped or delta.numel() == 0 else quantile_ratio(delta, *params["quantiles"])
         self.entries[name] = (delta.numel(), d, skipped, params)
+
+    def cache_tag(self, params: dict[str, Any]) -> str | None:
+        """d depends on the task vector and the quantile levels only (a skipped tensor's on
+        nothing), so a sweep over drop_rate, strength, budget or clipping reuses it."""
+        return f"tadrop-d:{list(params['quantiles'])!r}"
+
+    def observed(self, name: str) -> Any:
+        _, d, skipped, _ = self.entries[name]
+        return UNCACHED if skipped else d  # a skipped tensor's d was never computed
+
+    def observe_cached(self, pass_index: int, name: str, value: Any, numel: int,
+                       params: dict[str, Any]) -> None:
+        skipped = _skip(name, params.get("skip") or [])
+        self.entries[name] = (numel, None if skipped else value, skipped, params)
 
     def _rates(self, d_ref: float) -> dict[str, float]:
         return {name: drop_rate_for(d, d_ref, p["drop_rate"], p["strength"], p["min_drop"],
