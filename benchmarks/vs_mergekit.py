@@ -29,6 +29,7 @@ import argparse
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -361,7 +362,6 @@ def write_recipes(work: Path, inputs: Path, methods: list[str]) -> dict[str, Pat
 @dataclass
 class Tools:
     mergewise: Path
-    python: Path
     mergekit: Path | None
     mergekit_versions: dict[str, str] = field(default_factory=dict)
 
@@ -386,8 +386,8 @@ def mergekit_candidates(explicit: Path | None) -> list[Path]:
 def install_mergekit(venv: Path) -> None:
     """A separate venv: mergekit's pins must never touch the project's environment."""
     print(f"installing mergekit {MERGEKIT_VERSION} into {venv} ...", flush=True)
-    subprocess.run([sys.executable if not shutil.which("python3") else "python3", "-m", "venv",
-                    str(venv)], check=True)
+    subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(venv)],
+                   check=True)
     pip = str(venv / "bin" / "pip")
     subprocess.run([pip, "install", TORCH_PIN], check=True)
     subprocess.run([pip, "install", TORCH_PIN, f"mergekit=={MERGEKIT_VERSION}"], check=True)
@@ -420,6 +420,24 @@ def base_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("MERGEWISE_STATS_CACHE", None)
     return env
+
+
+def mergewise_code() -> str:
+    """Hash of the installed mergewise package's source files. The package is installed editable
+    and may be edited while the benchmark runs; rows measured with different code are flagged."""
+    spec = importlib.util.find_spec("mergewise")
+    if spec is None or spec.origin is None:
+        return "?"
+    h = hashlib.sha256()
+    for path in sorted(Path(spec.origin).parent.rglob("*.py")):
+        h.update(str(path).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def git_head() -> str | None:
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
 def mergekit_cmd(tools: Tools, cfg: Path, out: Path) -> list[str]:
@@ -473,6 +491,7 @@ class Run:
     attempts: int = 1
     under_load: bool = False
     error: str = ""
+    code: str = ""  # hash of mergewise's source when this ran (it is installed editable)
 
 
 def run_process(cmd: list[str], env: dict[str, str], capture: bool = True) -> Run:
@@ -552,6 +571,7 @@ def measure(cmd: list[str], env: dict[str, str], opts: argparse.Namespace,
     for attempt in range(1, opts.max_retries + 2):
         if out is not None:
             shutil.rmtree(out, ignore_errors=True)
+        os.sync()  # no dirty pages left from earlier writes to throttle or flush during this run
         waited, ok, load = wait_idle(opts)
         run = run_process(cmd, env, capture)
         _OWN_RUNS.append((time.perf_counter(), run.cpu_s / max(run.wall_s, 1e-9), run.wall_s))
@@ -580,7 +600,8 @@ def describe(run: Run) -> str:
     return (f"{run.wall_s:7.2f} s{inner}  peak {run.peak_rss_gb:5.2f} GB  cpu {run.cpu_s:6.1f} s  "
             f"others {run.other_core_frac:4.0%} of a core  load {run.load_before:.2f}->"
             f"{run.load_after:.2f} (not ours {run.gate_load:.2f})  waited {run.gate_wait_s:.0f} s"
-            f"{'' if run.gate_ok else ' (gate timed out)'}{flag}{fail}")
+            f"{'' if run.gate_ok else ' (gate timed out)'}"
+            f"{f'  (quietest of {run.attempts} runs)' if run.attempts > 1 else ''}{flag}{fail}")
 
 
 # --- floors and start-up ------------------------------------------------------------------------
@@ -662,8 +683,10 @@ def merge_runs(method: str, r: int, tools: Tools, cfg: Path, work: Path,
         if cache_state["owned"]:
             shutil.rmtree(cache_state["dir"], ignore_errors=True)
         cache_state["dir"].mkdir(parents=True, exist_ok=True)
+        code = mergewise_code()
         fill = measure(mergewise_cmd(tools, cfg, work / "out" / "mw"), env, opts,
                        out=work / "out" / "mw")
+        fill.code = code
         results[method].setdefault("fill", []).append(fill)
         cache_state["files"] = sum(1 for p in cache_state["dir"].rglob("*") if p.is_file())
         print(f"  {tag} mergewise (fill) {describe(fill)}  cache: {cache_state['files']} files",
@@ -674,7 +697,9 @@ def merge_runs(method: str, r: int, tools: Tools, cfg: Path, work: Path,
             continue
         out = work / "out" / ("mk" if tool == "mergekit" else "mw")
         cmd = (mergekit_cmd if tool == "mergekit" else mergewise_cmd)(tools, cfg, out)
+        code = mergewise_code() if tool == "mergewise" else ""
         run = measure(cmd, env, opts, out=out)
+        run.code = code
         results[method].setdefault(tool, []).append(run)
         print(f"  {tag} {tool:<16} {describe(run)}", flush=True)
         if run.rc:
@@ -739,10 +764,13 @@ def _sum_cell(cells: dict[str, Cell], a: str, b: str) -> Cell | None:
     return Cell(x.seconds + y.seconds, None, x.under_load or y.under_load, False)
 
 
+def size_text(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e7 else f"{nbytes / 1e6:.3f} MB"
+
+
 def table(s: dict[str, Any], info: dict[str, Any]) -> str:
     """The issue's table, Markdown, with floors and start-up rows under the methods."""
-    size = info["inputs"]["bytes_per_model"]
-    gb = f"{size / 1e9:.2f} GB" if size >= 1e7 else f"{size / 1e6:.2f} MB"
+    gb = size_text(info["inputs"]["bytes_per_model"])
     lines = ["| method (mergekit's YAML) | mergewise s | mergekit s | mergekit / mergewise "
              "| peak RSS mergewise / mergekit |", "|---|---:|---:|---:|---:|"]
     for m, row in s["rows"].items():
@@ -858,6 +886,7 @@ def machine(tools: Tools) -> dict[str, Any]:
             "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
             "torch": importlib.metadata.version("torch"),
             "mergewise": importlib.metadata.version("mergewise"),
+            "mergewise_git": git_head(), "mergewise_code": mergewise_code(),
             "mergekit_venv": tools.mergekit_versions or None,
             "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}",
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -915,7 +944,8 @@ def check_disk(work: Path, scale: str) -> None:
 def print_header(info: dict[str, Any], inputs: dict[str, Any], stats: dict[str, Any]) -> None:
     mk = info["mergekit_venv"]
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM; torch "
-          f"{info['torch']}, mergewise {info['mergewise']}, Python {info['python']}, {info['os']}; "
+          f"{info['torch']}, mergewise {info['mergewise']} (git {info['mergewise_git']}, source "
+          f"{info['mergewise_code']}), Python {info['python']}, {info['os']}; "
           f"{info['date']}; load average {info['loadavg_at_start']:.2f}", flush=True)
     if mk:
         print(f"mergekit: {mk['mergekit']} (torch {mk['torch']}, transformers "
@@ -955,22 +985,38 @@ def load_notes(results: dict[str, dict[str, list[Run]]], floor_runs: dict[str, l
     return [head, *notes]
 
 
+def code_note(results: dict[str, dict[str, list[Run]]], at_start: str) -> str:
+    """Whether every mergewise row ran the same mergewise source."""
+    seen: dict[str, list[str]] = {}
+    for m, d in results.items():
+        for t, rs in d.items():
+            for r in rs:
+                if r.code:
+                    seen.setdefault(r.code, []).append(f"{m}/{t}")
+    if set(seen) <= {at_start}:
+        return f"code: every mergewise run used the same source (hash {at_start})"
+    parts = [f"{code}: {', '.join(rows)}" for code, rows in seen.items()]
+    return ("code: mergewise's source CHANGED during this run (it is installed editable), so its "
+            f"rows are not comparable with each other; at start {at_start}; " + "; ".join(parts))
+
+
 def output_note(results: dict[str, dict[str, list[Run]]], base_bytes: int) -> str:
     """Every merge must have written one bf16 model (the base's size): a sanity check that both
     tools did the same job (a float32 output would be twice the size)."""
-    odd = [f"{m} / {t}: {r.out_gb:.3f} GB" for m, d in results.items() for t, rs in d.items()
-           for r in rs if r.rc == 0 and (r.out_gb is None
-                                         or abs(r.out_gb * 1e9 / base_bytes - 1) > 0.01)]
+    odd = [f"{m} / {t}: {size_text((r.out_gb or 0) * 1e9)}" for m, d in results.items()
+           for t, rs in d.items() for r in rs
+           if r.rc == 0 and (r.out_gb is None or abs(r.out_gb * 1e9 / base_bytes - 1) > 0.01)]
     if odd:
-        return (f"outputs: NOT the base's size ({base_bytes / 1e9:.3f} GB): " + "; ".join(odd))
-    return f"outputs: every merge wrote {base_bytes / 1e9:.3f} GB of bf16 safetensors, as the base"
+        return f"outputs: NOT the base's size ({size_text(base_bytes)}): " + "; ".join(odd)
+    return (f"outputs: every merge wrote {size_text(base_bytes)} of safetensors, the base's size "
+            "(bf16)")
 
 
 def cache_note(cache_state: dict[str, Any], methods: list[str]) -> str | None:
     if "ties_tadrop_cached" not in methods:
         return None
     if cache_state.get("files"):
-        return (f"TADrop statistics cache: {cache_state['files']} files in {cache_state['dir']} "
+        return (f"TADrop statistics cache: {cache_state['files']} file(s) in {cache_state['dir']} "
                 "after the fill run; the cached row is the second run")
     return ("TADrop statistics cache: MERGEWISE_STATS_CACHE wrote nothing (not implemented in "
             "this mergewise yet), so the 'statistics cached' row is just a second uncached run "
@@ -996,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = opts.work.expanduser().absolute()
     work.mkdir(parents=True, exist_ok=True)
-    tools = Tools(mergewise=find_mergewise(), python=Path(sys.executable), mergekit=None)
+    tools = Tools(mergewise=find_mergewise(), mergekit=None)
     if not opts.skip_mergekit:
         tools.mergekit, tools.mergekit_versions = find_mergekit(opts.mergekit_venv,
                                                                 opts.install_mergekit)
@@ -1031,10 +1077,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = load_notes(results, floor_runs, start_runs, opts)
     cnote = cache_note(cache_state, opts.method_list)
     notes.append(output_note(results, info["inputs"]["bytes_per_model"]))
+    notes.append(code_note(results, info["mergewise_code"]))
     print()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, torch "
-          f"{info['torch']}, {info['date']}; {opts.repeats} interleaved repeat(s), medians; "
-          "* = measured under load")
+          f"{info['torch']}, {info['date']}; mergewise git {info['mergewise_git']}; "
+          f"{opts.repeats} interleaved repeat(s), medians; * = measured under load")
     print()
     print(table(summary, info))
     print()

@@ -8,10 +8,10 @@ methods (EMR): ``merge_task_state_dicts`` (in memory), ``materialize`` / ``task_
 
 from __future__ import annotations
 
-from . import methods as _methods  # noqa: E402,F401  (fills METHODS)
-from . import sparsify as _sparsify  # noqa: E402,F401  (fills SPARSIFIERS)
-from .api import MergeResult, merge, merge_state_dicts, merge_task_state_dicts  # noqa: E402
-from .errors import (  # noqa: E402
+import importlib
+from typing import Any
+
+from .errors import (
     CheckpointError,
     FeatureError,
     MergewiseError,
@@ -22,10 +22,26 @@ from .errors import (  # noqa: E402
     ShapeMismatchError,
     UnknownTaskError,
 )
-from .materialize import TaskModels, load_task, materialize, task_state_dict  # noqa: E402
-from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
-from .registry import METHODS, SPARSIFIERS  # noqa: E402
-from .version import __version__  # noqa: E402
+from .registry import METHODS, SPARSIFIERS
+from .version import __version__
+
+# The rest of the API loads on first use (PEP 562): importing mergewise, and `mergewise --help`,
+# do not pay for torch.
+_LAZY = {
+    "MergeResult": "api", "merge": "api", "merge_state_dicts": "api",
+    "merge_task_state_dicts": "api", "TaskModels": "materialize", "load_task": "materialize",
+    "materialize": "materialize", "task_state_dict": "materialize", "Recipe": "recipe",
+    "load_recipe": "recipe", "parse_recipe": "recipe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mergewise' has no attribute {name!r}")
+
 
 __all__ = [
     "METHODS", "SPARSIFIERS", "CheckpointError", "FeatureError", "MergeResult", "MergewiseError",

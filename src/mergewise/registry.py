@@ -6,6 +6,7 @@ A plug-in declares its parameters once (name, default, type, range, help); recip
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -186,11 +187,21 @@ T = TypeVar("T", MergeMethod, Sparsifier)
 
 
 class Registry(Generic[T]):
-    """Name -> plug-in; unknown names fail with a "did you mean" suggestion."""
+    """Name -> plug-in; unknown names fail with a "did you mean" suggestion. The plug-in
+    package (one module per plug-in, each registering itself) is imported on first use, so
+    importing mergewise (or running ``mergewise --help``) does not import torch."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, package: str):
         self.kind = kind
+        self.package = package
         self._items: dict[str, T] = {}
+        self._loaded = False
+
+    def _load(self) -> dict[str, T]:
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module(self.package)
+        return self._items
 
     def register(self, item: T) -> T:
         if item.name in self._items:
@@ -199,23 +210,24 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str) -> T:
+        items = self._load()
         try:
-            return self._items[name]
+            return items[name]
         except KeyError:
             raise RecipeError(
-                f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: "
-                f"{', '.join(sorted(self._items))}") from None
+                f"unknown {self.kind} '{name}'{did_you_mean(name, items)}; known: "
+                f"{', '.join(sorted(items))}") from None
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(self._load())
 
     def __iter__(self) -> Iterator[T]:
         return iter(self._items[n] for n in self.names())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._load()
 
 
-METHODS: Registry[MergeMethod] = Registry("merge method")
-SPARSIFIERS: Registry[Sparsifier] = Registry("sparsifier")
+METHODS: Registry[MergeMethod] = Registry("merge method", "mergewise.methods")
+SPARSIFIERS: Registry[Sparsifier] = Registry("sparsifier", "mergewise.sparsify")
 
