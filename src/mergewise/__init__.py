@@ -29,8 +29,8 @@ from .version import __version__
 # do not pay for torch.
 _LAZY = {
     "MergeResult": "api", "merge": "api", "merge_state_dicts": "api",
-    "merge_task_state_dicts": "api", "TaskModels": "materialize", "load_task": "materialize",
-    "materialize": "materialize", "task_state_dict": "materialize", "Recipe": "recipe",
+    "merge_task_state_dicts": "api", "TaskModels": "task_models", "load_task": "task_models",
+    "materialize": "task_models", "task_state_dict": "task_models", "Recipe": "recipe",
     "load_recipe": "recipe", "parse_recipe": "recipe",
 }
 

@@ -26,7 +26,6 @@ from .engine import MergeJob
 from .errors import FeatureError, RecipeError, UnknownTaskError
 from .features import CaptureReport, FeatureSource, FeatureStats, load_stats, obtain, plan_sources
 from .inputs import InputPaths, open_inputs, resolve_inputs, resolve_path, without_listed_base
-from .materialize import TaskModels
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
 from .outputs import CONFIG, HF_TAGALONG_FILES, TOKENIZER_FILES, OutputDirectory, Tagalong, merge_card
@@ -38,6 +37,7 @@ from .registry import METHODS
 from .report import tensor_rows
 from .slicejobs import open_sliced
 from .statspass import StatsCache
+from .task_models import TaskModels
 from .version import __version__
 from .vocab import TOKENIZER_JSON, alignment_for, tokenizer_text
 from .writer import DEFAULT_SHARD_SIZE, check_output_target, parse_size

@@ -95,7 +95,7 @@ def materialize(
     The task's weights are base + rescaler * (mask * unified task vector), from the merge's
     unified model and modulators.safetensors; the output is written atomically.
     """
-    from .materialize import materialize as run_materialize
+    from .task_models import materialize as run_materialize
 
     try:
         target = run_materialize(merged, task, out_dir, base=base, overwrite=overwrite,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..materialize import TaskModels
+from ..task_models import TaskModels
 from .data import Task
 from .model import Head, features, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
 

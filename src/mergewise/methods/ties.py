@@ -52,36 +52,35 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
                int8_mask: bool = False) -> torch.Tensor:
     """Elect + disjoint merge of already-trimmed task vectors (shared by the *_ties methods).
 
-    Written for speed on large tensors: masks are float 0/1 tensors (torch's float kernels are
-    several times faster than its bool ones) in preallocated buffers; every value is computed
-    by the same float operations as the plain version: agree = w*tau * sign > 0;
-    merged += where(agree, w*tau, 0) (here w*tau times a 0/1 mask: exact, and adding the signed
-    zero of a dropped entry leaves the sum as it was); divisor = count of agreeing models or the
-    sum of their weights (0 -> 1); base + lambda * merged/divisor.
+    Written for speed and memory on large tensors, with the same float operations as the plain
+    version (agree = w*tau * sign > 0; merged = sum of where(agree, w*tau, 0); divisor = count
+    of agreeing models or the sum of their weights, 0 -> 1; base + lambda * merged/divisor):
+    masks are float 0/1 tensors (torch's float kernels are several times faster than its bool
+    ones), and the agreeing entries are summed as |w*tau| = w*tau*sign, the sum multiplied by
+    the sign once at the end: multiplying by +-1 is exact and commutes with rounding, so every
+    partial sum is the plain one up to its sign, bit for bit. Five buffers of the tensor's size.
     """
     aggregate = aggregation(normalize, aggregate)
     dtype = tensors[0].dtype
     total = weighted_sum(tensors, weights)
     sign = torch.ge(total, 0, out=total).mul_(2.0).sub_(1.0)  # where(total >= 0, 1, -1)
-    merged = torch.zeros_like(sign)
+    merged = torch.zeros_like(sign)  # sum of the agreeing |w*tau|
     product = torch.empty_like(sign)
     agree = torch.empty_like(sign)  # 1.0 where model k agrees with the sign, else 0.0
     divisor = torch.zeros_like(sign) if aggregate != "sum" else None
-    weighted_buf = None
     for w, d in zip(weights, tensors, strict=True):
         wd = rounded_weight(w, dtype)
-        if wd == 1.0:
-            weighted = d  # d * 1.0 is d, bit for bit
-        else:
-            if weighted_buf is None:
-                weighted_buf = torch.empty_like(sign)
-            weighted = torch.mul(d, wd, out=weighted_buf)
-        torch.gt(torch.mul(weighted, sign, out=product), 0, out=agree)
-        merged.addcmul_(weighted, agree)
+        torch.mul(d, sign, out=product)  # tau * sign: exact
+        if wd != 1.0:
+            product.mul_(wd)  # (tau * sign) * w = sign * round(w * tau), exactly
+        torch.gt(product, 0, out=agree)
+        merged.addcmul_(product, agree)  # + |w*tau| where agreeing (x 0/1: exact)
         if aggregate == "mean":
             divisor.add_(agree)  # type: ignore[union-attr]  # exact small integers
         elif aggregate == "weighted_mean":
             divisor.add_(agree, alpha=wd)  # type: ignore[union-attr]  # + w or + 0, exact
+    del product, agree
+    merged.mul_(sign).add_(0.0)  # back to signed values; + 0 turns the -0 of 0 * -1 into +0
     if divisor is not None:
         # ``== 0`` too: in float16 the literal 1e-12 rounds to 0, so ``< 1e-12`` alone misses
         # empty entries and 0/0 gives NaN
