@@ -10,13 +10,24 @@ its own venv) and ``mergewise merge`` on the same recipes in mergekit's own form
 - wall time is taken by this parent around the child; peak RSS is the child's own ``ru_maxrss``
   from ``os.wait4`` (this parent never imports torch, so the part of ``ru_maxrss`` Linux carries
   over ``exec`` from the parent is its ~20 MB, printed);
-- every measurement waits for an idle machine first (1-minute load average below ``--max-load``
-  and a quiet second of ``/proc/stat``); during the run, the CPU time of everything else is the
-  machine's busy time (``/proc/stat``, steal included) minus the child's own user + sys time. A
-  run during which others used more than ``--max-other`` of one core is "under load" and is run
-  again (up to ``--max-retries`` times); cells still under load are marked in the table;
+- every measurement waits for an idle machine first (1-minute load average, less what our own
+  finished children still account for in it, below ``--max-load``, and a quiet second of
+  ``/proc/stat``; ``os.sync()`` first, so no earlier write is flushed during the run). During
+  the run, the CPU time of everything else is the machine's busy time (``/proc/stat``, steal
+  included) minus the child's own user + sys time; a run during which others used more than
+  ``--max-other`` of one core is "under load" and is run again (up to ``--max-retries`` times);
+  cells still under load are marked in the table;
 - the floors are measured in the same run: ``cat`` of all five inputs from the page cache, and
-  writing one base-sized file (0.83 GB) without and with ``fsync``.
+  writing one base-sized file (0.83 GB) without and with ``fsync``;
+- mergewise is installed editable, so a hash of its source is taken before each of its runs, and
+  the output says when rows ran different code.
+
+mergekit runs as ``HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 mergekit-yaml CFG OUT --random-seed 0
+--no-cuda -j <cores> --quiet --out-shard-size 5B --no-copy-tokenizer`` (the inputs have no
+tokenizer: without the flag it logs a traceback and still succeeds); mergewise as ``mergewise
+merge CFG --out OUT --overwrite --no-progress``. The linear recipe lists the base with weight 0:
+mergekit 0.1.5 appends an unlisted ``base_model`` to the inputs and then fails for want of its
+weight.
 
     python benchmarks/vs_mergekit.py                          # full size, 3 repeats
     python benchmarks/vs_mergekit.py --repeats 1 --methods linear,ties --json out.json
@@ -648,7 +659,9 @@ def startups(tools: Tools, cfg: Path, env: dict[str, str], opts: argparse.Namesp
         cmds["mergekit-yaml --help"] = [str(tools.mergekit), "--help"]
     out = {}
     for key, cmd in cmds.items():
+        code = mergewise_code() if key.startswith("mergewise") else ""
         out[key] = measure(cmd, env, opts)
+        out[key].code = code
         print(f"  {tag} {key:<27} {describe(out[key])}", flush=True)
     return out
 
@@ -689,7 +702,7 @@ def merge_runs(method: str, r: int, tools: Tools, cfg: Path, work: Path,
         fill.code = code
         results[method].setdefault("fill", []).append(fill)
         cache_state["files"] = sum(1 for p in cache_state["dir"].rglob("*") if p.is_file())
-        print(f"  {tag} mergewise (fill) {describe(fill)}  cache: {cache_state['files']} files",
+        print(f"  {tag} mergewise (fill) {describe(fill)}  cache: {cache_state['files']} file(s)",
               flush=True)
     order = ["mergekit", "mergewise"] if r % 2 == 0 else ["mergewise", "mergekit"]
     for tool in order:
@@ -985,14 +998,15 @@ def load_notes(results: dict[str, dict[str, list[Run]]], floor_runs: dict[str, l
     return [head, *notes]
 
 
-def code_note(results: dict[str, dict[str, list[Run]]], at_start: str) -> str:
+def code_note(results: dict[str, dict[str, list[Run]]], start_runs: dict[str, list[Run]],
+              at_start: str) -> str:
     """Whether every mergewise row ran the same mergewise source."""
     seen: dict[str, list[str]] = {}
-    for m, d in results.items():
-        for t, rs in d.items():
-            for r in rs:
-                if r.code:
-                    seen.setdefault(r.code, []).append(f"{m}/{t}")
+    groups = [(f"{m}/{t}", rs) for m, d in results.items() for t, rs in d.items()]
+    for name, rs in groups + list(start_runs.items()):
+        for r in rs:
+            if r.code:
+                seen.setdefault(r.code, []).append(name)
     if set(seen) <= {at_start}:
         return f"code: every mergewise run used the same source (hash {at_start})"
     parts = [f"{code}: {', '.join(rows)}" for code, rows in seen.items()]
@@ -1077,7 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = load_notes(results, floor_runs, start_runs, opts)
     cnote = cache_note(cache_state, opts.method_list)
     notes.append(output_note(results, info["inputs"]["bytes_per_model"]))
-    notes.append(code_note(results, info["mergewise_code"]))
+    notes.append(code_note(results, start_runs, info["mergewise_code"]))
     print()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, torch "
           f"{info['torch']}, {info['date']}; mergewise git {info['mergewise_git']}; "
