@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import NonFiniteError, RecipeError
+from .tensors import dtype_name
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -60,6 +61,26 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 REPORT_CHUNK = 1 << 18
 
 
+class ReportNorm:
+    """``report_norm``'s running sum, fed in pieces: pieces that start at multiples of
+    ``REPORT_CHUNK`` add the same partial sums in the same order, so the norm is the same bits
+    whether the tensor arrives whole or chunk by chunk (``chunked``)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def add(self, flat: torch.Tensor, minus: torch.Tensor | None = None) -> None:
+        for i in range(0, flat.numel(), REPORT_CHUNK):
+            part = flat[i:i + REPORT_CHUNK].float()
+            if minus is not None:
+                part = part - minus[i:i + REPORT_CHUNK]
+            self.total += float((part * part).sum())
+
+    @property
+    def value(self) -> float:
+        return math.sqrt(self.total)
+
+
 def report_norm(t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
     """The L2 norm of ``t`` (or of ``t - minus``) for reports: squares summed in float32 chunks
     of 2^18 entries (torch's cascade sum: relative error ~1e-9 here) and the chunks in float64.
@@ -69,13 +90,25 @@ def report_norm(t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
     other = minus.reshape(-1) if minus is not None else None
     if flat.dtype == torch.float64:
         return float(torch.linalg.vector_norm(flat if other is None else flat - other))
-    total = 0.0
-    for i in range(0, flat.numel(), REPORT_CHUNK):
-        part = flat[i:i + REPORT_CHUNK].float()
-        if other is not None:
-            part = part - other[i:i + REPORT_CHUNK]
-        total += float((part * part).sum())
-    return math.sqrt(total)
+    norm = ReportNorm()
+    norm.add(flat, other)
+    return norm.value
+
+
+def stored_or_raise(out: torch.Tensor, out_dtype: torch.dtype, method: str, name: str
+                    ) -> torch.Tensor:
+    """``out`` cast to the dtype it is written in, checked finite once (on what is written);
+    the message says whether the method made NaN/Inf or the cast overflowed."""
+    stored = out.to(dtype=out_dtype)
+    if not all_finite(stored):
+        if not all_finite(out):
+            raise NonFiniteError(f"{method} produced NaN/Inf for tensor '{name}'; "
+                                 "check the recipe's weights and lambda")
+        raise NonFiniteError(f"{method}: tensor '{name}' overflows out_dtype "
+                             f"{dtype_name(out_dtype)} (values beyond its "
+                             "range); use a wider out_dtype or check the recipe's weights and "
+                             "lambda")
+    return stored
 
 
 def rounded_weight(w: float, dtype: torch.dtype) -> float:
