@@ -134,6 +134,13 @@ class Sparsifier:
     # Factory of a StatsPass (see statspass.py) when global information is needed; called with
     # the resolved per-model parameters; returns None when this configuration needs no stats.
     stats: Callable[..., Any] | None = None
+    # True when ``func`` returns the task vector unchanged with these resolved parameters
+    # (density 1): such a task vector need never exist whole (``chunked`` streams it)
+    keeps_all: Callable[..., bool] | None = None
+    # The chunked form, for a task vector that is never whole: ``streamed(n, sample_of,
+    # **params)`` (``sample_of(step)`` gives |tau|[::step]) returns a ``streamselect.BandStep``,
+    # or None when these parameters need the whole tensor
+    streamed: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,9 @@ class MergeMethod:
     # True for data-aware methods (LOT, RegMean): ``func`` also takes ``features`` (one
     # ``features.TensorFeature`` or None per model) and ``name`` (the tensor's name)
     features: bool = False
+    # True when entry i of the result depends only on entry i of the base and the inputs (and
+    # on the parameters): large CPU tensors are then merged chunk by chunk, in cache (chunked)
+    elementwise: bool = False
 
 
 @dataclass

@@ -35,6 +35,7 @@ METHODS.register(MergeMethod(
     space="delta",
     params=(LAMBDA, normalize_param(False), AGGREGATE, INT8_MASK),
     doc=__doc__ or "",
+    elementwise=True,
     sparsifier="breadcrumbs",
     sparsifier_defaults={"density": 1.0},
 ))

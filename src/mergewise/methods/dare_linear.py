@@ -28,6 +28,7 @@ METHODS.register(MergeMethod(
     space="delta",
     params=TA_PARAMS,
     doc=__doc__ or "",
+    elementwise=True,
     sparsifier="random",
     sparsifier_defaults={"density": 1.0},
     block_defaults={"mode": "random"},

@@ -33,5 +33,6 @@ METHODS.register(MergeMethod(
     space="delta",
     params=TA_PARAMS,
     doc=__doc__ or "",
+    elementwise=True,
     sparsifier="magprune",
 ))

@@ -48,6 +48,7 @@ METHODS.register(MergeMethod(
     space="weight",
     params=(Param("normalize", True, bool, "divide by the sum of the model weights"),),
     doc=__doc__ or "",
+    elementwise=True,
     sparsifier=None,
     requires_base=False,
     model_params=(WEIGHT,),

@@ -43,6 +43,7 @@ METHODS.register(MergeMethod(
     space="delta",
     params=TA_PARAMS,
     doc=__doc__ or "",
+    elementwise=True,
     sparsifier="magnitude",
     sparsifier_defaults={"density": 1.0},
 ))

@@ -99,5 +99,6 @@ METHODS.register(MergeMethod(
     space="delta",
     params=(LAMBDA, normalize_param(True), AGGREGATE, INT8_MASK),
     doc=__doc__ or "",
+    elementwise=True,
     sparsifier="magnitude",
 ))

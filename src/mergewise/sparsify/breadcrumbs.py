@@ -15,6 +15,19 @@ import torch
 
 from ..registry import SPARSIFIERS, Param, Sparsifier
 from ..selection import keep_count, round_half_up, topk_mask
+from ..streamselect import BandStep
+
+
+def _counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(kept, outliers): the kept count after the outliers, which shrink to what it leaves."""
+    kept = keep_count(density, n)
+    return kept, min(round_half_up(gamma, n), n - kept)
+
+
+def _streamed(n: int, sample_of: Any, *, density: float, gamma: float = 0.01,
+              **_: Any) -> BandStep:
+    kept, outliers = _counts(n, density, gamma)
+    return BandStep(n, sample_of, outliers + kept, outliers)
 
 
 def breadcrumbs(delta: torch.Tensor, *, density: float, gamma: float = 0.01,
@@ -22,8 +35,7 @@ def breadcrumbs(delta: torch.Tensor, *, density: float, gamma: float = 0.01,
     n = delta.numel()
     if n == 0 or density >= 1.0:
         return delta
-    kept = keep_count(density, n)
-    outliers = min(round_half_up(gamma, n), n - kept)
+    kept, outliers = _counts(n, density, gamma)
     mag = delta.abs()
     mask = topk_mask(mag, outliers + kept)
     if outliers:
@@ -41,4 +53,6 @@ SPARSIFIERS.register(Sparsifier(
               low=0.0, high=1.0, high_open=True),
     ),
     doc=__doc__ or "",
+    keeps_all=lambda density, **_: density >= 1.0,
+    streamed=_streamed,
 ))

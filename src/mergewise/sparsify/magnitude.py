@@ -18,6 +18,7 @@ import torch
 from ..registry import SPARSIFIERS, Param, Sparsifier
 from ..selection import keep_count, kth_largest, threshold_mask, topk_mask
 from ..statspass import StatsPass
+from ..streamselect import BandStep
 
 BINS = 1 << 16
 
@@ -103,6 +104,11 @@ def magnitude(delta: torch.Tensor, *, density: float, scope: str = "tensor",
     return mag.copy_(mask).mul_(delta)
 
 
+def _streamed(n: int, sample_of: Any, *, density: float, scope: str = "tensor",
+              **_: Any) -> BandStep | None:
+    return BandStep(n, sample_of, keep_count(density, n)) if scope == "tensor" else None
+
+
 def _stats(density: float, scope: str = "tensor", **_: Any) -> StatsPass | None:
     return GlobalTopK(density) if scope == "global" and density < 1.0 else None
 
@@ -117,5 +123,7 @@ SPARSIFIERS.register(Sparsifier(
               choices=("tensor", "global")),
     ),
     doc=__doc__ or "",
+    keeps_all=lambda density, **_: density >= 1.0,
     stats=_stats,
+    streamed=_streamed,
 ))

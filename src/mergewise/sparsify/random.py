@@ -54,5 +54,6 @@ SPARSIFIERS.register(Sparsifier(
               "density, 1/(1-p) (the DARE paper, FusionBench)", choices=("l1", "density")),
     ),
     doc=__doc__ or "",
+    keeps_all=lambda density, **_: density >= 1.0,
     random=True,
 ))
