@@ -28,16 +28,17 @@ from typing import Any
 
 import torch
 
+from . import chunked
 from .checkpoint import Checkpoint, StateDictCheckpoint
-from .errors import FeatureError, MergewiseError, NonFiniteError, RecipeError
+from .errors import FeatureError, MergewiseError, RecipeError
 from .features.statsfile import FeatureStats
-from .numerics import all_finite, check_finite, report_norm
+from .numerics import all_finite, check_finite, report_norm, stored_or_raise
 from .params import JobParams, Scope, SparsifyStep, resolve_job
 from .plan import PlanSummary, TensorPlan, check_configs, plan_tensors, summarize
 from .recipe import Recipe
 from .rng import tensor_generator
 from .statspass import Observer, Progress, StatsCache, StatsPass, run_stats_pass
-from .tensors import DEFAULT_COMPUTE_DTYPE, FLOAT_DTYPES, dtype_name
+from .tensors import DEFAULT_COMPUTE_DTYPE, FLOAT_DTYPES
 from .vocab import Alignment
 
 # (tensor name, base in the compute dtype, stored output tensor, the method's modulators or None)
@@ -112,24 +113,39 @@ class TensorReader:
     def raw(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         return self.prefetch.take(ckpt, name) if self.prefetch else ckpt.read(name)
 
+    def stored(self, name: str) -> TensorReader | None:
+        """The reader that hands out ``name`` as stored (vocabulary readers may not)."""
+        return self
+
     def __call__(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        t = self.raw(ckpt, name).to(device=self.device, dtype=self.dtype)
-        check_finite(t, ckpt.label, name)
+        return self.upcast(self.raw(ckpt, name), ckpt.label, name)
+
+    def upcast(self, raw: torch.Tensor, label: str, name: str) -> torch.Tensor:
+        t = raw.to(device=self.device, dtype=self.dtype)
+        check_finite(t, label, name)
         return t
 
     def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor) -> torch.Tensor:
-        """``self(ckpt, name) - base`` in one pass: a narrower stored dtype (bf16 under float32
-        compute) is promoted inside the subtraction, which converts exactly, so the values are
-        the same; the finite check runs on the task vector, and only when it fails on the input
-        (a finite input whose task vector overflows passes, as before)."""
-        raw = self.raw(ckpt, name).to(device=self.device)
+        return self.delta_of(self.raw(ckpt, name), ckpt.label, name, base)
+
+    def delta_of(self, raw: torch.Tensor, label: str, name: str, base: torch.Tensor
+                 ) -> torch.Tensor:
+        """``upcast(raw) - base`` in one full-size buffer: a narrower stored dtype (bf16 under
+        float32 compute) converts exactly, so the values are those of the promoted subtraction
+        (whose mixed-dtype kernel is ~2x slower than a cast and a float32 one); the finite
+        check runs on the task vector, and only when it fails on the input (a finite input
+        whose task vector overflows passes, as before)."""
+        raw = raw.to(device=self.device)
         if torch.promote_types(raw.dtype, self.dtype) != self.dtype or raw.dtype == torch.bool:
-            upcast = raw.to(dtype=self.dtype)
-            check_finite(upcast, ckpt.label, name)
-            return upcast - base
-        delta = torch.sub(raw, base)
+            upcast = raw.to(dtype=self.dtype)  # a new tensor: the dtypes differ
+            check_finite(upcast, label, name)
+            return upcast.sub_(base)
+        if raw.dtype != self.dtype:
+            delta = raw.to(dtype=self.dtype).sub_(base)
+        else:  # never in place: raw may be the caller's own tensor
+            delta = torch.sub(raw, base)
         if not all_finite(delta):
-            check_finite(raw, ckpt.label, name)
+            check_finite(raw, label, name)
         return delta
 
 
@@ -145,6 +161,10 @@ class VocabReader:
         self.device, self.dtype = read.device, read.dtype
         self._name: str | None = None
         self._aligned: list[torch.Tensor] = []
+
+    def stored(self, name: str) -> TensorReader | None:
+        """The plain reader when ``name`` is read as stored, None when it is vocabulary-aligned."""
+        return None if name in self.names else self.read
 
     def __call__(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         if name not in self.names:
@@ -343,7 +363,7 @@ class MergeJob:
             # a copy (never the caller's own tensor), checked against out_dtype by the caller
             if record is not None:
                 record["merged_delta_norm"] = 0.0
-            if isinstance(self.load, VocabReader) and plan.name in self.load.names:
+            if self.load.stored(plan.name) is None:
                 return base.clone(), base, None  # the base's rows, aligned
             return self.base.read(plan.base_name).clone(), base, None
         weights = self.params.weights(self.sources(plan), plan.t)
@@ -371,8 +391,12 @@ class MergeJob:
         name = plan.name
         if not plan.merged:
             reader = self.load.read if isinstance(self.load, VocabReader) else self.load
-            return reader.raw(self.reference, plan.ref_name).clone()
+            return reader.raw(self.reference, plan.ref_name).clone()  # unmerged: never aligned
         params = self._method_params(plan, record)
+        if chunked.applies(self, plan):
+            merged = chunked.merge(self, plan, params, record)
+            if merged is not None:
+                return merged
         modulators = base = None
         if self.method.space == "weight":
             out = self._merge_weights(plan, params)
@@ -380,14 +404,7 @@ class MergeJob:
             out, base, modulators = self._merge_deltas(plan, params, record)
             if modulator_sink is None:
                 base = None  # free it before the cast (peak memory)
-        stored = out.to(dtype=plan.out_dtype)
-        if not all_finite(stored):  # one check on what is written; the message says why
-            if not all_finite(out):
-                raise NonFiniteError(f"{self.method.name} produced NaN/Inf for tensor '{name}'; "
-                                     "check the recipe's weights and lambda")
-            raise NonFiniteError(f"{self.method.name}: tensor '{name}' overflows out_dtype "
-                                 f"{dtype_name(plan.out_dtype)} (values beyond its range); use a "
-                                 "wider out_dtype or check the recipe's weights and lambda")
+        stored = stored_or_raise(out, plan.out_dtype, self.method.name, name)
         out = stored.cpu()
         if modulator_sink is not None:
             modulator_sink(name, base, out, modulators)

@@ -1,0 +1,268 @@
+"""Elementwise merges of large CPU tensors, chunk by chunk, in cache.
+
+A method whose entry i depends only on entry i of its inputs (``MergeMethod.elementwise``:
+linear, task arithmetic, the TIES, DARE and breadcrumbs families) gives the same bits on any
+split of the tensor. On whole tensors each of its ten or so steps streams full-size float32
+buffers through memory; on chunks of 2^18 entries the buffers stay in cache, and the result is
+written once, straight into the dtype it is stored in.
+
+Task vectors are never whole when their sparsification allows it: one that is kept as it is
+(no sparsifier, density 1) is upcast and subtracted chunk by chunk; a top-k one (TIES'
+magnitude, breadcrumbs) first streams its |tau| through ``streamselect`` for the exact keep
+rule, then applies it chunk by chunk. The others (DARE's random mask with its L1 rescale,
+TADrop, global scope...) are sparsified whole, as before, and sliced.
+
+Everything the whole-tensor path reports and decides is the same: norms from the same partial
+sums (``ReportNorm``), kept counts, the all-zero rule (the base written bit for bit). Any NaN or
+Inf seen on the way hands the tensor back to the whole-tensor path (``merge`` returns None),
+which raises exactly its own error, naming the same input, or merges an overflow it lets pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .numerics import REPORT_CHUNK, ReportNorm, all_finite, report_norm
+
+if TYPE_CHECKING:
+    from .engine import MergeJob, ModelSlot, TensorReader
+    from .params import SparsifyStep
+    from .plan import TensorPlan
+
+CHUNK = REPORT_CHUNK  # a multiple of REPORT_CHUNK: report norms sum the same partials
+MIN_NUMEL = 2 * CHUNK  # smaller tensors gain nothing
+
+
+def chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(n, start + CHUNK))
+
+
+def applies(job: MergeJob, plan: TensorPlan) -> bool:
+    """Whether ``plan`` is merged here: an elementwise method, a large CPU tensor, a float32
+    (or half-precision) computation, and inputs read as stored (not vocabulary-aligned)."""
+    if not (job.method.elementwise and plan.merged and plan.numel >= MIN_NUMEL):
+        return False
+    if job.device.type != "cpu" or job.compute_dtype == torch.float64:
+        return False
+    if job.load.stored(plan.name) is None:
+        return False
+    return job.method.space == "weight" or job.base is not None
+
+
+def merge(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
+          record: dict[str, Any] | None) -> torch.Tensor | None:
+    """The merged tensor in ``plan.out_dtype`` (CPU), or None to take the whole-tensor path."""
+    read = job.load.stored(plan.name)
+    assert read is not None, "applies() admits only tensors read as stored"
+    if job.method.space == "weight":
+        return _merge_weights(job, plan, params, read)
+    return _merge_deltas(job, plan, params, record, read)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def _store(target: torch.Tensor, merged: torch.Tensor) -> bool:
+    """Write one chunk in the stored dtype; False when what is written is not finite."""
+    target.copy_(merged.reshape(-1))
+    return all_finite(target)
+
+
+def _nonzero(t: torch.Tensor) -> int:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; only +-0 has no bit but the sign
+        return int(np.count_nonzero(t.view(torch.int16).numpy() << 1))
+    return int(np.count_nonzero(t.numpy()))  # torch's count_nonzero is several times slower
+
+
+def _merge_weights(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
+                   read: TensorReader) -> torch.Tensor | None:
+    sources = job.sources(plan)
+    names = ([plan.base_name] if job.params.base_first else []) + sources
+    raws = [_flat(read.raw(c, n)) for c, n in zip(job.weight_inputs, names, strict=True)]
+    base = (_flat(read.raw(job.base, plan.base_name))
+            if job.method.uses_base and job.base is not None else None)
+    weights = job.params.weights(sources, plan.t)
+    out = torch.empty(plan.numel, dtype=plan.out_dtype)
+    for part in chunks(plan.numel):
+        inputs = [r[part].to(job.compute_dtype) for r in raws]
+        base_part = base[part].to(job.compute_dtype) if base is not None else None
+        if not all(all_finite(t) for t in inputs) or (base_part is not None
+                                                      and not all_finite(base_part)):
+            return None
+        if not _store(out[part], job.method.func(base_part, inputs, weights, **params)):
+            return None
+    return out.reshape(plan.shape)
+
+
+class _Source:
+    """One model's task vector, chunk by chunk from its raw input (kept as it is, or through a
+    streamed sparsification), with the whole-tensor path's report figures."""
+
+    def __init__(self, raw: torch.Tensor, dtype: torch.dtype, step: Any = None):
+        self.raw, self.dtype, self.step = _flat(raw), dtype, step
+        self.before, self.after = ReportNorm(), ReportNorm()
+        self.kept = 0
+
+    def delta(self, part: slice, base: torch.Tensor) -> torch.Tensor:
+        raw = self.raw[part]
+        return raw.to(self.dtype).sub_(base) if raw.dtype != self.dtype else torch.sub(raw, base)
+
+    def chunk(self, part: slice, base: torch.Tensor, record: bool) -> torch.Tensor | None:
+        """This chunk of the (sparsified) task vector; None when it is not finite."""
+        delta = self.delta(part, base)
+        if not all_finite(delta):
+            return None
+        if record:
+            self.before.add(delta)
+        kept = delta if self.step is None else self.step.apply(delta, delta.abs(), part)
+        if record:
+            self.kept += _nonzero(kept)
+            if self.step is not None:
+                self.after.add(kept)
+        return kept
+
+    def moved(self, kept: torch.Tensor, record: bool) -> bool:
+        return self.kept > 0 if record else bool(kept.any())
+
+    def info(self) -> dict[str, Any]:
+        after = self.before if self.step is None else self.after
+        return {"norm_before": self.before.value, "kept": self.kept, "norm_after": after.value}
+
+
+class _Whole(_Source):
+    """A task vector sparsified whole, as before (its selection needs the whole tensor)."""
+
+    def __init__(self, job: MergeJob, plan: TensorPlan, slot: ModelSlot, source: str,
+                 raw: torch.Tensor):
+        super().__init__(raw, job.compute_dtype)
+        self.job, self.plan, self.slot, self.source = job, plan, slot, source
+        self.tensor: torch.Tensor | None = None
+        self.record: dict[str, Any] = {}
+
+    def make(self, base: torch.Tensor, record: bool) -> bool:
+        """Sparsify the whole task vector (``base``: the whole base); False if not finite."""
+        raw = self.raw.reshape(base.shape)
+        delta = raw.to(base.dtype).sub_(base) if raw.dtype != base.dtype else torch.sub(raw, base)
+        if not all_finite(delta):
+            return False
+        info: dict[str, Any] | None = {} if record else None
+        if info is not None:
+            info["norm_before"] = report_norm(delta)
+        kept = self.job._sparsify(self.slot, self.plan, self.source, delta, info)
+        if info is not None:
+            info["kept"] = int(torch.count_nonzero(kept))
+            info["norm_after"] = info["norm_before"] if kept is delta else report_norm(kept)
+            self.record = info
+        self.tensor = _flat(kept)
+        self.any = bool(kept.any())
+        return True
+
+    def chunk(self, part: slice, base: torch.Tensor, record: bool) -> torch.Tensor | None:
+        assert self.tensor is not None
+        return self.tensor[part]
+
+    def moved(self, kept: torch.Tensor, record: bool) -> bool:
+        return self.any
+
+    def info(self) -> dict[str, Any]:
+        return self.record
+
+
+def _keeps_all(step: SparsifyStep, source: str, plan: TensorPlan) -> bool:
+    keeps = step.sparsifier.keeps_all
+    return keeps is not None and bool(keeps(**step.params(source, plan.t)))
+
+
+def _strided(raw: torch.Tensor, base: torch.Tensor, step: int, dtype: torch.dtype
+             ) -> torch.Tensor:
+    """|tau|[::step], the same values as the whole tensor's."""
+    return (raw[::step].to(dtype) - base[::step].to(dtype)).abs_()
+
+
+def _sources(job: MergeJob, plan: TensorPlan, read: TensorReader, base: torch.Tensor
+             ) -> list[_Source]:
+    """Each model's task vector: streamed where its sparsification allows, else whole."""
+    out: list[_Source] = []
+    dtype = job.compute_dtype
+    for slot, source in zip(job.slots, job.sources(plan), strict=True):
+        raw = _flat(read.raw(slot.ckpt, source))
+        step = slot.step
+        if step is None or _keeps_all(step, source, plan):
+            out.append(_Source(raw, dtype))
+            continue
+        streamed = step.sparsifier.streamed
+        band = (streamed(plan.numel, lambda s, r=raw: _strided(r, base, s, dtype),
+                         **step.params(source, plan.t)) if streamed is not None else None)
+        out.append(_Source(raw, dtype, band) if band is not None
+                   else _Whole(job, plan, slot, source, raw))
+    return out
+
+
+def _select(job: MergeJob, plan: TensorPlan, sources: list[_Source], base: torch.Tensor
+            ) -> None:
+    """The streamed sparsifications' selection pass over |tau|; a bracket that missed makes
+    that task vector whole."""
+    streamed = [s for s in sources if s.step is not None]
+    if not streamed:
+        return
+    dtype = job.compute_dtype
+    for part in chunks(plan.numel):
+        b = base[part].to(dtype)
+        for src in streamed:
+            src.step.feed(part, src.delta(part, b).abs_())
+    for i, src in enumerate(sources):
+        if src.step is not None and not src.step.ready(
+                lambda part, s=src: s.delta(part, base[part].to(dtype)).abs_()):
+            slot = job.slots[i]
+            sources[i] = _Whole(job, plan, slot, job.sources(plan)[i], src.raw)
+
+
+def _merge_deltas(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
+                  record: dict[str, Any] | None, read: TensorReader) -> torch.Tensor | None:
+    assert job.base is not None
+    dtype = job.compute_dtype
+    base_raw = read.raw(job.base, plan.base_name)
+    base = _flat(base_raw)
+    sources = _sources(job, plan, read, base)
+    _select(job, plan, sources, base)
+    wanted = record is not None
+    whole = [s for s in sources if isinstance(s, _Whole)]
+    if whole:
+        base_whole = base_raw.to(dtype)
+        if not all_finite(base_whole) or not all(s.make(base_whole, wanted) for s in whole):
+            return None
+        del base_whole
+    weights = job.params.weights(job.sources(plan), plan.t)
+    merged_norm = ReportNorm()
+    out = torch.empty(plan.numel, dtype=plan.out_dtype)
+    moved = False
+    for part in chunks(plan.numel):
+        b = base[part].to(dtype)
+        if not all_finite(b):
+            return None
+        deltas = []
+        for src in sources:
+            kept = src.chunk(part, b, wanted)
+            if kept is None:
+                return None
+            moved = moved or src.moved(kept, wanted)
+            deltas.append(kept)
+        merged = job.method.func(b, deltas, weights, **params)
+        if wanted:
+            merged_norm.add(merged.reshape(-1), b)
+        if not _store(out[part], merged):
+            return None
+    if record is not None:
+        record["models"] = [s.info() for s in sources]
+        record["merged_delta_norm"] = merged_norm.value if moved else 0.0
+    if not moved:  # nothing moved: the base exactly, as the whole-tensor path writes it
+        stored = base_raw.to(plan.out_dtype, copy=True)
+        return stored.reshape(plan.shape) if all_finite(stored) else None
+    return out.reshape(plan.shape)
+

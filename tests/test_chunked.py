@@ -1,0 +1,154 @@
+"""Chunked merging of elementwise methods == the whole-tensor path, bit for bit: merged tensors,
+report rows (norms, kept counts), the all-zero rule, and every error (same message).
+
+Chunks are made small (1024 entries) so that small tensors take many of them, with ties at the
+top-k threshold, masses of exact zeros and a tensor length that is no multiple of the chunk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from mergewise import NonFiniteError, chunked, merge_state_dicts, numerics
+
+SMALL = 1024
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunked, "CHUNK", SMALL)
+    monkeypatch.setattr(chunked, "MIN_NUMEL", 2 * SMALL)
+    monkeypatch.setattr(numerics, "REPORT_CHUNK", SMALL)
+
+
+def _family(dtype: torch.dtype = torch.bfloat16, experts: int = 3, seed: int = 0
+            ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """bf16-quantized task vectors (many tied magnitudes), one 90%-zero tensor, one tensor no
+    expert moved, a length that is no multiple of the chunk, a small tensor (whole path)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (37, 113), "b.weight": (64, 96), "zeros.weight": (48, 64),
+              "still.weight": (40, 60), "small.bias": (50,)}
+    base = {n: (torch.randn(s, generator=g) * 0.02).to(dtype) for n, s in shapes.items()}
+    models = []
+    for k in range(experts):
+        sd = {}
+        for n, s in shapes.items():
+            delta = torch.randn(s, generator=g) * 0.01 * (k + 1)
+            if n == "zeros.weight":
+                delta *= torch.rand(s, generator=g) < 0.1
+            if n == "still.weight":
+                delta.zero_()
+            sd[n] = (base[n].float() + delta).to(dtype)
+        models.append(sd)
+    return base, models
+
+
+CASES: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
+    ("linear", {}, None),
+    ("task_arithmetic", {"lambda": 0.7}, None),
+    ("task_arithmetic", {"normalize": True}, None),
+    ("ties", {"density": 0.2}, None),
+    ("ties", {"density": 0.93, "aggregate": "mean"}, None),
+    ("ties", {"density": 0.001}, None),  # T at the very top; zero-mass tensors keep no zero
+    ("breadcrumbs", {"density": 0.9, "gamma": 0.01}, None),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.2}, None),
+    ("dare_ties", {"density": 0.5}, None),
+    ("dare_linear", {"density": 0.3, "rescale_rule": "density"}, None),
+    ("della", {"density": 0.4, "epsilon": 0.1}, None),
+    ("ties", {}, {"method": "tadrop", "drop_rate": 0.7}),
+    ("dare_ties", {}, {"method": "tadrop", "drop_rate": 0.6, "mode": "random"}),
+]
+
+
+def _run(method: str, params: dict[str, Any], sparsify: dict[str, Any] | None,
+         base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], **kw: Any
+         ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    records: list[dict[str, Any]] = []
+    model_keys = {"density", "epsilon", "gamma", "rescale_rule"}
+    per_model = [{k: v for k, v in params.items() if k in model_keys} for _ in models]
+    method_params = {k: v for k, v in params.items() if k not in model_keys}
+    out = merge_state_dicts(base, models, method, parameters=method_params,
+                            model_parameters=per_model, sparsify=sparsify, seed=3,
+                            records=records, dtype=kw.get("dtype", "float32"),
+                            out_dtype=kw.get("out_dtype"))
+    return out, records
+
+
+def _whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunked, "applies", lambda job, plan: False)
+
+
+@pytest.mark.parametrize(("method", "params", "sparsify"), CASES)
+def test_chunked_equals_whole_tensor_path(method: str, params: dict[str, Any],
+                                          sparsify: dict[str, Any] | None, small_chunks: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    base, models = _family()
+    before = [{n: t.clone() for n, t in sd.items()} for sd in [base, *models]]
+    got, got_rows = _run(method, params, sparsify, base, models)
+    with monkeypatch.context() as m:
+        _whole(m)
+        want, want_rows = _run(method, params, sparsify, base, models)
+    for name in want:
+        assert got[name].dtype == want[name].dtype
+        assert torch.equal(got[name].view(torch.int16), want[name].view(torch.int16)), name
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in got_rows]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in want_rows]
+    assert torch.equal(got["still.weight"], base["still.weight"])  # nothing moved: the base
+    for sd, kept in zip([base, *models], before, strict=True):  # inputs untouched
+        assert all(torch.equal(sd[n], kept[n]) for n in sd)
+
+
+def test_chunked_path_is_taken(small_chunks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = chunked.merge
+
+    def spy(job: Any, plan: Any, params: Any, record: Any) -> Any:
+        calls.append(plan.name)
+        return real(job, plan, params, record)
+
+    monkeypatch.setattr(chunked, "merge", spy)
+    base, models = _family()
+    _run("ties", {"density": 0.2}, None, base, models)
+    assert set(calls) == {"a.weight", "b.weight", "zeros.weight", "still.weight"}
+
+
+def test_float32_inputs_and_half_precision_compute(small_chunks: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    base, models = _family(torch.float32, seed=1)
+    for dtype in ("float32", "bfloat16", "float16"):
+        got, _ = _run("ties", {"density": 0.3}, None, base, models, dtype=dtype)
+        with monkeypatch.context() as m:
+            _whole(m)
+            want, _ = _run("ties", {"density": 0.3}, None, base, models, dtype=dtype)
+        assert all(torch.equal(got[n], want[n]) for n in want), dtype
+
+
+@pytest.mark.parametrize("where", ["base", "expert"])
+def test_errors_are_the_whole_paths(where: str, small_chunks: None,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    base, models = _family()
+    target = base if where == "base" else models[1]
+    target["b.weight"][50, 7] = float("nan")
+    with pytest.raises(NonFiniteError) as got:
+        _run("ties", {"density": 0.2}, None, base, models)
+    with monkeypatch.context() as m:
+        _whole(m)
+        with pytest.raises(NonFiniteError) as want:
+            _run("ties", {"density": 0.2}, None, base, models)
+    assert str(got.value) == str(want.value)
+
+
+def test_overflowing_out_dtype_is_the_whole_paths_error(small_chunks: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    base, models = _family(torch.float32)
+    for sd in models:
+        sd["a.weight"] = sd["a.weight"] * 1e6
+    with pytest.raises(NonFiniteError, match="overflows out_dtype float16") as got:
+        _run("task_arithmetic", {}, None, base, models, out_dtype="float16")
+    with monkeypatch.context() as m:
+        _whole(m)
+        with pytest.raises(NonFiniteError) as want:
+            _run("task_arithmetic", {}, None, base, models, out_dtype="float16")
+    assert str(got.value) == str(want.value)
