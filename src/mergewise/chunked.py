@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .numerics import REPORT_CHUNK, ReportNorm, all_finite, report_norm
+from .runtime import threads_beside_io
 
 if TYPE_CHECKING:
     from .engine import MergeJob, ModelSlot, TensorReader
@@ -59,9 +60,10 @@ def merge(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
     """The merged tensor in ``plan.out_dtype`` (CPU), or None to take the whole-tensor path."""
     read = job.load.stored(plan.name)
     assert read is not None, "applies() admits only tensors read as stored"
-    if job.method.space == "weight":
-        return _merge_weights(job, plan, params, read)
-    return _merge_deltas(job, plan, params, record, read)
+    with threads_beside_io():
+        if job.method.space == "weight":
+            return _merge_weights(job, plan, params, read)
+        return _merge_deltas(job, plan, params, record, read)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

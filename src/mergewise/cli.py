@@ -49,7 +49,9 @@ def merge(
 ) -> None:
     """Merge the checkpoints a recipe names into --out (written atomically)."""
     from .api import merge as run_merge
+    from .runtime import keep_freed_buffers
 
+    keep_freed_buffers()
     if out_dir is None and not dry_run:
         _fail(MergewiseError("--out DIR is required (or use --dry-run)"))
     try:
