@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_helpers import Family, leftovers, load_dir, recipe_for, tree_hashes, write_recipe
+from cli_helpers import assert_one_line_error
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -33,19 +34,6 @@ def runner() -> CliRunner:
 
 def run(runner: CliRunner, *args: str | Path):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *must_contain: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for text in must_contain:
-        assert text in lines[0], (text, lines[0])
-    assert result.stdout == ""
-    return lines[0]
 
 
 def test_merge_end_to_end(runner: CliRunner, family_bf16: Family, tmp_path: Path) -> None:
