@@ -180,13 +180,13 @@ def test_existing_output_needs_overwrite(runner: CliRunner, family_f32: Family,
     recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(family_f32, "ties"))
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # an earlier model: --overwrite may replace it
     result = run(runner, "merge", recipe, "--out", out)
     assert_one_line_error(result, str(out), "already exists", "--overwrite")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in out.iterdir()] == ["config.json"]
     result = run(runner, "merge", recipe, "--out", out, "--overwrite", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "config.json").read_text() != "{}" and (out / "model.safetensors").is_file()
     assert leftovers(tmp_path, "merged") == []
 
 

@@ -17,15 +17,9 @@ from safetensors.torch import load_file
 import mergewise
 import mergewise.inputs
 from mergewise import NonFiniteError, OutputError
+from mergewise.target import atomic_directory, check_output_target
 from mergewise.tensors import TensorInfo
-from mergewise.writer import (
-    ShardedWriter,
-    atomic_directory,
-    check_output_target,
-    parse_size,
-    plan_shards,
-    shard_names,
-)
+from mergewise.writer import ShardedWriter, parse_size, plan_shards, shard_names
 
 
 def t(name: str, n: int, dtype: torch.dtype = torch.float32) -> TensorInfo:
@@ -228,11 +222,11 @@ def test_atomic_directory_failure_leaves_nothing(tmp_path: Path, error: type) ->
 def test_atomic_directory_failure_keeps_existing_output(tmp_path: Path) -> None:
     target = tmp_path / "out"
     target.mkdir()
-    (target / "keep.txt").write_text("old")
+    (target / "config.json").write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_directory(target, overwrite=True):
             raise RuntimeError("boom")
-    assert (target / "keep.txt").read_text() == "old"
+    assert (target / "config.json").read_text() == "old"
     assert leftovers(tmp_path, "out") == []
 
 

@@ -25,7 +25,14 @@ from .checkpoint import Checkpoint, StateDictCheckpoint
 from .engine import MergeJob
 from .errors import FeatureError, RecipeError, UnknownTaskError
 from .features import CaptureReport, FeatureSource, FeatureStats, load_stats, obtain, plan_sources
-from .inputs import InputPaths, open_inputs, resolve_inputs, resolve_path, without_listed_base
+from .inputs import (
+    InputPaths,
+    open_inputs,
+    protected_paths,
+    resolve_inputs,
+    resolve_path,
+    without_listed_base,
+)
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
 from .outputs import CONFIG, HF_TAGALONG_FILES, TOKENIZER_FILES, OutputDirectory, Tagalong, merge_card
@@ -37,10 +44,11 @@ from .registry import METHODS
 from .report import tensor_rows
 from .slicejobs import open_sliced
 from .statspass import StatsCache
+from .target import check_output_target
 from .task_models import TaskModels
 from .version import __version__
 from .vocab import TOKENIZER_JSON, alignment_for, tokenizer_text
-from .writer import DEFAULT_SHARD_SIZE, check_output_target, parse_size
+from .writer import DEFAULT_SHARD_SIZE, parse_size
 
 
 @dataclass
@@ -78,11 +86,15 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
     target = Path(out).expanduser().absolute() if out is not None else None
     if target is None and not dry_run:
         raise RecipeError("merge needs an output directory (--out)")
+    cache_dir = stats_cache or os.environ.get("MERGEWISE_STATS_CACHE")
+    recipe_file = Path(recipe) if isinstance(recipe, (str, Path)) else None
+    protect = protected_paths(rec, root, recipe_file, [("the stats cache", Path(cache_dir))]
+                              if cache_dir else [])
     if target is not None:  # a dry run with --out checks the output path like a real run
-        check_output_target(target, overwrite)
+        check_output_target(target, overwrite, protect)
     if rec.slices is not None:
         return _merge_sliced(rec, root, target, overwrite=overwrite, device=device, size=size,
-                             dry_run=dry_run, progress=progress)
+                             dry_run=dry_run, progress=progress, protect=protect)
     rec, paths = without_listed_base(rec, resolve_inputs(rec, root))
     sources = plan_sources(rec, root, paths.models) if rec.method.features else None
     with open_inputs(paths.base, paths.models) as (base, models), \
@@ -91,7 +103,6 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
         alignment = (alignment_for(rec.vocabulary, inputs, len(models) if base else None,
                                    lambda text, key: resolve_path(text, root, key))
                      if rec.vocabulary is not None else None)
-        cache_dir = stats_cache or os.environ.get("MERGEWISE_STATS_CACHE")
         job = MergeJob(rec, base, models, device=device, vocab=alignment,
                        stats_cache=StatsCache(Path(cache_dir)) if cache_dir else None)
         template = (chat_template(rec.chat_template, [c.directory for c in inputs])
@@ -105,7 +116,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
             _attach_features(job, sources, paths, root, device, stack)
         metadata = {"mergewise_version": __version__, "mergewise_recipe": rec.to_yaml()}
         with OutputDirectory(target, [t.out for t in job.tensors], shard_size=size,
-                             metadata=metadata, overwrite=overwrite) as output:
+                             metadata=metadata, overwrite=overwrite, inputs=protect) as output:
             mod_writer = _modulator_writer(output, job, paths)
             with merge_progress(progress, job.tensors, summary) as (on_tensor, on_stats):
                 records = job.run(output.write, on_tensor, on_stats, modulator_sink=(
@@ -158,7 +169,8 @@ def _side_files(rec: Recipe, job: MergeJob, paths: InputPaths, inputs: list[Chec
 
 
 def _merge_sliced(rec: Recipe, root: Path | None, target: Path | None, *, overwrite: bool,
-                  device: str, size: int, dry_run: bool, progress: bool) -> MergeResult:
+                  device: str, size: int, dry_run: bool, progress: bool,
+                  protect: list[tuple[str, Path]]) -> MergeResult:
     """A ``slices:`` recipe: one job per slice, written in order into one output."""
     with contextlib.ExitStack() as stack:
         sliced = open_sliced(rec, root, stack, device)
@@ -172,7 +184,7 @@ def _merge_sliced(rec: Recipe, root: Path | None, target: Path | None, *, overwr
         records: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
         with OutputDirectory(target, [t.out for t in tensors], shard_size=size,
-                             metadata=metadata, overwrite=overwrite) as output:
+                             metadata=metadata, overwrite=overwrite, inputs=protect) as output:
             with merge_progress(progress, tensors, summary) as (on_tensor, on_stats):
                 for job in sliced.jobs:
                     done = job.run(output.write, on_tensor, on_stats)

@@ -82,3 +82,36 @@ def open_inputs(base: Path | str | None, models: Sequence[Path | str]
     with contextlib.ExitStack() as stack:
         base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
         yield base_ckpt, [stack.enter_context(open_checkpoint(m)) for m in models]
+
+
+def _candidates(path: str, root: Path | None) -> list[Path]:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return [p]
+    return ([root / p] if root is not None else []) + [Path.cwd() / p]
+
+
+def protected_paths(recipe: Recipe, root: Path | None, recipe_file: Path | None = None,
+                    extra: Sequence[tuple[str, Path]] = ()) -> list[tuple[str, Path]]:
+    """Every path a merge reads or keeps (what it is, path), existing or not: the output may
+    be none of them, inside none and contain none (``target.check_not_an_input``)."""
+    named: list[tuple[str, str]] = []
+    if recipe.base_model:
+        named.append(("the base model", recipe.base_model))
+    for i, m in enumerate(recipe.models):
+        named.append((f"input model {i}", m.model))
+        if m.features:
+            named.append((f"the features file of model {i}", m.features))
+        if m.calibration is not None:
+            named.append((f"the calibration data of model {i}", m.calibration.data))
+    for s, block in enumerate(recipe.slices or []):
+        if block.base_model:
+            named.append((f"the base model of slice {s}", block.base_model))
+        named += [(f"input model of slice {s}", src.model) for src in block.sources]
+    for source in (recipe.tokenizer_source, recipe.tokenizer.source if recipe.tokenizer else None):
+        if source and source not in ("base", "union"):
+            named.append(("the tokenizer source", source))
+    out = [(what, c) for what, text in named for c in _candidates(text, root)]
+    if recipe_file is not None:
+        out.append(("the recipe", recipe_file))
+    return out + list(extra)

@@ -3,12 +3,15 @@
 ``OutputDirectory`` owns the sequence: atomic temp directory next to the target -> streamed
 safetensors shards (+ index) -> files written during the run (EMR's modulators) -> tag-along
 files (config, tokenizer, generation config) -> ``config.json`` with the written dtype -> model
-card -> report tables; then one rename makes it the target. Any error or Ctrl-C before the
-rename leaves nothing behind; an existing target is replaced only with ``overwrite``.
+card -> report tables; then one rename (or atomic exchange) makes it the target
+(``target.py``: the checks, the lock, the swap). Any error, Ctrl-C or SIGTERM before that
+leaves nothing behind; an existing target is replaced only with ``overwrite``; an input is
+never the target.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -18,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import OutputError
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .registry import MergeMethod
 from .report import write_tables
+from .target import atomic_directory
 from .tensors import TensorInfo, dtype_name
 from .version import __version__
-from .writer import BackgroundWriter, ShardedWriter, atomic_directory, copy_tagalong
+from .writer import BackgroundWriter, ShardedWriter, copy_tagalong
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -68,10 +73,11 @@ class OutputDirectory(AbstractContextManager["OutputDirectory"]):
     writes the rest; leaving the block without an error commits the directory."""
 
     def __init__(self, target: Path, tensors: Sequence[TensorInfo], *, shard_size: int,
-                 metadata: dict[str, str], overwrite: bool = False):
+                 metadata: dict[str, str], overwrite: bool = False,
+                 inputs: Sequence[tuple[str, Path]] = ()):
         self.target = target
         self.tensors = list(tensors)
-        self._atomic = atomic_directory(target, overwrite)
+        self._atomic = atomic_directory(target, overwrite, inputs)
         self._shard_size = shard_size
         self._metadata = metadata
         self.files: list[str] = []
@@ -87,7 +93,13 @@ class OutputDirectory(AbstractContextManager["OutputDirectory"]):
                  tb: TracebackType | None) -> bool | None:
         if self._writes is not None:  # stop writing before the temp dir is removed
             self._writes.close(abort=True)
-        return self._atomic.__exit__(kind, exc, tb)
+        done = self._atomic.__exit__(kind, exc, tb)
+        if isinstance(exc, OSError):  # disk full, quota, I/O error: one line, nothing left
+            what = "no space left on the device" if exc.errno == errno.ENOSPC else (
+                exc.strerror or str(exc))
+            raise OutputError(f"{self.target}: {what} while writing the output; nothing was "
+                              "written (the temp directory is removed)") from None
+        return done
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         assert self._writes is not None, "write after end_shards"

@@ -11,6 +11,7 @@ never leaves a half-written output.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -28,22 +29,29 @@ from .errors import OutputError
 from .tensors import DTYPE_CODES, TensorInfo
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
+MAX_SHARD_SIZE = 10**15
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str | int | float) -> int:
-    """'5GB' -> 5e9 bytes (decimal, as HF), '512MiB' -> binary, plain numbers are bytes."""
+    """'5GB' -> 5e9 bytes (decimal, as HF), '512MiB' -> binary, plain numbers are bytes; at
+    least one byte and at most MAX_SHARD_SIZE (a finite number: '1e400' or 'nan' is refused)."""
+    if isinstance(text, bool):
+        raise OutputError(f"shard size {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
     if isinstance(text, (int, float)):
-        value = int(text)
+        value = float(text)
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
         if not m or m.group(2).upper() not in _UNITS:
-            raise OutputError(f"shard size '{text}' is not a size; use e.g. 5GB, 500MB or 2GiB")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if value <= 0:
-        raise OutputError(f"shard size must be positive, got {text!r}")
-    return value
+            raise OutputError(f"shard size '{text[:40]}' is not a size; use e.g. 5GB, 500MB or "
+                              "2GiB")
+        value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not math.isfinite(value) or value > MAX_SHARD_SIZE:
+        raise OutputError(f"shard size {str(text)[:40]!r} is too large (at most 1PB)")
+    if value < 1:
+        raise OutputError(f"shard size must be at least 1 byte, got {str(text)[:40]!r}")
+    return int(value)
 
 
 def plan_shards(tensors: Sequence[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
@@ -150,48 +158,6 @@ class ShardedWriter:
             (self.directory / "model.safetensors.index.json").write_text(
                 json.dumps(index, indent=2) + "\n")
         return list(self.names)
-
-
-def check_output_target(target: Path, overwrite: bool) -> None:
-    """Fail early (before reading tensors) when the output cannot or must not be written."""
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise OutputError(f"{target}: output already exists; pass --overwrite (overwrite=True) "
-                              "to replace it, or choose another --out")
-        if not target.is_dir():
-            raise OutputError(f"{target}: exists and is not a directory; refusing to replace it")
-    parent = target.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise OutputError(f"{target}: cannot create the output: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"{target}: cannot write the output: {probe} is not writable")
-
-
-@contextmanager
-def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir next to ``target``; on success rename it to ``target``, else delete it."""
-    check_output_target(target, overwrite)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.mergewise-tmp-", dir=target.parent))
-        make_ordinary(tmp, 0o777)  # mkdtemp makes it 0700; the output is an ordinary dir
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot create the output ({exc.strerror or exc})") from None
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.mergewise-old-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def make_ordinary(path: Path | str, mode: int) -> None:
