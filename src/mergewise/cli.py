@@ -6,6 +6,8 @@ Every user error is printed on one line (``error: ...``) with a non-zero exit; n
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +36,25 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(1)
 
 
+@contextmanager
+def _one_line(interrupted: str = "nothing was written") -> Iterator[None]:
+    """A command body's errors as one line: mergewise's own, an interrupt (Ctrl-C, SIGTERM,
+    SIGHUP: exit 128 + signal) and the system's (disk full, permissions: exit 1)."""
+    from . import interrupts
+
+    try:
+        yield
+    except MergewiseError as exc:
+        _fail(exc)
+    except KeyboardInterrupt as exc:
+        err.print(f"{interrupts.describe(exc)}: {interrupted}", highlight=False)
+        exc.reported = True  # type: ignore[attr-defined] # entry.main prints no second line
+        raise typer.Exit(interrupts.exit_code(exc)) from exc
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(MergewiseError(f"{where}{exc.strerror or exc}"))
+
+
 @app.command()
 def merge(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
@@ -48,22 +69,16 @@ def merge(
         "default $MERGEWISE_STATS_CACHE")] = None,
 ) -> None:
     """Merge the checkpoints a recipe names into --out (written atomically)."""
-    from .api import merge as run_merge
-    from .runtime import keep_freed_buffers
-
-    keep_freed_buffers()
     if out_dir is None and not dry_run:
         _fail(MergewiseError("--out DIR is required (or use --dry-run)"))
-    try:
+    with _one_line():
+        from .api import merge as run_merge
+        from .runtime import keep_freed_buffers
+
+        keep_freed_buffers()
         result = run_merge(recipe, out_dir, overwrite=overwrite, device=device,
                            shard_size=shard_size, dry_run=dry_run, progress=progress,
                            stats_cache=stats_cache)
-    except MergewiseError as exc:
-        _fail(exc)
-        return
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing was written")
-        raise typer.Exit(130) from None
     if dry_run:
         out.print("[bold]plan[/] (dry run, nothing written)")
         for line in result.summary.lines():
@@ -97,14 +112,11 @@ def materialize(
     The task's weights are base + rescaler * (mask * unified task vector), from the merge's
     unified model and modulators.safetensors; the output is written atomically.
     """
-    from .task_models import materialize as run_materialize
+    with _one_line():
+        from .task_models import materialize as run_materialize
 
-    try:
         target = run_materialize(merged, task, out_dir, base=base, overwrite=overwrite,
                                  shard_size=shard_size, device=device)
-    except MergewiseError as exc:
-        _fail(exc)
-        return
     out.print(f"task '{task}': {target}", highlight=False, markup=False)
 
 
@@ -125,12 +137,9 @@ def features(
         out.print(f"{r.task}: {r.examples} examples, {r.rows} rows, {r.layers} layers, "
                   f"{r.seconds:.1f} s -> {r.path}", highlight=False, markup=False)
 
-    try:
+    with _one_line(interrupted="stats files finished before it are kept"):
         reports = compute_features(recipe, out_dir, overwrite=overwrite, device=device,
                                    progress=show)
-    except MergewiseError as exc:
-        _fail(exc)
-        return
     if not reports:
         out.print("every stats file exists already (use --overwrite to recompute)")
 
@@ -176,11 +185,8 @@ def example(
     """Build a tiny base + 3 fine-tuned Llama-style checkpoints and merge them with TIES."""
     from .example import run_example
 
-    try:
+    with _one_line():
         result = run_example(directory, progress=sys.stderr.isatty())
-    except MergewiseError as exc:
-        _fail(exc)
-        return
     out.print(f"example checkpoints and recipe: {directory / 'models'}, {directory / 'recipe.yaml'}",
               highlight=False)
     out.print(f"merged model: {result.out}", highlight=False)
@@ -228,7 +234,11 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """Kept for ``python -m mergewise.cli`` and old installs; the console script is
+    ``entry.main`` (signal handlers and one-line interrupts from the first import on)."""
+    from .entry import main as entry_main
+
+    entry_main()
 
 
 if __name__ == "__main__":
