@@ -56,6 +56,45 @@ def _q(name: str) -> str:
     return f"'{printable(name)}'"
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A model's ``config.json``, read as transformers reads it (UTF-8 JSON, one object), with
+    the fields mergewise acts on checked for type, so that a damaged config is one line naming
+    the file and the field rather than a traceback or a silently wrong architecture check."""
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: config.json is not UTF-8 text (byte {exc.start}: "
+                              f"{exc.reason}); fix or re-download it") from None
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: config.json is not valid JSON ({first_line(exc, 120)}); "
+                              "fix or re-download it") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: config.json is a JSON {_json_type(cfg)}, not an object; "
+                              "fix or re-download it")
+    problem = _config_problem(cfg)
+    if problem:
+        raise CheckpointError(f"{path}: config.json {problem}; fix or re-download it")
+    return cfg
+
+
+def _config_problem(cfg: dict[str, Any]) -> str | None:
+    """What is wrong with the config fields mergewise reads (None: nothing): a quantization
+    config must be an object or null, the architectures a list of class names or null, the
+    model type a string or null."""
+    quant, arch, kind = (cfg.get(k) for k in ("quantization_config", "architectures", "model_type"))
+    if quant is not None and not isinstance(quant, dict):
+        return (f"has quantization_config {json.dumps(quant)[:40]} (a JSON {_json_type(quant)}), "
+                "not an object or null")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        return (f"has architectures {json.dumps(arch)[:60]}, not a list of class names such as "
+                '["LlamaForCausalLM"]')
+    if kind is not None and not isinstance(kind, str):
+        return f"has model_type {json.dumps(kind)[:40]}, not a string"
+    return None
+
+
 class Checkpoint:
     """A read-only set of named tensors; ``read`` loads one tensor on demand."""
 
@@ -85,12 +124,7 @@ class Checkpoint:
         if self.directory is None:
             return None
         path = self.directory / "config.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: config.json is not valid JSON ({exc})") from None
+        return read_config(path) if path.is_file() else None
 
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
