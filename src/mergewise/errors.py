@@ -58,3 +58,11 @@ def did_you_mean(key: str, known: Iterable[str]) -> str:
     """" (did you mean 'x'?)" for the closest of ``known`` to a mistyped ``key``, else ""."""
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """Text taken from an input file (a tensor name, a pickle's global), made safe for a one-line
+    message: newlines, terminal escapes and other unprintable characters are shown escaped, and
+    the text is cut to ``limit`` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit + 1])
+    return out if len(out) <= limit else out[:limit - 3] + "..."

@@ -78,22 +78,30 @@ class TensorPlan:
 
 
 def check_configs(ckpts: Sequence[Checkpoint]) -> None:
-    """Refuse quantized checkpoints and a mix of architectures (from ``config.json``)."""
-    seen: tuple[str, str] | None = None
+    """Refuse quantized checkpoints and a mix of architectures (from ``config.json``, whose
+    field types ``Checkpoint.config`` has checked). Architectures are compared where two
+    configs both name them, model types where two both give one: a config that lacks one (null
+    or absent) is not a mismatch, and any differing pair is caught, as each is compared with the
+    first value seen."""
+    first: dict[str, tuple[str, str]] = {}  # field -> (value, label of its first checkpoint)
     for ckpt in ckpts:
         cfg = ckpt.config
         if cfg is None:
             continue
-        if cfg.get("quantization_config"):
+        quant = cfg.get("quantization_config")
+        if quant:
             raise CheckpointError(f"{ckpt.label}: is a quantized checkpoint "
-                                  f"({cfg['quantization_config'].get('quant_method', '?')}); "
+                                  f"({quant.get('quant_method', '?')}); "
                                   "dequantize it to float16/bfloat16 first")
-        arch = ",".join(cfg.get("architectures") or []) or str(cfg.get("model_type", "?"))
-        if seen is None:
-            seen = (arch, ckpt.label)
-        elif arch != seen[0]:
-            raise ShapeMismatchError(f"mixed architectures: {seen[1]} is {seen[0]} but "
-                                     f"{ckpt.label} is {arch}; merge models of one base only")
+        fields = {"architectures": ",".join(cfg.get("architectures") or []),
+                  "model_type": cfg.get("model_type") or ""}
+        for field, value in fields.items():
+            if not value:
+                continue
+            seen = first.setdefault(field, (value, ckpt.label))
+            if value != seen[0]:
+                raise ShapeMismatchError(f"mixed architectures: {seen[1]} is {seen[0]} but "
+                                         f"{ckpt.label} is {value}; merge models of one base only")
 
 
 def _mismatches(reference: Checkpoint, ref_infos: dict[str, TensorInfo],
