@@ -195,6 +195,14 @@ def example(
               f"model, {result.seconds:.2f} s)", highlight=False)
 
 
+def _tadrop_options(**given: object) -> dict[str, object]:
+    """inspect's TADrop options, each checked by its declared Param (finite, in range) under
+    its flag's name, so ``--drop-rate nan`` is refused before any tensor is read."""
+    specs = {p.name: p for p in SPARSIFIERS.get("tadrop").params}
+    return {name: specs[name].check(value, "--" + name.replace("_", "-"))
+            for name, value in given.items()}
+
+
 @app.command()
 def inspect(
     experts: Annotated[list[str], typer.Argument(help="fine-tuned checkpoint(s)")],
@@ -210,9 +218,8 @@ def inspect(
     from .report import kind_summary
 
     try:
-        result = inspect_experts(experts, base, out_dir, device=device,
-                                 tadrop={"drop_rate": drop_rate, "strength": strength,
-                                         "budget": budget})
+        tadrop = _tadrop_options(drop_rate=drop_rate, strength=strength, budget=budget)
+        result = inspect_experts(experts, base, out_dir, device=device, tadrop=tadrop)
     except MergewiseError as exc:
         _fail(exc)
         return

@@ -20,6 +20,7 @@ refuses to run without one, since the unified tensor alone is no task's model.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +31,7 @@ import torch
 
 from . import chunked
 from .checkpoint import Checkpoint, StateDictCheckpoint
-from .errors import FeatureError, MergewiseError, RecipeError
+from .errors import FeatureError, MergewiseError, RecipeError, short_repr
 from .features.statsfile import FeatureStats
 from .numerics import all_finite, check_finite, report_norm, stored_or_raise
 from .params import JobParams, Scope, SparsifyStep, resolve_job
@@ -97,16 +98,31 @@ class Prefetcher:
         self._pool.shutdown(wait=True)
 
 
+def compute_device(device: str | torch.device) -> torch.device:
+    """The one check of ``--device`` (merge, materialize, inspect), before any tensor is read:
+    ``cpu``, ``cuda`` or ``cuda:N`` of a GPU torch sees; anything else (``meta``, ``mps``, a
+    typo) is one line, not a torch error mid-merge or a merge of empty meta tensors."""
+    text = str(device)
+    match = re.fullmatch(r"cpu|cuda(?::([0-9]{1,4}))?", text)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    sees = (f"torch sees {count} CUDA device{'s' if count != 1 else ''}" if count
+            else "torch sees no CUDA device")
+    shown = short_repr(text, 40)
+    if match is None:
+        raise MergewiseError(f"--device {shown}: give cpu, cuda or cuda:N ({sees})")
+    if text != "cpu" and (count == 0 or int(match.group(1) or 0) >= count):
+        raise MergewiseError(f"--device {shown}: {sees}; use --device cpu"
+                             + (f" or cuda:0..{count - 1}" if count else ""))
+    return torch.device(text)
+
+
 class TensorReader:
     """Read one tensor, move it to the compute device, upcast it, check it is finite. May
     return the caller's own tensor (in-memory inputs already in the compute dtype): never
     modify the result in place. While ``prefetch`` is set, reads come from it."""
 
     def __init__(self, device: str | torch.device, dtype: torch.dtype):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise MergewiseError("--device cuda was asked for, but torch sees no CUDA device; "
-                                 "use --device cpu")
+        self.device = compute_device(device)
         self.dtype = dtype
         self.prefetch: Prefetcher | None = None
 

@@ -7,6 +7,7 @@ and exit non-zero without a traceback.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
 
 
@@ -66,3 +67,29 @@ def printable(text: str, limit: int = 120) -> str:
     the text is cut to ``limit`` characters."""
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit + 1])
     return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
+class _BoundedRepr(reprlib.Repr):
+    """reprlib with bounded work on any value: huge ints are shown by their size (``repr`` of
+    an int over 4300 digits raises), nesting and long containers are cut."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:
+            return f"<an integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
+        return repr(x)
+
+
+_REPR = _BoundedRepr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 6, 6, 4
+_REPR.maxstring, _REPR.maxother = 80, 40
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` in at most ``limit`` characters, in time bounded whatever the value (an
+    alias bomb, a 10 MB string): every user value echoed in an error goes through this."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__; only its type is safe to show
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= limit else text[:limit - 3] + "..."

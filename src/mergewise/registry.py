@@ -7,13 +7,88 @@ A plug-in declares its parameters once (name, default, type, range, help); recip
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-from .errors import RecipeError, did_you_mean
+from .errors import RecipeError, did_you_mean, short_repr
 
 Scalar = float | int | bool | str
+
+
+# Bounds of every number and list a user gives, whatever the parameter (its declared range
+# comes on top): ints fit 32 bits (counts, iterations, indices), lists (gradient anchors,
+# filter entries, list values) stay short enough to be checked against every tensor quickly.
+INT_LIMIT = 2**31 - 1
+MAX_LIST_ITEMS = 1024
+_TYPE_TEXT = {float: "a float (a finite number)", int: "an int", bool: "a bool (true or false)",
+              str: "a string"}
+
+
+def _got(value: Any) -> str:
+    """What the user gave, with the fix for the usual mistakes (a quoted number, a boolean)."""
+    shown = short_repr(value)
+    if isinstance(value, bool):
+        return f"{shown} (a boolean)"
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return shown
+        return f"{shown} (a quoted string: write the number without quotes)"
+    return shown
+
+
+def as_kind(value: Any, kind: type) -> Any:
+    """``value`` as a ``kind`` (float, int, bool, str) or ValueError("must be ..., got ...").
+
+    The one type rule of user values: a float takes an int or a float, finite; an int takes an
+    int or a float with no fraction (``1e3``, as pydantic and mergekit do), within +-INT_LIMIT;
+    a bool only true/false (mergekit would read ``1`` or ``"yes"``; refused, not guessed); a
+    string only a string. A boolean is never a number.
+    """
+    if isinstance(value, kind) and kind in (bool, str):
+        return value
+    if kind in (float, int) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind is float or isinstance(value, float):
+            number = _finite(value)
+            if kind is float:
+                return number
+            if number.is_integer():
+                value = int(number)
+        if isinstance(value, int):
+            if abs(value) > INT_LIMIT:
+                raise ValueError(f"must lie in [-{INT_LIMIT}, {INT_LIMIT}] (an int), got "
+                                 f"{short_repr(value)}")
+            return value
+    raise ValueError(f"must be {_TYPE_TEXT.get(kind, kind.__name__)}, got {_got(value)}")
+
+
+def _finite(value: int | float) -> float:
+    """``value`` as a finite float (an int past the float range counts as infinite)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, got {short_repr(value)}")
+    return number
+
+
+def as_list(value: Any, item: type) -> list[Any]:
+    """A list-typed parameter's value: a list of at most MAX_LIST_ITEMS ``item``s."""
+    if not isinstance(value, (list, tuple)) or isinstance(value, str):
+        raise ValueError(f"must be a list of {item.__name__}, got {_got(value)}")
+    if len(value) > MAX_LIST_ITEMS:
+        raise ValueError(f"has {len(value)} items; at most {MAX_LIST_ITEMS}")
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(as_kind(v, item))
+        except ValueError as exc:
+            raise ValueError(f"item {i} {exc}") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -42,41 +117,30 @@ class Param:
         return self.arg or self.name
 
     def check(self, value: Any, where: str) -> Scalar:
-        """Return ``value`` coerced to this parameter's type, or raise a one-line RecipeError."""
-        kind = self.kind
-        ok: bool
-        if kind is bool:
-            ok = isinstance(value, bool)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok:
-                value = float(value)
-        elif kind is list:
-            item = self.item_kind or str
-            ok = isinstance(value, (list, tuple)) and all(
-                isinstance(v, item) or (item is float and isinstance(v, int)
-                                        and not isinstance(v, bool)) for v in value)
-            if ok:
-                value = [float(v) if item is float else v for v in value]
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            what = f"list of {(self.item_kind or str).__name__}" if kind is list else kind.__name__
-            raise RecipeError(f"{where}: '{self.name}' must be a {what}, got {value!r}; {self.help}")
+        """Return ``value`` coerced to this parameter's type, or raise a one-line RecipeError
+        (NaN and Inf are refused: a NaN passes every ``x < low`` test)."""
+        try:
+            if self.kind is list:
+                value = as_list(value, self.item_kind or str)
+            else:
+                value = as_kind(value, self.kind)
+        except ValueError as exc:
+            bounds = f"{self.range_text()}; " if self.low is not None or self.high is not None else ""
+            raise RecipeError(f"{where}: '{self.name}' {exc}; {bounds}{self.help}") from None
+        shown = short_repr(value)
         if self.validate is not None:
             problem = self.validate(value)
             if problem:
-                raise RecipeError(f"{where}: '{self.name}' = {value!r}: {problem}")
+                raise RecipeError(f"{where}: '{self.name}' = {shown}: {problem}")
         if self.choices is not None and value not in self.choices:
             raise RecipeError(
-                f"{where}: '{self.name}' must be one of {', '.join(self.choices)}, got {value!r}"
+                f"{where}: '{self.name}' must be one of {', '.join(self.choices)}, got {shown}"
             )
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            raise RecipeError(f"{where}: '{self.name}' = {value!r} is out of range; {self.range_text()}")
-        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-            raise RecipeError(f"{where}: '{self.name}' = {value!r} is out of range; {self.range_text()}")
+        if (self.low is not None and (value < self.low or (self.low_open and value == self.low))) \
+                or (self.high is not None
+                    and (value > self.high or (self.high_open and value == self.high))):
+            raise RecipeError(f"{where}: '{self.name}' = {shown} is out of range; "
+                              f"{self.range_text()}")
         return value
 
     def range_text(self) -> str:
@@ -225,7 +289,7 @@ class Registry(Generic[T]):
             return items[name]
         except KeyError:
             raise RecipeError(
-                f"unknown {self.kind} '{name}'{did_you_mean(name, items)}; known: "
+                f"unknown {self.kind} {short_repr(name)}{did_you_mean(name, items)}; known: "
                 f"{', '.join(sorted(items))}") from None
 
     def names(self) -> list[str]:

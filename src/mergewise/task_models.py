@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
+from .engine import compute_device
 from .errors import ModulatorError, OutputError
 from .modulators import FILE_NAME, Modulators
 from .outputs import CONFIG, HF_TAGALONG_FILES, OutputDirectory, task_card
@@ -104,11 +105,12 @@ class _Opened:
 
 
 def task_state_dict(merged: str | Path, task: str, *, base: str | Path | None = None,
-                    device: str = "cpu") -> dict[str, torch.Tensor]:
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Task ``task``'s weights from a task-specific merge's output directory (nothing written).
 
     ``base`` defaults to the base model path recorded at merge time.
     """
+    device = compute_device(device)
     with _Opened(merged, base) as o:
         return dict(o.mods.task_tensors(task, o.unified, o.base, device))  # type: ignore[arg-type]
 
@@ -121,10 +123,11 @@ def load_task(module: torch.nn.Module, merged: str | Path, task: str, *,
 
 def materialize(merged: str | Path, task: str, out: str | Path, *,
                 base: str | Path | None = None, overwrite: bool = False,
-                shard_size: int | str = DEFAULT_SHARD_SIZE, device: str = "cpu") -> Path:
+                shard_size: int | str = DEFAULT_SHARD_SIZE, device: str | torch.device = "cpu") -> Path:
     """Write task ``task``'s model as a normal checkpoint directory ``out`` (atomically), with
     the unified model's config and tokenizer files; returns ``out``."""
     size = parse_size(shard_size)
+    device = compute_device(device)  # before anything is opened or written
     target = Path(out).expanduser().absolute()
     with _Opened(merged, base) as o:
         o.mods.task_index(task)  # an unknown task fails before anything is written

@@ -17,8 +17,9 @@ from .job import (
     step_specs,
 )
 from .slices import SliceRecipe, SliceSpec, slice_specs
-from .values import FilterValue, ListValue, ParamValue, resolve
+from .values import MAX_FILTERS, FilterValue, ListValue, ParamValue, check_filter_total, resolve
 
-__all__ = ["FilterValue", "JobParams", "Scope", "ListValue", "ModelParams", "ParamValue", "Setting",
+__all__ = ["MAX_FILTERS", "FilterValue", "check_filter_total",
+           "JobParams", "Scope", "ListValue", "ModelParams", "ParamValue", "Setting",
            "SliceRecipe", "SliceSpec", "SparsifyStep", "base_is_first_input", "base_is_special", "check_listed_base",
            "resolve", "resolve_job", "slice_specs", "sparsify_step", "step_specs"]

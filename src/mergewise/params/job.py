@@ -15,11 +15,11 @@ method's own trim step and takes its parameters from the block only.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from ..errors import RecipeError, did_you_mean
-from ..registry import METHODS, SPARSIFIERS, MergeMethod, Param, Sparsifier
+from ..errors import RecipeError, did_you_mean, short_repr
+from ..registry import MAX_LIST_ITEMS, METHODS, SPARSIFIERS, MergeMethod, Param, Sparsifier
 from ..statspass import StatsPass
 from .values import Block, ParamValue, Value, as_filter_list, compile_value, is_gradient
 
@@ -220,7 +220,7 @@ def _block_settings(sparsifier: Sparsifier, specs: dict[str, Param],
     """Check a block's keys and values against ``specs``; its settings (block, else default)."""
     for key, value in block_params.items():
         if key not in specs:
-            raise RecipeError(f"{where}: unknown parameter '{key}' for sparsifier "
+            raise RecipeError(f"{where}: unknown parameter {short_repr(key)} for sparsifier "
                               f"{sparsifier.name}{did_you_mean(key, specs)}; known: "
                               f"{', '.join(specs) or 'none'}")
         _check_value(specs[key], value, where)
@@ -255,15 +255,24 @@ def _block_of(recipe: Recipe, i: int) -> tuple[Sparsifier | None, dict[str, Para
 
 # --- validation + resolution ---------------------------------------------------------------
 
+def _check_length(param: Param, value: list[Any], where: str, what: str) -> None:
+    if len(value) > MAX_LIST_ITEMS:
+        raise RecipeError(f"{where}: '{param.name}' has {len(value)} {what}; at most "
+                          f"{MAX_LIST_ITEMS} per parameter (one per layer and module of the "
+                          "largest models)")
+
+
 def _check_value(param: Param, value: Any, where: str) -> None:
     entries = as_filter_list(value)
     if entries is not None:
+        _check_length(param, entries, where, "filter entries")
         for i, entry in enumerate(entries):
             _check_value(param, entry.value, f"{where}.{param.name}[{i}]")
     elif is_gradient(param, value):
         if not value:
             raise RecipeError(f"{where}: '{param.name}' is an empty list; give a value, or "
                               "gradient anchors over layer depth")
+        _check_length(param, value, where, "gradient anchors")
         for i, anchor in enumerate(value):
             param.check(anchor, f"{where}.{param.name}[{i}]")
     else:
@@ -284,7 +293,7 @@ def _check_models(recipe: Recipe, method: MergeMethod) -> None:
         for i, entry in enumerate(recipe.models):
             if entry.task_name in seen:
                 raise RecipeError(
-                    f"models.{i}: task name '{entry.task_name}' is also models.{seen[entry.task_name]}'s;"
+                    f"models.{i}: task name {short_repr(entry.task_name)} is also models.{seen[entry.task_name]}'s;"
                     f" {method.name} keeps one model per task, so give each model a unique 'name'")
             seen[entry.task_name] = i
     if method.requires_base and not recipe.base_model:
@@ -314,10 +323,19 @@ def _model_specs(recipe: Recipe, method: MergeMethod, i: int, places: Sequence[P
     where = f"models.{i}.sparsify" if recipe.models[i].sparsify else "sparsify"
     if from_block:
         settings = _block_settings(sp, sp_specs, block_params, where)
-    else:
+    else:  # given in ``places``: compiled (typed) once _check_keys has checked them
         specs.update(sp_specs)
-        settings = tuple(_setting(p, *places) for p in sp_specs.values())
+        settings = ()
     return specs, SparsifyStep(sp, settings, from_block)
+
+
+def _default_step(method: MergeMethod, step: SparsifyStep | None, places: Sequence[Place]
+                  ) -> SparsifyStep | None:
+    """The method's own trim step with its settings compiled from the model's places."""
+    if step is None or step.from_block:
+        return step
+    specs = step_specs(method, step.sparsifier, from_block=False)
+    return replace(step, settings=tuple(_setting(p, *places) for p in specs.values()))
 
 
 def _unknown_key_message(key: str, where: str, method: MergeMethod, method_specs: dict,
@@ -326,7 +344,8 @@ def _unknown_key_message(key: str, where: str, method: MergeMethod, method_specs
     extra = ""
     if key == "density" and (recipe.sparsify or any(m.sparsify for m in recipe.models)):
         extra = " (a sparsify block replaces the method's own trim: put density in that block)"
-    return (f"{where}: unknown parameter '{key}' for {method.name}{did_you_mean(key, known)}"
+    return (f"{where}: unknown parameter {short_repr(key)} for {method.name}"
+            f"{did_you_mean(key, known)}"
             f"{extra}; known: {', '.join(known) or 'none'}")
 
 
@@ -353,7 +372,7 @@ def _check_keys(recipe: Recipe, method: MergeMethod, per_model: list[dict[str, P
             if key in per_model[i]:
                 _check_value(per_model[i][key], value, where)
             elif key in method_specs:
-                raise RecipeError(f"{where}: '{key}' is method-wide; move it to the top-level "
+                raise RecipeError(f"{where}: {short_repr(key)} is method-wide; move it to the top-level "
                                   "parameters (or the slice's; mergekit ignores it here)")
             else:
                 raise RecipeError(_unknown_key_message(key, where, method, method_specs,
@@ -417,7 +436,7 @@ def resolve_job(recipe: Recipe, scope: Scope | None = None,
     models = tuple(
         ModelParams(i, entry.task_name,
                     {p.python_name: _setting(p, *places[i]) for p in method.model_params},
-                    steps[i])
+                    _default_step(method, steps[i], places[i]))
         for i, entry in enumerate(recipe.models))
     return JobParams(method=method,
                      settings=tuple(_setting(p, *shared) for p in method.params),

@@ -20,6 +20,7 @@ language), compiled once per job.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from ..errors import RecipeError, short_repr
 from ..registry import Param, Scalar
 
 ListValue = list[float] | list[str]
@@ -81,13 +83,24 @@ def gradient_at(values: list[Any], t: float, kind: type = float) -> Any:
 
 Matcher = Callable[[str], bool]
 
+# Filter entries in one recipe, all places together: each is tried against every tensor name
+# (first match, and the check that it matches some tensor), so the work is tensors x entries.
+MAX_FILTERS = 10_000
+
+
+@functools.lru_cache(maxsize=MAX_FILTERS)
+def _glob(pattern: str) -> Matcher:
+    """A glob compiled once, however many jobs (slices, models) use it: ``re``'s own cache
+    holds 512 patterns and thrashes past that."""
+    return re.compile(fnmatch.translate(pattern)).match  # type: ignore[return-value]
+
 
 def _matcher(entry: FilterValue) -> Matcher | None:
     """None matches every tensor."""
     if entry.glob is not None:
         if entry.glob == "*":
             return None
-        return re.compile(fnmatch.translate(entry.glob)).match  # type: ignore[return-value]
+        return _glob(entry.glob)
     if entry.filter is None or entry.filter == "*":
         return None
     text = entry.filter
@@ -106,7 +119,7 @@ class Rule:
 
     @property
     def label(self) -> str:
-        return f"{self.where} ({self.pattern!r})"
+        return f"{self.where} ({short_repr(self.pattern)})"
 
 
 @dataclass(frozen=True)
@@ -137,16 +150,36 @@ class Value:
         return [r.label for r in self.rules or () if r.match is not None]
 
 
+def _typed(value: Any, spec: Param | None, where: str) -> Any:
+    """The value as the parameter's type (``2.0`` for an int is 2, ``1`` for a float 1.0), so
+    a method never sees another type than it declared."""
+    if spec is None:
+        return value
+    if is_gradient(spec, value):
+        return [spec.check(v, where) for v in value]
+    return spec.check(value, where)
+
+
 def compile_value(value: ParamValue, spec: Param | None = None, where: str = "") -> Value:
     """``value`` as given at ``where`` for parameter ``spec`` (None: no gradients)."""
     gradient = spec.kind if spec is not None and spec.kind is not list else None
     entries = as_filter_list(value)
     if entries is None:
-        return Value(constant=value, gradient=gradient)
-    rules = tuple(Rule(_matcher(e), e.value, f"{where}[{i}]",
+        return Value(constant=_typed(value, spec, where), gradient=gradient)
+    rules = tuple(Rule(_matcher(e), _typed(e.value, spec, f"{where}[{i}]"), f"{where}[{i}]",
                        e.glob if e.glob is not None else str(e.filter))
                   for i, e in enumerate(entries))
     return Value(rules=rules, gradient=gradient)
+
+
+def check_filter_total(blocks: Iterable[Block | None], source: str = "recipe") -> None:
+    """At most MAX_FILTERS filter entries in a recipe (every ``parameters`` and ``sparsify``
+    block), so matching them against a model's tensors stays a matter of seconds."""
+    total = sum(len(entries) for block in blocks for value in (block or {}).values()
+                if (entries := as_filter_list(value)) is not None)
+    if total > MAX_FILTERS:
+        raise RecipeError(f"{source}: {total} filter entries in all; at most {MAX_FILTERS} "
+                          "(merge fewer, broader patterns)")
 
 
 def resolve(value: ParamValue | None, tensor_name: str, t: float = 0.0) -> Scalar | None:
