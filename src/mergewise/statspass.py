@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +56,15 @@ class StatsPass:
                        params: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def cached_ok(self, value: Any) -> bool:
+        """Whether a cached value has the type ``observe_cached`` takes (default: a finite
+        number or None), so a hand-edited cache can never reach the stats' arithmetic."""
+        return value is None or (isinstance(value, int | float) and not isinstance(value, bool)
+                                 and math.isfinite(value))
+
 
 UNCACHED = object()  # what ``observed`` returns for an observation that must not be cached
+log = logging.getLogger("mergewise.stats_cache")
 
 
 class StatsCache:
@@ -63,35 +72,80 @@ class StatsCache:
     settings, the compute dtype and the identities of the base and model tensors (file,
     mtime, header entry, sampled bytes; see ``Checkpoint.identity``), so a sweep over TADrop's
     drop rate or strength reads and ranks each task vector once. Written atomically at the end
-    of a stats pass."""
+    of a stats pass.
+
+    A cache must never change a result nor break a run: each entry carries a check (a hash of
+    its key and value), and an unreadable, garbled or truncated file, an entry that fails its
+    check or holds a value of the wrong type are ignored and recomputed, with one warning line
+    per cache (logger ``mergewise.stats_cache``); so is a cache that cannot be written.
+    """
 
     FILE = "stats-cache.json"
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / self.FILE
-        try:
-            self.entries: dict[str, Any] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
+        self.entries: dict[str, Any] = {}
         self.changed = False
+        self._warned = False
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            self.warn(f"cannot be read ({getattr(exc, 'strerror', None) or exc})")
+            return
+        try:
+            entries = json.loads(text)
+        except ValueError:
+            self.warn("is not valid JSON (truncated or garbled)")
+            return
+        if not isinstance(entries, dict):
+            self.warn(f"holds a JSON {type(entries).__name__}, not an object")
+            return
+        self.entries = entries
+
+    def warn(self, problem: str) -> None:
+        """One warning line per cache, whatever goes wrong with it."""
+        if not self._warned:
+            self._warned = True
+            log.warning("warning: stats cache %s %s; ignored, the statistics are recomputed "
+                        "(the merge is unchanged)", self.path, problem)
 
     @staticmethod
     def key(*parts: object) -> str:
         return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()
 
-    def get(self, key: str) -> Any:
-        return self.entries.get(key)
+    @staticmethod
+    def check(key: str, value: Any) -> str:
+        return hashlib.sha256(json.dumps([key, value]).encode()).hexdigest()[:16]
+
+    def get(self, key: str, valid: Callable[[Any], bool] = lambda v: True) -> Any:
+        """The entry ``{"value": v, "check": ...}`` of ``key``, or None: absent, or corrupt
+        (failed check, wrong shape, ``valid(v)`` false), then dropped, to be recomputed."""
+        hit = self.entries.get(key)
+        if hit is None:
+            return None
+        if (isinstance(hit, dict) and set(hit) == {"value", "check"}
+                and hit["check"] == self.check(key, hit["value"]) and valid(hit["value"])):
+            return hit
+        del self.entries[key]
+        self.changed = True
+        self.warn("has corrupt entries")
+        return None
 
     def put(self, key: str, value: Any) -> None:
-        self.entries[key] = value
+        self.entries[key] = {**value, "check": self.check(key, value["value"])}
         self.changed = True
 
     def save(self) -> None:
         if self.changed:
             from .writer import atomic_file
 
-            with atomic_file(self.path) as tmp:
-                tmp.write_text(json.dumps(self.entries))
+            try:
+                with atomic_file(self.path) as tmp:
+                    tmp.write_text(json.dumps(self.entries))
+            except OSError as exc:
+                self.warn(f"cannot be written ({exc.strerror or exc})")
             self.changed = False
 
 
@@ -145,7 +199,8 @@ def run_stats_pass(read: Reader, base: Checkpoint, observers: Sequence[Observer]
         for j, plan in enumerate(merged):
             if ahead is not None and j + 1 < len(merged):
                 misses = [(o.ckpt, o.source(merged[j + 1])) for o, _, key in work[j + 1]
-                          if key is None or cache.get(key) is None]  # type: ignore[union-attr]
+                          if key is None or cache.get(  # type: ignore[union-attr]
+                              key, o.stats.cached_ok) is None]
                 ahead([(base, merged[j + 1].base_name), *misses] if misses else [])
             _observe(read, base, plan, p, work[j], cache)
             if progress is not None:
@@ -163,7 +218,8 @@ def _observe(read: Reader, base: Checkpoint, plan: TensorPlan, p: int,
     """One tensor of one pass: cached observations, else the task vectors from the files."""
     base_tensor = None
     for o, params, key in work:
-        hit = cache.get(key) if cache is not None and key is not None else None
+        hit = (cache.get(key, o.stats.cached_ok) if cache is not None and key is not None
+               else None)
         if hit is not None:
             o.stats.observe_cached(p, plan.name, hit["value"], plan.numel, params)
             continue
@@ -174,5 +230,5 @@ def _observe(read: Reader, base: Checkpoint, plan: TensorPlan, p: int,
         o.stats.observe(p, plan.name, delta, params)
         del delta
         value = o.stats.observed(plan.name) if cache is not None and key is not None else UNCACHED
-        if value is not UNCACHED:
+        if value is not UNCACHED and o.stats.cached_ok(value):
             cache.put(key, {"value": value})  # type: ignore[union-attr,arg-type]

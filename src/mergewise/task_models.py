@@ -45,8 +45,8 @@ class TaskModels(Mapping[str, dict[str, torch.Tensor]]):
 
     @property
     def modulator_bytes(self) -> int:
-        """Tensor bytes of the modulators (masks at 1 bit per entry per task, rescalers, base
-        checksums): ``modulators.safetensors`` minus its header."""
+        """Tensor bytes of the modulators (masks at 1 bit per entry per task, rescalers, 32-byte
+        digests): ``modulators.safetensors`` minus its header."""
         return self.modulators.nbytes
 
     def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:

@@ -79,8 +79,9 @@ def test_exact_values_three_tasks() -> None:
     models = merge_task_state_dicts(BASE, EXPERTS)
     assert models.tasks == ["a", "b", "c"] and list(models) == ["a", "b", "c"]
     assert models.rescalers == pytest.approx(LAMBDAS, rel=1e-15)
-    # 3 tasks x (1 byte each for w, v, z) + 3 float64 rescalers + 3 x 2 float64 checksums
-    assert models.modulator_bytes == 9 + 24 + 48
+    # 3 tasks x (1 byte each for w, v, z) + 3 float64 rescalers + 32-byte sha256 digests of
+    # the header, the rescalers and per tensor its base, unified tensor and 3 masks
+    assert models.modulator_bytes == 9 + 24 + (2 + 3 * (2 + 3)) * 32
     assert torch.equal(models.unified["w"], BASE["w"] + W_UNI)
     assert torch.equal(models.unified["v"], BASE["v"] + V_UNI)
     assert torch.equal(models.unified["z"], BASE["z"])

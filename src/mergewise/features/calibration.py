@@ -100,27 +100,86 @@ def calibration_batches(path: Path, *, num_examples: int = 64, batch_size: int =
                         max_length: int = 128, seed: int = 0, tokenizer: Tokenizer | None = None,
                         text_field: str = "text") -> list[Batch]:
     """The seeded draw of ``num_examples`` examples, cut into batches of model inputs."""
+    return calibration_draw(path, num_examples=num_examples, batch_size=batch_size,
+                            max_length=max_length, seed=seed, tokenizer=tokenizer,
+                            text_field=text_field)[0]
+
+
+def calibration_draw(path: Path, *, num_examples: int = 64, batch_size: int = 8,
+                     max_length: int = 128, seed: int = 0, tokenizer: Tokenizer | None = None,
+                     text_field: str = "text") -> tuple[list[Batch], list[list[int]]]:
+    """``calibration_batches`` and, per batch, the index of each row's example in the data
+    file (so a bad example can be named)."""
+    if num_examples < 1:
+        raise FeatureError(f"{path}: num_examples is {num_examples}; a capture needs at least one "
+                           "calibration example")
     if path.suffix in TEXT_SUFFIXES:
         texts = read_texts(path, text_field)
-        picked = [texts[i] for i in draw_examples(len(texts), num_examples, seed)]
+        drawn = draw_examples(len(texts), num_examples, seed)
+        picked = [texts[i] for i in drawn]
         if tokenizer is None:
             raise FeatureError(f"{path}: text calibration data needs a tokenizer (the base "
                                "model directory, or tokenizer_source, must hold one)")
-        return [dict(tokenizer(picked[s:s + batch_size], truncation=True, max_length=max_length,
-                               padding=True, return_tensors="pt"))
-                for s in range(0, len(picked), batch_size)]
+        return ([dict(tokenizer(picked[s:s + batch_size], truncation=True, max_length=max_length,
+                                padding=True, return_tensors="pt"))
+                 for s in range(0, len(picked), batch_size)],
+                [drawn[s:s + batch_size] for s in range(0, len(drawn), batch_size)])
     if path.suffix in TENSOR_SUFFIXES:
         data = read_tensor_inputs(path)
         n = data.shape[0] if isinstance(data, torch.Tensor) else next(iter(data.values())).shape[0]
+        if n == 0:
+            raise FeatureError(f"{path}: holds no calibration examples (its inputs have 0 rows)")
         idx = torch.tensor(draw_examples(n, num_examples, seed), dtype=torch.long)
         out: list[Batch] = []
         for s in range(0, len(idx), batch_size):
             part = idx[s:s + batch_size]
             out.append(data[part] if isinstance(data, torch.Tensor)
                        else {k: v[part] for k, v in data.items()})
-        return out
+        return out, [idx[s:s + batch_size].tolist() for s in range(0, len(idx), batch_size)]
     raise FeatureError(f"{path}: unknown calibration data format; use "
                        f"{', '.join(TEXT_SUFFIXES + TENSOR_SUFFIXES)}")
+
+
+# --- token ids the model can embed -----------------------------------------------------------
+
+def token_vocabulary(module: nn.Module) -> int | None:
+    """How many token ids ``module`` embeds: its Hugging Face input embeddings, else its first
+    ``nn.Embedding``; None when it has none (its inputs are features, not token ids)."""
+    emb: object = None
+    get = getattr(module, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    if not isinstance(emb, nn.Embedding):
+        emb = next((m for m in module.modules() if isinstance(m, nn.Embedding)), None)
+    return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
+
+
+def check_token_ids(batches: list[Batch], origins: list[list[int]], vocab: int | None,
+                    path: Path, model: str) -> None:
+    """Refuse, before any forward pass, token ids the model cannot embed (floats, negative, at
+    or above its vocabulary), naming the first bad example by its index in ``path``. A tensor
+    batch holds token ids when the model has an embedding; a dict batch its ``input_ids``."""
+    first: tuple[int, str] | None = None
+    for batch, rows in zip(batches, origins, strict=True):
+        ids = batch if isinstance(batch, torch.Tensor) else batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or (vocab is None and isinstance(batch, torch.Tensor)):
+            continue
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise FeatureError(f"{path}: token ids are {str(ids.dtype).removeprefix('torch.')} "
+                               f"(example {min(rows)} and every other), not integers; store "
+                               "input_ids as int64")
+        bad = ids < 0 if vocab is None else (ids < 0) | (ids >= vocab)
+        for r in bad.reshape(len(rows), -1).any(1).nonzero().flatten().tolist():
+            value = int(ids[r][bad[r]].flatten()[0])
+            if first is None or rows[r] < first[0]:
+                first = (rows[r], f"token id {value}")
+    if first is not None:
+        where = f"0..{vocab - 1}" if vocab is not None else ">= 0"
+        raise FeatureError(f"{path}: example {first[0]} has {first[1]}, outside the vocabulary of "
+                           f"{model} ({where}); fix the calibration data or its tokenizer")
 
 
 # --- loading an expert as a module ----------------------------------------------------------

@@ -37,10 +37,12 @@ from .calibration import (
     TEXT_SUFFIXES,
     Batch,
     Tokenizer,
-    calibration_batches,
+    calibration_draw,
     calibration_settings,
+    check_token_ids,
     load_module,
     load_tokenizer,
+    token_vocabulary,
 )
 from .statsfile import FeatureStats, LayerInfo, probe_hash
 
@@ -194,7 +196,13 @@ def _collect(module: nn.Module, layers: Mapping[str, LayerInfo], acc: _Accumulat
              *, label: str, calibration: Mapping[str, object] | None,
              probe_from: Iterable[str] | None) -> FeatureStats:
     """The accumulators of the layers that ran, with the stats file's metadata and probe."""
+    if examples == 0:
+        raise FeatureError(f"{label}: got zero calibration examples; the statistics need at "
+                           "least one")
     kept = {m: info for m, info in layers.items() if acc.rows.get(m, 0) > 0}
+    if not kept:
+        raise FeatureError(f"{label}: no layer received a calibration row ({examples} examples; "
+                           "is every token masked out by attention_mask?)")
     tensors: dict[str, torch.Tensor] = {}
     for m in kept:
         key = f"gram:{m}" if kept[m].kind == "linear" else f"energy:{m}"
@@ -261,13 +269,15 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
             tokenizer = load_tokenizer(candidate)
             if tokenizer is not None:
                 break
-    batches = calibration_batches(data_path, num_examples=num_examples, batch_size=batch_size,
-                                  max_length=max_length, seed=seed, tokenizer=tokenizer,
-                                  text_field=text_field)
+    batches, origins = calibration_draw(data_path, num_examples=num_examples,
+                                        batch_size=batch_size, max_length=max_length, seed=seed,
+                                        tokenizer=tokenizer, text_field=text_field)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FeatureError("--device cuda was asked for, but torch sees no CUDA device; "
                            "use --device cpu")
-    module = load_module(model_path, factory, root).to(device)
+    module = load_module(model_path, factory, root)
+    check_token_ids(batches, origins, token_vocabulary(module), data_path, str(model_path))
+    module = module.to(device)
     with open_checkpoint(model_path) as ckpt:
         held = ckpt.names()  # a module may hold more (a freshly initialised pooler)
     start = time.perf_counter()

@@ -38,6 +38,8 @@ from ..errors import CheckpointError, FeatureError
 from ..writer import atomic_file
 
 FORMAT_VERSION = "1"
+RECOMPUTE = "recompute it with `mergewise features --overwrite`"
+KINDS = {"linear": ("out_in", "in_out"), "norm": ("out_in",)}  # kind -> layouts
 
 
 # --- what one tensor gets from one expert's statistics -----------------------------------
@@ -92,7 +94,7 @@ class FeatureStats:
         if self._source is None or key not in self._source.names():
             raise FeatureError(f"{self.label}: no statistics '{key}'; the stats file is "
                                "incomplete, recompute it with `mergewise features`")
-        return self._source.read(key)
+        return _checked_values(self._source.read(key), key, self.label)
 
     def rows(self, module: str) -> float:
         return float(self.tensor(f"rows:{module}"))
@@ -214,21 +216,108 @@ class FeatureStats:
 
 
 def load_stats(path: str | Path) -> FeatureStats:
-    """Open a stats file lazily (only its header is read now)."""
+    """Open a stats file lazily: only its header is read now, and checked whole (metadata,
+    every layer's entries, shapes and dtypes), so a garbled file fails here in one line."""
     p = Path(path)
     try:
         source = SafetensorsFile(p)
     except CheckpointError as exc:
         raise FeatureError(f"stats file {exc}") from None
-    meta = source.metadata
-    if meta.get("mergewise_features") != FORMAT_VERSION:
+    try:
+        meta = _checked_metadata(source.metadata, p)
+        layers = _layers(meta, p)
+        for module, info in layers.items():
+            _check_entries(source, module, info, p)
+    except BaseException:
         source.close()
+        raise
+    return FeatureStats(layers, source=source, metadata=meta, label=str(p))
+
+
+def _checked_metadata(meta: object, p: Path) -> dict[str, str]:
+    """The header metadata, refused unless every value a merge reads parses."""
+    if not isinstance(meta, Mapping) or not all(isinstance(v, str) for v in meta.values()):
+        raise FeatureError(f"{p}: header metadata is not a map of strings; the stats file is "
+                           f"corrupt: {RECOMPUTE}")
+    if meta.get("mergewise_features") != FORMAT_VERSION:
         raise FeatureError(f"{p}: not a mergewise stats file of format {FORMAT_VERSION} "
                            f"(found {meta.get('mergewise_features')!r}); recompute it with "
                            "`mergewise features`")
-    layers = {m: LayerInfo(d["kind"], d.get("layout", "out_in"))
-              for m, d in json.loads(meta["layers"]).items()}
-    return FeatureStats(layers, source=source, metadata=meta, label=str(p))
+    for key, kind in (("probe_tensors", list), ("calibration", dict)):
+        if key in meta and not isinstance(_json_value(meta, key, p), kind):
+            raise FeatureError(f"{p}: metadata '{key}' is not a JSON {kind.__name__}; the stats "
+                               f"file is corrupt: {RECOMPUTE}")
+    probe = _json_value(meta, "probe_tensors", p) if "probe_tensors" in meta else []
+    if not all(isinstance(n, str) for n in probe) or (probe and "probe" not in meta):
+        raise FeatureError(f"{p}: metadata 'probe_tensors' is not a list of tensor names, or "
+                           f"'probe' is missing; the stats file is corrupt: {RECOMPUTE}")
+    for key in ("examples", "rows"):
+        if key in meta and not meta[key].isdigit():
+            raise FeatureError(f"{p}: metadata '{key}' = {meta[key]!r} is not a count; the stats "
+                               f"file is corrupt: {RECOMPUTE}")
+    return dict(meta)
+
+
+def _json_value(meta: Mapping[str, str], key: str, p: Path) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (KeyError, ValueError):
+        raise FeatureError(f"{p}: metadata '{key}' is missing or not JSON; the stats file is "
+                           f"corrupt or truncated: {RECOMPUTE}") from None
+
+
+def _layers(meta: Mapping[str, str], p: Path) -> dict[str, LayerInfo]:
+    raw = _json_value(meta, "layers", p)
+    if not isinstance(raw, dict):
+        raise FeatureError(f"{p}: metadata 'layers' is not a JSON object; {RECOMPUTE}")
+    layers = {}
+    for module, d in raw.items():
+        kind = d.get("kind") if isinstance(d, dict) else None
+        layout = d.get("layout", "out_in") if isinstance(d, dict) else None
+        if kind not in KINDS or layout not in KINDS[kind]:
+            raise FeatureError(f"{p}: layer '{module}' is {json.dumps(d)}, expected kind "
+                               "'linear' (layout 'out_in' or 'in_out') or 'norm'; the stats file "
+                               f"is corrupt: {RECOMPUTE}")
+        layers[module] = LayerInfo(kind, layout)
+    if not layers:
+        raise FeatureError(f"{p}: holds the statistics of no layer (captured from zero "
+                           f"calibration examples?); {RECOMPUTE}")
+    return layers
+
+
+def _check_entries(source: SafetensorsFile, module: str, info: LayerInfo, p: Path) -> None:
+    """A layer's accumulators exist as float64 of the right rank (header only, nothing read):
+    ``rows`` a scalar, a Gram square, an energy at least 1-D."""
+    key = f"gram:{module}" if info.kind == "linear" else f"energy:{module}"
+    names = set(source.names())
+    for name in (f"rows:{module}", key):
+        if name not in names:
+            raise FeatureError(f"{p}: layer '{module}' has no '{name}' tensor; the stats file is "
+                               f"incomplete or truncated: {RECOMPUTE}")
+        shape, dtype = source.info(name).shape, source.info(name).dtype
+        ok = (shape == () if name.startswith("rows:") else
+              len(shape) == 2 and shape[0] == shape[1] > 0 if info.kind == "linear" else
+              len(shape) >= 1 and math.prod(shape) > 0)
+        if dtype != torch.float64 or not ok:
+            want = ("a float64 scalar" if name.startswith("rows:") else
+                    "float64 (n, n), n > 0" if info.kind == "linear" else "float64, 1-D or more")
+            raise FeatureError(f"{p}: tensor '{name}' is {str(dtype).removeprefix('torch.')} "
+                               f"{list(shape)}, expected {want}; the stats file is corrupt: "
+                               f"{RECOMPUTE}")
+
+
+def _checked_values(t: torch.Tensor, key: str, label: str) -> torch.Tensor:
+    """An accumulator read from a file: finite, and >= 0 where it is a sum of squares (rows,
+    energies, a Gram's diagonal); anything else would silently skew the merge."""
+    if not bool(torch.isfinite(t).all()):
+        raise FeatureError(f"{label}: tensor '{key}' has NaN/Inf values; the stats file is "
+                           f"corrupt: {RECOMPUTE}")
+    values = t.diagonal() if key.startswith("gram:") else t
+    if bool((values < 0).any()):
+        what = "diagonal entries" if key.startswith("gram:") else "values"
+        raise FeatureError(f"{label}: tensor '{key}' has negative {what} (a sum of squares "
+                           f"cannot be); the stats file is corrupt: {RECOMPUTE}")
+    return t
 
 
 def probe_hash(tensors: Sequence[torch.Tensor]) -> str:
