@@ -10,8 +10,13 @@ import sys
 
 
 class _Note(logging.Handler):
+    """A log record as one stderr line, ``note: ...`` unless it names its own kind."""
+
     def emit(self, record: logging.LogRecord) -> None:
-        sys.stderr.write(f"note: {record.getMessage()}\n")
+        text = " ".join(record.getMessage().split())
+        if not text.startswith(("warning: ", "note: ")):
+            text = f"note: {text}"
+        sys.stderr.write(f"{text}\n")
 
 
 def main() -> None:

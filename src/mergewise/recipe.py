@@ -247,7 +247,11 @@ def _pydantic_message(exc: ValidationError) -> str:
     err, message = _simplify(errors)
     if message is not None:
         return message
-    loc = tuple(p for p in err["loc"] if not isinstance(p, str) or "[" not in p)
+    # drop pydantic's union tags ("function-after[...]"); an unknown key (the last part of an
+    # extra_forbidden location) is the user's own text and stays, whatever it contains
+    keep_last = err["type"] == "extra_forbidden"
+    loc = tuple(p for p in err["loc"][:-1 if keep_last else None]
+                if not isinstance(p, str) or "[" not in p) + (err["loc"][-1:] if keep_last else ())
     where = _format_loc(loc) or "recipe"
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])[:200]
