@@ -97,7 +97,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
                              dry_run=dry_run, progress=progress, protect=protect)
     rec, paths = without_listed_base(rec, resolve_inputs(rec, root))
     sources = plan_sources(rec, root, paths.models) if rec.method.features else None
-    with open_inputs(paths.base, paths.models) as (base, models), \
+    with open_inputs(paths.base, paths.models, paths.adapter_bases) as (base, models), \
             contextlib.ExitStack() as stack:
         inputs = [*models, *([base] if base is not None else [])]
         alignment = (alignment_for(rec.vocabulary, inputs, len(models) if base else None,
