@@ -197,8 +197,7 @@ def adapter_config(sink: AdapterSink, base_path: Path, fan_in_fan_out: bool,
         "fan_in_fan_out": fan_in_fan_out, "bias": "none", "lora_bias": sink.lora_bias,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True, "revision": None,
-        "mergewise": {"version": __version__, "rank_rule": sink.rule.describe()},
-    }
+    }  # no key of our own: PEFT warns about unknown keys (the rank rule is in the report)
 
 
 def summary_of(modules: list[dict[str, Any]], saved: list[str], rule: RankRule
