@@ -33,6 +33,7 @@ from .inputs import (
     resolve_path,
     without_listed_base,
 )
+from .lora_out import RankRule, merge_to_adapter
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
 from .outputs import CONFIG, HF_TAGALONG_FILES, TOKENIZER_FILES, OutputDirectory, Tagalong, merge_card
@@ -60,6 +61,7 @@ class MergeResult:
     seconds: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
     modulators: dict[str, Any] | None = None  # task-specific methods: sizes and rescalers
+    lora: dict[str, Any] | None = None  # out_format "lora": ranks and truncation errors
 
 
 def _coerce_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Recipe, Path | None]:
@@ -73,13 +75,17 @@ def _coerce_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Rec
 def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | None = None, *,
           overwrite: bool = False, device: str = "cpu",
           shard_size: int | str = DEFAULT_SHARD_SIZE, dry_run: bool = False,
-          progress: bool = False, stats_cache: str | Path | None = None) -> MergeResult:
+          progress: bool = False, stats_cache: str | Path | None = None,
+          out_format: str = "hf", lora_rank: int | None = None,
+          lora_energy: float | None = None) -> MergeResult:
     """Merge the checkpoints a recipe names and write a HF-style directory to ``out``.
 
     Everything that can be checked without reading tensor data (recipe, paths, formats, names,
     shapes, dtypes, output path) is checked first; ``dry_run`` stops there and returns the plan.
     ``stats_cache`` (default ``$MERGEWISE_STATS_CACHE``): a directory keeping per-tensor stats
     (TADrop's d) across runs, so a sweep over drop rates skips the stats pass's work.
+    ``out_format="lora"``: write the merge as a PEFT LoRA adapter, each module's merged task
+    vector truncated to ``lora_rank`` or to the ``lora_energy`` share (``lora_out``).
     """
     rec, root = _coerce_recipe(recipe)
     size = parse_size(shard_size)
@@ -95,9 +101,19 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
     if rec.slices is not None:
         return _merge_sliced(rec, root, target, overwrite=overwrite, device=device, size=size,
                              dry_run=dry_run, progress=progress, protect=protect)
+    if out_format not in ("hf", "lora"):
+        raise RecipeError(f"--out-format {out_format!r}: give hf (full weights) or lora")
+    rule = RankRule(lora_rank, lora_energy) if out_format == "lora" else None
     rec, paths = without_listed_base(rec, resolve_inputs(rec, root))
+    if rule is not None:
+        done = merge_to_adapter(rec, paths, target, rule, overwrite=overwrite, device=device,
+                                dry_run=dry_run, protect=protect)
+        return MergeResult(out=target, summary=done["summary"], files=done.get("files", []),
+                           report_path=None if dry_run else target / "report.json",  # type: ignore[operator]
+                           seconds=done.get("seconds", 0.0), records=done.get("records", []),
+                           lora=done["lora"])
     sources = plan_sources(rec, root, paths.models) if rec.method.features else None
-    with open_inputs(paths.base, paths.models) as (base, models), \
+    with open_inputs(paths.base, paths.models, paths.adapter_bases) as (base, models), \
             contextlib.ExitStack() as stack:
         inputs = [*models, *([base] if base is not None else [])]
         alignment = (alignment_for(rec.vocabulary, inputs, len(models) if base else None,

@@ -115,6 +115,21 @@ class Checkpoint:
         of per-tensor statistics), or None when there is none (in-memory tensors)."""
         return None
 
+    def holds_delta(self, base: Checkpoint, name: str) -> bool:
+        """Whether ``delta_over(base, name, ...)`` gives this tensor's task vector directly."""
+        return False
+
+    def delta_over(self, base: Checkpoint, name: str, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor | None:
+        """The task vector over ``base`` when this checkpoint stores one (a LoRA adapter on that
+        very base: ``scale * B @ A``, exact, with no round trip through full weights); None:
+        it is ``read(name)`` minus the base's tensor."""
+        return None
+
+    def prefetches(self, name: str) -> bool:
+        """Whether reading ``name`` ahead (on the prefetch thread) is worth it."""
+        return True
+
     def close(self) -> None:
         """Release file handles (safe to call twice)."""
 
@@ -726,6 +741,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory; check the path in the recipe")
     if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            raise CheckpointError(f"{p}: is a PEFT adapter (adapter_config.json), not a full "
+                                  "checkpoint; adapters are models: entries of a recipe with a "
+                                  "base_model (or 'base+adapter')")
         for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (p / name).is_file():
                 return _from_index(p / name, label)

@@ -52,6 +52,10 @@ def applies(job: MergeJob, plan: TensorPlan) -> bool:
         return False
     if job.load.stored(plan.name) is None:
         return False
+    if job.method.space == "delta" and any(  # a stored task vector (LoRA) is taken whole
+            s.ckpt.holds_delta(job.base, n) for s, n in zip(job.slots, job.sources(plan),
+                                                            strict=True)):
+        return False
     return job.method.space == "weight" or job.base is not None
 
 

@@ -67,6 +67,14 @@ def merge(
     stats_cache: Annotated[Path | None, typer.Option(
         "--stats-cache", help="keep per-tensor statistics (TADrop's d) here across runs; "
         "default $MERGEWISE_STATS_CACHE")] = None,
+    out_format: Annotated[str, typer.Option(
+        "--out-format", help="hf (full weights) or lora (a PEFT adapter: truncated SVD of "
+        "each module's merged task vector)")] = "hf",
+    lora_rank: Annotated[int | None, typer.Option(
+        "--lora-rank", help="lora: the rank of every module")] = None,
+    lora_energy: Annotated[float | None, typer.Option(
+        "--lora-energy", help="lora: per module, the least rank keeping this share of "
+        "||delta||_F^2, e.g. 0.99")] = None,
 ) -> None:
     """Merge the checkpoints a recipe names into --out (written atomically)."""
     if out_dir is None and not dry_run:
@@ -78,7 +86,8 @@ def merge(
         keep_freed_buffers()
         result = run_merge(recipe, out_dir, overwrite=overwrite, device=device,
                            shard_size=shard_size, dry_run=dry_run, progress=progress,
-                           stats_cache=stats_cache)
+                           stats_cache=stats_cache, out_format=out_format,
+                           lora_rank=lora_rank, lora_energy=lora_energy)
     if dry_run:
         out.print("[bold]plan[/] (dry run, nothing written)")
         for line in result.summary.lines():
@@ -86,6 +95,9 @@ def merge(
         return
     out.print(f"merged {result.summary.tensors} tensors in {result.seconds:.1f} s", highlight=False)
     out.print(f"output: {result.out}", highlight=False, markup=False)
+    if result.lora is not None:
+        from .lora_out import summary_line
+        out.print(summary_line(result.lora), highlight=False, markup=False)
     if result.modulators is not None:
         mods = result.modulators
         out.print(f"modulators: {mods['bytes']:,} bytes for {len(mods['tasks'])} tasks "

@@ -77,7 +77,8 @@ class Prefetcher:
     def ahead(self, reads: Sequence[tuple[Checkpoint, str]]) -> None:
         for ckpt, name in reads:
             key = (id(ckpt), name)
-            if key not in self._pending and not isinstance(ckpt, StateDictCheckpoint):
+            if (key not in self._pending and not isinstance(ckpt, StateDictCheckpoint)
+                    and ckpt.prefetches(name)):
                 self._pending[key] = self._pool.submit(ckpt.read, name)
 
     def take(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
@@ -141,7 +142,16 @@ class TensorReader:
         check_finite(t, label, name)
         return t
 
-    def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor) -> torch.Tensor:
+    def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor,
+              over: tuple[Checkpoint, str] | None = None) -> torch.Tensor:
+        """``ckpt``'s task vector at ``name``; ``over``: the (checkpoint, name) ``base`` was
+        read from, so that a checkpoint storing the task vector itself (a LoRA adapter on that
+        base) gives it exactly (``Checkpoint.delta_over``)."""
+        if over is not None and over[1] == name:
+            stored = ckpt.delta_over(over[0], name, self.dtype, self.device)
+            if stored is not None:
+                check_finite(stored, ckpt.label, name)
+                return stored
         return self.delta_of(self.raw(ckpt, name), ckpt.label, name, base)
 
     def delta_of(self, raw: torch.Tensor, label: str, name: str, base: torch.Tensor
@@ -191,9 +201,10 @@ class VocabReader:
             self._name = name
         return self._aligned[next(i for i, c in enumerate(self.inputs) if c is ckpt)]
 
-    def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor) -> torch.Tensor:
+    def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor,
+              over: tuple[Checkpoint, str] | None = None) -> torch.Tensor:
         if name not in self.names:
-            return self.read.delta(ckpt, name, base)
+            return self.read.delta(ckpt, name, base, over)
         return self(ckpt, name) - base
 
 
@@ -340,7 +351,8 @@ class MergeJob:
         ``record``, each model's norms and kept count go into ``record["models"]``."""
         deltas = []
         for slot, source in zip(self.slots, self.sources(plan), strict=True):
-            raw = self.load.delta(slot.ckpt, source, base)  # out of place: never touch inputs
+            # out of place: never touch inputs
+            raw = self.load.delta(slot.ckpt, source, base, (self.base, plan.base_name))
             info: dict[str, Any] | None = {} if record is not None else None
             if info is not None:
                 info["norm_before"] = report_norm(raw)

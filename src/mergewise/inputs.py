@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import RecipeError
+from .errors import CheckpointError, RecipeError
+from .lora import LoraCheckpoint, is_adapter_dir, split_plus
 from .params import base_is_special, check_listed_base, resolve_job
 from .recipe import Recipe
 
@@ -39,6 +40,8 @@ class InputPaths:
     base: Path | None
     models: list[Path]
     tokenizer_source: Path | None  # an explicit tokenizer_source path (not "base")
+    # per model: the model a mergekit 'model+adapter' entry's adapter applies to (else None)
+    adapter_bases: tuple[Path | None, ...] = ()
 
     def tokenizer_candidates(self) -> list[Path]:
         """Where a tokenizer is looked for, in order: the explicit ``tokenizer_source``, then
@@ -62,26 +65,68 @@ def without_listed_base(recipe: Recipe, paths: InputPaths) -> tuple[Recipe, Inpu
     trimmed = Recipe.model_validate({**recipe.model_dump(exclude_none=True),
                                      "models": [m.model_dump(exclude_none=True) for m in models]})
     resolve_job(trimmed)
-    return trimmed, InputPaths(paths.base, [paths.models[i] for i in keep], paths.tokenizer_source)
+    over = (tuple(paths.adapter_bases[i] for i in keep) if paths.adapter_bases else ())
+    return trimmed, InputPaths(paths.base, [paths.models[i] for i in keep], paths.tokenizer_source,
+                               over)
+
+
+def resolve_model(text: str, root: Path | None, key: str) -> tuple[Path, Path | None]:
+    """A ``models:`` entry: (its path, None), or for mergekit's ``model+adapter`` (a path that
+    does not exist as written) (the adapter directory, the model it applies to)."""
+    halves = split_plus(text)
+    if halves is None or any(c.exists() for c in _candidates(text, root)):
+        return resolve_path(text, root, key), None
+    model, adapter = halves
+    adapter_dir = resolve_path(adapter, root, key)
+    if not is_adapter_dir(adapter_dir):
+        raise RecipeError(f"{key}: '{text}': {adapter_dir} is not a PEFT adapter directory (no "
+                          "adapter_config.json); 'model+adapter' applies a LoRA adapter to a model")
+    return adapter_dir, resolve_path(model, root, key)
 
 
 def resolve_inputs(recipe: Recipe, root: Path | None) -> InputPaths:
     base = resolve_path(recipe.base_model, root, "base_model") if recipe.base_model else None
-    models = [resolve_path(m.model, root, f"models.{i}.model")
-              for i, m in enumerate(recipe.models)]
+    resolved = [resolve_model(m.model, root, f"models.{i}.model")
+                for i, m in enumerate(recipe.models)]
     source = recipe.vocabulary.source if recipe.vocabulary is not None else None
     tok = (resolve_path(source, root, "tokenizer_source")
            if source is not None and source not in ("base", "union") else None)
-    return InputPaths(base, models, tok)
+    over = tuple(b for _, b in resolved)
+    return InputPaths(base, [p for p, _ in resolved], tok, over if any(over) else ())
+
+
+def _open_model(path: Path | str, base: Checkpoint | None, base_path: Path | str | None,
+                over: Path | None) -> Checkpoint:
+    """A model: a checkpoint, or a LoRA adapter applied to ``over`` (default: the base; the
+    base's own checkpoint object, so that its task vector is the adapter's delta exactly)."""
+    p = Path(path)
+    if not is_adapter_dir(p):
+        return open_checkpoint(p)
+    if over is None or (base_path is not None and Path(over).resolve() == Path(base_path).resolve()):
+        if base is None:
+            raise CheckpointError(f"{p}: is a LoRA adapter; the recipe needs a base_model for it "
+                                  "to apply to (or write 'model+adapter')")
+        return LoraCheckpoint(p, base, label=str(p) if over is None else f"{over}+{p}")
+    model = open_checkpoint(over)
+    try:
+        return LoraCheckpoint(p, model, owns_base=True, label=f"{over}+{p}")
+    except BaseException:
+        model.close()
+        raise
 
 
 @contextlib.contextmanager
-def open_inputs(base: Path | str | None, models: Sequence[Path | str]
+def open_inputs(base: Path | str | None, models: Sequence[Path | str],
+                adapter_bases: Sequence[Path | None] = ()
                 ) -> Iterator[tuple[Checkpoint | None, list[Checkpoint]]]:
-    """Open the base and the models (headers only); all are closed on exit or on error."""
+    """Open the base and the models (headers only); all are closed on exit or on error. A
+    model that is a PEFT adapter directory is applied to ``adapter_bases[i]`` when given (a
+    ``model+adapter`` entry), else to the base."""
     with contextlib.ExitStack() as stack:
         base_ckpt = stack.enter_context(open_checkpoint(base)) if base is not None else None
-        yield base_ckpt, [stack.enter_context(open_checkpoint(m)) for m in models]
+        over = list(adapter_bases) or [None] * len(models)
+        yield base_ckpt, [stack.enter_context(_open_model(m, base_ckpt, base, o))
+                          for m, o in zip(models, over, strict=True)]
 
 
 def _candidates(path: str, root: Path | None) -> list[Path]:
@@ -99,7 +144,7 @@ def protected_paths(recipe: Recipe, root: Path | None, recipe_file: Path | None 
     if recipe.base_model:
         named.append(("the base model", recipe.base_model))
     for i, m in enumerate(recipe.models):
-        named.append((f"input model {i}", m.model))
+        named += [(f"input model {i}", text) for text in (m.model, *(split_plus(m.model) or ()))]
         if m.features:
             named.append((f"the features file of model {i}", m.features))
         if m.calibration is not None:

@@ -225,7 +225,8 @@ def _observe(read: Reader, base: Checkpoint, plan: TensorPlan, p: int,
             continue
         if base_tensor is None:
             base_tensor = read(base, plan.base_name)
-        delta = (read.delta(o.ckpt, o.source(plan), base_tensor)  # type: ignore[attr-defined]
+        delta = (read.delta(o.ckpt, o.source(plan), base_tensor,  # type: ignore[attr-defined]
+                            (base, plan.base_name))
                  if hasattr(read, "delta") else read(o.ckpt, o.source(plan)) - base_tensor)
         o.stats.observe(p, plan.name, delta, params)
         del delta
