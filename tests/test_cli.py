@@ -21,10 +21,10 @@ from mergewise import merge_state_dicts
 from mergewise.checkpoint import open_checkpoint
 from mergewise.cli import app
 
-METHODS = ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
-           "della_linear", "emr", "karcher", "linear", "lot", "model_stock", "multislerp",
-           "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "regmean", "sce", "slerp",
-           "task_arithmetic", "ties"]
+METHODS = ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "consensus", "dare_linear",
+           "dare_ties", "della", "della_linear", "emr", "karcher", "linear", "lot", "model_stock",
+           "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "regmean",
+           "sce", "slerp", "tall_masks", "task_arithmetic", "ties", "wudi"]
 
 
 @pytest.fixture
@@ -120,6 +120,10 @@ def test_methods_lists_all_methods_and_parameters(runner: CliRunner) -> None:
     headers = [ln.split(" ")[0] for ln in text.splitlines() if ln and not ln.startswith(" ")
                and "space" in ln]
     assert headers == METHODS
+    for m in mergewise.METHODS:  # each header says whether a sparsify: block is accepted
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{m.name} ("))
+        assert ("sparsify: block accepted" if m.accepts_sparsify
+                else "sparsify: block not accepted") in line, line
     for m in mergewise.METHODS:
         for p in (*m.params, *m.model_params):
             assert p.describe() in text, p.name

@@ -172,6 +172,7 @@ def methods(
         needs = "base required" if m.requires_base else "no base needed"
         if m.task_specific:
             needs += "; one model per task: mergewise materialize"
+        needs += "; sparsify: block " + ("accepted" if m.accepts_sparsify else "not accepted")
         out.print(f"[bold]{m.name}[/] ({m.space} space, {needs})", highlight=False)
         for p in m.params:
             out.print(f"    {p.describe()}", highlight=False, markup=False)

@@ -377,6 +377,8 @@ class MergeJob:
             if record is not None:
                 record["unit"] = next((f.kind for f in params["features"] if f is not None),
                                       "fallback")
+        elif self.method.takes_name:
+            params["name"] = plan.name
         return params
 
     def _merge_deltas(self, plan: TensorPlan, params: dict[str, Any],

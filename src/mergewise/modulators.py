@@ -209,11 +209,12 @@ class ModulatorCollector:
             masks = [empty] * len(self.tasks)
         else:
             masks = modulators.masks
-            tau_abs = (stored.to(device=base.device, dtype=base.dtype) - base).abs_()
-            for t, mask in enumerate(masks):
-                self.numerators[t] += modulators.abs_means[t]
-                if tau_abs.numel():
-                    self.denominators[t] += float((tau_abs * mask).mean(dtype=torch.float64))
+            if modulators.abs_means is not None:  # None: no rescaling (TALL masks), lambda_t 1
+                tau_abs = (stored.to(device=base.device, dtype=base.dtype) - base).abs_()
+                for t, mask in enumerate(masks):
+                    self.numerators[t] += modulators.abs_means[t]
+                    if tau_abs.numel():
+                        self.denominators[t] += float((tau_abs * mask).mean(dtype=torch.float64))
         payloads = [(f"base:{name}", base), (f"unified:{name}", stored)]
         for t, mask in enumerate(masks):
             packed = pack_mask(mask)

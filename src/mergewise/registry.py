@@ -243,6 +243,9 @@ class MergeMethod:
     # True for data-aware methods (LOT, RegMean): ``func`` also takes ``features`` (one
     # ``features.TensorFeature`` or None per model) and ``name`` (the tensor's name)
     features: bool = False
+    # True when ``func`` also takes ``name`` (the tensor's name), e.g. to tell a block's linear
+    # weights from embeddings and heads (WUDI); data-aware methods get it anyway
+    takes_name: bool = False
     # True when entry i of the result depends only on entry i of the base and the inputs (and
     # on the parameters): large CPU tensors are then merged chunk by chunk, in cache (chunked)
     elementwise: bool = False

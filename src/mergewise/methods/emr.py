@@ -47,10 +47,11 @@ from ..registry import METHODS, MergeMethod, TaskSpecificOutput
 
 @dataclass
 class EMRTensor:
-    """EMR's per-task data for one tensor: masks M_t and mean|tau_t| (the rescaler numerators)."""
+    """EMR's per-task data for one tensor: masks M_t and mean|tau_t| (the rescaler numerators;
+    None for a method without rescalers, TALL masks: every lambda_t is then 1)."""
 
     masks: list[torch.Tensor]
-    abs_means: list[float]
+    abs_means: list[float] | None
 
 
 def elect_sign(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
