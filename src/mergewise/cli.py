@@ -254,11 +254,9 @@ def version() -> None:
 
 
 def main() -> None:
-    """Kept for ``python -m mergewise.cli`` and old installs; the console script is
-    ``entry.main`` (signal handlers and one-line interrupts from the first import on)."""
-    from .entry import main as entry_main
-
-    entry_main()
+    """The app alone (``python -m mergewise.cli``); the console script is ``entry.main``, which
+    adds the signal handlers and the one-line interrupt from the first import on."""
+    app()
 
 
 if __name__ == "__main__":

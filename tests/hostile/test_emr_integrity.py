@@ -358,4 +358,4 @@ def test_garbage_metadata_values_are_refused(work: Path, tmp_path: Path) -> None
     text += b" " * (n - len(text)) if len(text) <= n else b""
     assert len(text) == n, "the edited header must keep its length"
     (work / MODS).write_bytes(raw[:8] + text + raw[8 + n:])
-    refused(materialize_cli(work, tmp_path), tmp_path, "header metadata is not a map of strings")
+    refused(materialize_cli(work, tmp_path), tmp_path, "__metadata__ gives 'tasks' a JSON list")
