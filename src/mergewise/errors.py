@@ -93,3 +93,8 @@ def short_repr(value: object, limit: int = 80) -> str:
         text = f"<{type(value).__name__}>"
     text = " ".join(text.split())  # one line
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def quoted(name: str) -> str:
+    """A name from a file, quoted for a one-line message."""
+    return f"'{printable(name)}'"

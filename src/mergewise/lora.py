@@ -41,14 +41,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
-    Checkpoint,
-    SafetensorsCheckpoint,
-    StateDictCheckpoint,
-    _load_torch_file,
-)
+from .checkpoint import Checkpoint, SafetensorsCheckpoint, StateDictCheckpoint
 from .errors import CheckpointError, first_line, printable
 from .tensors import TensorInfo
+from .torch_files import load_torch_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -194,7 +190,7 @@ def open_adapter_weights(directory: Path) -> Checkpoint:
     if st.is_file():
         return SafetensorsCheckpoint(str(st), [st], None)
     if pt.is_file():
-        return StateDictCheckpoint(str(pt), _load_torch_file(pt), None)
+        return StateDictCheckpoint(str(pt), load_torch_file(pt), None)
     raise CheckpointError(f"{directory}: adapter directory without adapter_model.safetensors or "
                           "adapter_model.bin")
 
