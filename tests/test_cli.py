@@ -24,7 +24,8 @@ from mergewise.cli import app
 METHODS = ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "consensus", "dare_linear",
            "dare_ties", "della", "della_linear", "emr", "iso_c", "iso_cts", "karcher", "linear",
            "lot", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram",
-           "ramplus_tl", "regmean", "sce", "slerp", "tall_masks", "task_arithmetic", "ties", "tsv",
+           "ramplus_tl", "regmean", "regmean_plusplus",
+           "sce", "slerp", "tall_masks", "task_arithmetic", "ties", "tsv",
            "wudi"]
 
 

@@ -112,6 +112,9 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
                            report_path=None if dry_run else target / "report.json",  # type: ignore[operator]
                            seconds=done.get("seconds", 0.0), records=done.get("records", []),
                            lora=done["lora"])
+    if rec.method.sequential_features:
+        _refuse_stats_files(rec)
+        _one_alpha(rec)  # checked before any model is loaded
     sources = plan_sources(rec, root, paths.models) if rec.method.features else None
     with open_inputs(paths.base, paths.models, paths.adapter_bases) as (base, models), \
             contextlib.ExitStack() as stack:
@@ -157,12 +160,38 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
 def _attach_features(job: MergeJob, sources: list[FeatureSource], paths: InputPaths,
                      root: Path | None, device: str, stack: contextlib.ExitStack) -> None:
     """Every model's feature statistics (reused or captured now), attached to the job."""
+    if job.method.sequential_features:  # RegMean++: captured jointly, in memory
+        from .features.sequential import obtain_sequential
+
+        stats = obtain_sequential(sources, seed=job.recipe.seed, alpha=_one_alpha(job.recipe),
+                                  tokenizer_paths=paths.tokenizer_candidates(), root=root,
+                                  device=device)
+        job.set_features(stats)
+        return
     workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mergewise-")))
     stats, _ = obtain(sources, seed=job.recipe.seed, tokenizer_paths=paths.tokenizer_candidates(),
                       root=root, workdir=workdir, device=device)
     for st in stats:
         stack.callback(st.close)
     job.set_features(stats)
+
+
+def _refuse_stats_files(rec: Recipe) -> None:
+    """A method whose statistics depend on every expert (RegMean++) reads no stats file."""
+    given = [f"models.{i}.features" for i, m in enumerate(rec.models) if m.features is not None]
+    if given:
+        raise FeatureError(f"{rec.method.name} captures its statistics during the merge (block l "
+                           f"on the merged blocks < l), so it reads no stats file: remove "
+                           f"{', '.join(given)} and give each model a calibration block")
+
+
+def _one_alpha(rec: Recipe) -> float:
+    """The merge's alpha, which the sequential capture merges every block with: one number."""
+    value = rec.parameters.get("alpha", 0.95)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{rec.method.name}: parameters.alpha must be one number (the "
+                          "sequential capture merges every block with it), not a filter list")
+    return float(value)
 
 
 def _side_files(rec: Recipe, job: MergeJob, paths: InputPaths, inputs: list[Checkpoint],
@@ -291,6 +320,10 @@ def compute_features(recipe: Recipe | Mapping[str, Any] | str | Path,
     that has a calibration block (to its ``features:`` path, else ``out_dir/TASK...``).
     Existing stats files are kept unless ``overwrite``."""
     rec, root = _coerce_recipe(recipe)
+    if rec.method.sequential_features:
+        raise FeatureError(f"{rec.method.name}: its statistics depend on every expert and are "
+                           "captured during `mergewise merge`; there are no per-model stats "
+                           "files to compute")
     todo = [i for i, m in enumerate(rec.models) if m.calibration is not None]
     if not todo:
         raise RecipeError("no model of the recipe has a 'calibration:' block; nothing to compute")

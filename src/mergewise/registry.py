@@ -243,6 +243,9 @@ class MergeMethod:
     # True for data-aware methods (LOT, RegMean): ``func`` also takes ``features`` (one
     # ``features.TensorFeature`` or None per model) and ``name`` (the tensor's name)
     features: bool = False
+    # True when the statistics depend on every expert jointly (RegMean++: block l captured on the
+    # merged blocks < l): a merge captures them itself, never from or into ``features:`` files
+    sequential_features: bool = False
     # True when ``func`` also takes ``name`` (the tensor's name), e.g. to tell a block's linear
     # weights from embeddings and heads (WUDI); data-aware methods get it anyway
     takes_name: bool = False

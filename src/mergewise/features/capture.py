@@ -134,7 +134,9 @@ def _hook(acc: _Accumulator, name: str, m: nn.Module, kind: str) -> Callable[...
 
 def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model",
             calibration: Mapping[str, object] | None = None,
-            probe_from: Iterable[str] | None = None) -> FeatureStats:
+            probe_from: Iterable[str] | None = None,
+            include: Callable[[str], bool] | None = None,
+            stop_before: nn.Module | None = None) -> FeatureStats:
     """Run ``module`` on ``batches`` and return the float64 accumulators of every layer.
 
     A batch is a dict of model inputs (``module(**batch)``; its ``attention_mask`` excludes
@@ -142,18 +144,22 @@ def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model"
     so they match the parameter names of ``module.state_dict()``. The module is run in eval
     mode under ``torch.inference_mode``; its training flag is restored afterwards. The probe
     (a hash of the few smallest parameters, checked against the expert at merge time) is taken
-    among ``probe_from`` when given (the names the checkpoint really holds).
+    among ``probe_from`` when given (the names the checkpoint really holds). ``include`` keeps
+    only the layers whose names it accepts; ``stop_before`` (a submodule) ends each forward pass
+    where that submodule would run (the sequential RegMean++ capture of one block).
     """
     acc = _Accumulator()
     layers: dict[str, LayerInfo] = {}
     handles = []
     for name, m in module.named_modules():
         info = _layer_kind(m)
-        if info is not None:
+        if info is not None and (include is None or include(name)):
             layers[name] = info
             handles.append(m.register_forward_pre_hook(_hook(acc, name, m, info.kind)))
     if not layers:
         raise FeatureError(f"{label}: has no Linear, Conv2d or norm layer to capture features of")
+    if stop_before is not None:
+        handles.append(stop_before.register_forward_pre_hook(_stop))
     try:
         examples = _run(module, batches, acc)
     finally:
@@ -162,6 +168,21 @@ def capture(module: nn.Module, batches: Iterable[Batch], *, label: str = "model"
             h.remove()
     return _collect(module, layers, acc, examples, label=label, calibration=calibration,
                     probe_from=probe_from)
+
+
+class _Stop(Exception):
+    """Raised by the ``stop_before`` hook: the rest of the forward pass is not needed."""
+
+
+def _stop(_: nn.Module, __: tuple[Any, ...]) -> None:
+    raise _Stop
+
+
+def _forward(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+    try:
+        module(*args, **kwargs)
+    except _Stop:
+        pass
 
 
 def _run(module: nn.Module, batches: Iterable[Batch], acc: _Accumulator) -> int:
@@ -178,7 +199,7 @@ def _run(module: nn.Module, batches: Iterable[Batch], acc: _Accumulator) -> int:
                 if isinstance(batch, torch.Tensor):
                     acc.mask = None
                     examples += batch.shape[0]
-                    module(batch.to(device))
+                    _forward(module, batch.to(device))
                     continue
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                           for k, v in batch.items()}
@@ -186,7 +207,7 @@ def _run(module: nn.Module, batches: Iterable[Batch], acc: _Accumulator) -> int:
                 acc.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
                 examples += next(iter(v.shape[0] for v in inputs.values()
                                       if isinstance(v, torch.Tensor)), 0)
-                module(**inputs)
+                _forward(module, **inputs)
     finally:
         module.train(was_training)
     return examples
@@ -261,6 +282,27 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
     Text data is tokenized with the first of ``tokenizer_paths`` (the base's) that holds a
     tokenizer, else the expert's own. ``seconds`` times the forward passes alone.
     """
+    module, batches, settings, held = prepare_expert(
+        model_path, data_path, num_examples=num_examples, batch_size=batch_size,
+        max_length=max_length, seed=seed, text_field=text_field,
+        tokenizer_paths=tokenizer_paths, factory=factory, root=root, device=device)
+    start = time.perf_counter()
+    stats = capture(module, batches, label=str(model_path), calibration=settings,
+                    probe_from=held)
+    seconds = time.perf_counter() - start
+    del module
+    report = CaptureReport(task or str(model_path), int(stats.metadata["examples"]),
+                           stats.total_rows, len(stats.layers), seconds)
+    return stats, report
+
+
+def prepare_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
+                   batch_size: int = 8, max_length: int = 128, seed: int = 0,
+                   text_field: str = "text", tokenizer_paths: Sequence[Path] = (),
+                   factory: str | None = None, root: Path | None = None, device: str = "cpu"
+                   ) -> tuple[nn.Module, list[Batch], dict[str, Any], set[str]]:
+    """An expert as a module on ``device``, its seeded calibration batches (token ids checked),
+    its calibration settings and the tensor names its checkpoint holds."""
     settings = calibration_settings(data_path, num_examples, batch_size, max_length, seed,
                                     text_field)
     tokenizer: Tokenizer | None = None
@@ -280,11 +322,4 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
     module = module.to(device)
     with open_checkpoint(model_path) as ckpt:
         held = ckpt.names()  # a module may hold more (a freshly initialised pooler)
-    start = time.perf_counter()
-    stats = capture(module, batches, label=str(model_path), calibration=settings,
-                    probe_from=held)
-    seconds = time.perf_counter() - start
-    del module
-    report = CaptureReport(task or str(model_path), int(stats.metadata["examples"]),
-                           stats.total_rows, len(stats.layers), seconds)
-    return stats, report
+    return module, batches, settings, set(held)
