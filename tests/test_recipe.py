@@ -16,6 +16,7 @@ import mergewise
 import mergewise.inputs
 from mergewise import RecipeError, load_recipe, merge, merge_state_dicts, parse_recipe
 from mergewise.params import resolve
+from mergewise.registry import METHODS
 
 
 def base_recipe(**changes: Any) -> dict[str, Any]:
@@ -167,9 +168,7 @@ def test_unknown_method_with_suggestion(name: str, suggestion: str | None) -> No
     assert f"merge_method: unknown merge method '{name}'" in msg
     if suggestion:
         assert f"did you mean '{suggestion}'" in msg
-    assert ("known: arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, "
-            "della_linear, emr, karcher, linear, ") in msg
-    assert msg.endswith(", slerp, task_arithmetic, ties")
+    assert msg.endswith("; known: " + ", ".join(sorted(m.name for m in METHODS)))
 
 
 @pytest.mark.parametrize("key", ["lambda", "aggregate"])

@@ -28,6 +28,8 @@ DTypeName = Literal[tuple(FLOAT_DTYPES)]  # type: ignore[valid-type]  # the one 
 Int = Annotated[int, BeforeValidator(lambda v: as_kind(v, int))]
 Float = Annotated[float, BeforeValidator(lambda v: as_kind(v, float))]
 Bool = Annotated[bool, BeforeValidator(lambda v: as_kind(v, bool))]
+SEED_LIMIT = 2**63 - 1  # torch generators take 64-bit seeds; a seed is no count
+Seed = Annotated[int, BeforeValidator(lambda v: as_kind(v, int, SEED_LIMIT))]
 
 # Bounds of a recipe file, checked before and while YAML reads it (real recipes are a few kB):
 MAX_RECIPE_BYTES = 1 << 20  # 1 MiB; also what is copied into every output shard's header
@@ -139,7 +141,7 @@ class Recipe(BaseModel):
     sparsify: dict[str, ParamValue] | None = None
     dtype: DTypeName | None = None  # compute dtype; None: float32 (mergewise's default)
     out_dtype: DTypeName | None = None  # None: dtype when given (as mergekit), else the base's
-    seed: Int = Field(0, ge=0)
+    seed: Seed = Field(0, ge=0)
     tokenizer_source: str | None = None
     tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None

@@ -40,11 +40,11 @@ def _got(value: Any) -> str:
     return shown
 
 
-def as_kind(value: Any, kind: type) -> Any:
+def as_kind(value: Any, kind: type, limit: int = INT_LIMIT) -> Any:
     """``value`` as a ``kind`` (float, int, bool, str) or ValueError("must be ..., got ...").
 
     The one type rule of user values: a float takes an int or a float, finite; an int takes an
-    int or a float with no fraction (``1e3``, as pydantic and mergekit do), within +-INT_LIMIT;
+    int or a float with no fraction (``1e3``, as pydantic and mergekit do), within +-``limit``;
     a bool only true/false (mergekit would read ``1`` or ``"yes"``; refused, not guessed); a
     string only a string. A boolean is never a number.
     """
@@ -58,8 +58,8 @@ def as_kind(value: Any, kind: type) -> Any:
             if number.is_integer():
                 value = int(number)
         if isinstance(value, int):
-            if abs(value) > INT_LIMIT:
-                raise ValueError(f"must lie in [-{INT_LIMIT}, {INT_LIMIT}] (an int), got "
+            if abs(value) > limit:
+                raise ValueError(f"must lie in [-{limit}, {limit}] (an int), got "
                                  f"{short_repr(value)}")
             return value
     raise ValueError(f"must be {_TYPE_TEXT.get(kind, kind.__name__)}, got {_got(value)}")

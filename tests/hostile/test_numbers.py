@@ -137,7 +137,7 @@ REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
     ("seed negative", ties(seed=-1), ["seed: Input should be greater than or equal to 0, got -1"]),
     ("seed nan", ties(seed=NAN), ["seed: must be a finite number, got nan"]),
     ("seed inf", ties(seed=INF), ["seed: must be a finite number, got inf"]),
-    ("seed huge", ties(seed=10**30), ["seed: must lie in [-2147483647, 2147483647]"]),
+    ("seed huge", ties(seed=10**30), ["seed: must lie in [-9223372036854775807, 9223372036854775807]"]),
     ("seed quoted", ties(seed="3"), ["seed: must be an int, got '3' (a quoted string"]),
     ("calibration num_examples nan", {"merge_method": "regmean", "models": [
         {"model": "a", "calibration": {"data": "d.txt", "num_examples": NAN}}, "b"]},
