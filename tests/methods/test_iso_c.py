@@ -14,17 +14,12 @@ from cli_helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from svd_helpers import F64, t64, weight_and_bias
 from value_helpers import assert_values
 
 from mergewise import METHODS, merge_state_dicts
 from mergewise.docs import methods_markdown
 from mergewise.methods.iso_c import iso_c_merge
-
-F64 = torch.float64
-
-
-def t64(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=F64)
 
 
 def reference(taus: list[np.ndarray]) -> np.ndarray:
@@ -178,11 +173,7 @@ def test_dtypes(dtype, shape, seed) -> None:
 # --- through the engine -----------------------------------------------------------------------
 
 def _sds(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    base = {"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g)}
-    models = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-              for _ in range(3)]
-    return base, models
+    return weight_and_bias(5, 3, 3, seed)
 
 
 def test_api_float32_matches_float64() -> None:

@@ -13,24 +13,13 @@ from cli_helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from svd_helpers import F64, inv_sqrt_polar, t64, weight_and_bias
 from value_helpers import assert_values
 
 from mergewise import METHODS, merge_state_dicts
 from mergewise.docs import methods_markdown
 from mergewise.methods.iso_c import iso_c_merge
 from mergewise.methods.iso_cts import iso_cts_merge, split_ranks
-
-F64 = torch.float64
-
-
-def t64(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=F64)
-
-
-def inv_sqrt_polar(a: np.ndarray) -> np.ndarray:
-    """polar(a) = a (aᵀa)^(-1/2), a of full column rank (eigh: independent of the SVD)."""
-    w, q = np.linalg.eigh(a.T @ a)
-    return a @ (q / np.sqrt(w)) @ q.T
 
 
 def reference(taus: list[np.ndarray], fraction: float = 0.8) -> np.ndarray:
@@ -225,11 +214,7 @@ def test_dtypes(dtype, shape, seed) -> None:
 # --- through the engine -----------------------------------------------------------------------
 
 def _sds(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    base = {"w": torch.randn(8, 6, generator=g), "b": torch.randn(6, generator=g)}
-    models = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-              for _ in range(2)]
-    return base, models
+    return weight_and_bias(8, 6, 2, seed)
 
 
 def test_api_float32_matches_float64() -> None:
