@@ -136,7 +136,7 @@ class Recipe(BaseModel):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = Field(default_factory=list)
-    slices: list[Slice] | None = None
+    slices: list[Slice] | None = Field(None, min_length=1)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     sparsify: dict[str, ParamValue] | None = None
     dtype: DTypeName | None = None  # compute dtype; None: float32 (mergewise's default)

@@ -375,3 +375,10 @@ def test_random_recipe_files(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "r.yaml"
     path.write_bytes(data)
     _one_line_or_recipe(lambda: load_recipe(path)[0], f"{path}: ")
+
+
+def test_an_empty_slices_list_is_one_line() -> None:
+    """Found by the random recipe test: ``slices: []`` was an IndexError."""
+    with pytest.raises(MergewiseError) as exc:
+        parse_recipe({"merge_method": "ties", "slices": []}, "r.yaml")
+    assert "slices" in str(exc.value) and "\n" not in str(exc.value)
