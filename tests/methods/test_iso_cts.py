@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ckpt_helpers import Family, load_dir, recipe_for, write_recipe
-from cli_helpers import run_cli
+from ckpt_helpers import Family
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
-from svd_helpers import F64, inv_sqrt_polar, t64, weight_and_bias
+from svd_helpers import F64, inv_sqrt_polar, merged_twice, t64, weight_and_bias
 from value_helpers import assert_values
 
 from mergewise import METHODS, merge_state_dicts
@@ -251,22 +249,11 @@ def test_api_with_a_tadrop_block() -> None:
 
 def test_cli_merge_on_the_tiny_family(family_f32: Family, tmp_path: Path) -> None:
     params = {"lambda": 1.5, "common_space_fraction": 0.5}
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_for(family_f32, "iso_cts",
-                                                          parameters=params))
-    outs = []
-    for name in ("a", "b"):
-        result = run_cli("merge", recipe, "--out", tmp_path / name, "--no-progress")
-        assert result.exit_code == 0, result.output
-        outs.append(load_dir(tmp_path / name))
-    base = load_file(family_f32.base / "model.safetensors")
-    experts = [load_file(e / "model.safetensors") for e in family_f32.experts]
-    assert sorted(outs[0]) == sorted(base)
-    for k, v in outs[0].items():
-        assert v.dtype == torch.float32 and v.shape == base[k].shape
-        assert torch.equal(v, outs[1][k])  # deterministic
+    out, base, experts = merged_twice(family_f32, "iso_cts", params, tmp_path)
+    for k, v in out.items():
         want = iso_cts_merge(base[k].double(),
                              [e[k].double() - base[k].double() for e in experts], [1.0, 1.0],
                              lam=1.5, common_space_fraction=0.5)
         torch.testing.assert_close(v.double(), want, rtol=1e-4, atol=1e-5)
     matrices = [k for k in base if base[k].dim() == 2]
-    assert any(not torch.equal(outs[0][k], base[k]) for k in matrices)
+    assert any(not torch.equal(out[k], base[k]) for k in matrices)
