@@ -334,12 +334,19 @@ class MergeJob:
         step = slot.step
         assert step is not None
         params = step.params(source, plan.t)
-        gen = (tensor_generator(self.recipe.seed, slot.index, plan.name)
-               if step.sparsifier.random else None)
+        gen = self.generator_for(slot, plan)
         stats = slot.stats.for_tensor(plan.name) if slot.stats is not None else None
         if step.sparsifier.reports and info is not None:
             params["info"] = info
         return step.sparsifier.func(delta, generator=gen, stats=stats, **params)
+
+    def generator_for(self, slot: ModelSlot, plan: TensorPlan) -> torch.Generator | None:
+        """The generator of ``slot``'s random sparsification of ``plan``: (seed, model, output
+        name), whole or streamed; None for a deterministic one."""
+        step = slot.step
+        if step is None or not step.sparsifier.random:
+            return None
+        return tensor_generator(self.recipe.seed, slot.index, plan.name)
 
     def sources(self, plan: TensorPlan) -> list[str]:
         """The name each model reads for ``plan`` (the output name unless a frankenmerge)."""
