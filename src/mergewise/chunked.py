@@ -31,9 +31,10 @@ from .numerics import REPORT_CHUNK, ReportNorm, all_finite, report_norm
 from .runtime import threads_beside_io
 
 if TYPE_CHECKING:
-    from .engine import MergeJob, ModelSlot, TensorReader
+    from .engine import MergeJob, ModelSlot
     from .params import SparsifyStep
     from .plan import TensorPlan
+    from .readers import TensorReader
 
 CHUNK = REPORT_CHUNK  # a multiple of REPORT_CHUNK: report norms sum the same partials
 MIN_NUMEL = 2 * CHUNK  # smaller tensors gain nothing
