@@ -1,0 +1,107 @@
+"""Fisher merging (Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging").
+
+Per parameter entry, θ* = Σ_k c_k (F_k + ε) θ_k / Σ_k c_k (F_k + ε), with F_k expert k's diagonal
+Fisher on its own task's calibration data (``mergewise features``; label-free: the labels are
+the model's own predictions, ``calibration.labels``, see below), ε = ``minimal_fisher_weight``
+and c_k = λ_k (the per-model ``weight``), or with ``normalize`` (default, as FusionBench)
+c_k = λ_k / (‖F_k‖ + ε), ‖F_k‖ the L2 norm of expert k's whole Fisher (every stored parameter),
+so that a task whose gradients are larger overall does not win every entry. Full weights are
+averaged: no base is needed, no task vectors.
+
+- An expert without a Fisher for a tensor (no gradient reached it in that expert) counts
+  nothing there; a tensor no expert has a Fisher for (buffers, a pooler the head never reads)
+  is the plain weighted average Σ λ_k θ_k / Σ λ_k; so is every entry whose denominator is 0
+  (ε = 0 and no Fisher mass there, or every λ_k 0 among the experts that have a Fisher).
+- The Fisher, F = (1/P) Σ_predictions Σ_y w(y) (∇ log p(y|x))², the mean over predictions
+  (classifier examples, or real tokens of a causal LM head) of per-prediction squared
+  gradients: ``labels: expected`` (every class, weighted by p(y|x): the exact Fisher; the
+  default ``auto`` for up to 64 classes), ``sample`` (one y ~ p(·|x), seeded; ``auto``
+  above 64 classes: an LM), ``argmax`` (y = the prediction; biased, a common shortcut).
+
+| question            | mergewise                                    | FusionBench (MergeLM's code) |
+|---------------------|----------------------------------------------|------------------------------|
+| Fisher of a batch   | Σ over examples of squared per-example gradients | the square of one batch gradient of Σ_i Σ_y √p(y) log p(y) (cross terms between examples and classes kept) |
+| labels              | the model's own: expected / sample / argmax  | the model's own, √p-weighted (regression: MSE on data labels) |
+| examples            | ``calibration.num_examples`` (64), seeded    | ``num_fisher_examples`` (256), rounded up to whole batches |
+| LM / token heads    | every real token a prediction, padding masked | sequence classification only |
+| ε                   | ``minimal_fisher_weight`` 1e-6 added to every F | the same |
+| normalize           | c_k ∝ λ_k/(‖F_k‖ + ε), ‖F_k‖ over all stored parameters | the same, over the merged parameters |
+| scaling             | per-model ``weight`` λ_k ≥ 0 (default 1)     | ``fisher_scaling_coefficients`` (1/K each) |
+| no Fisher           | plain λ-weighted mean                        | every merged parameter has one |
+| storage             | float64 sums, float32 stats file per expert  | in memory |
+| math dtype          | float64, rounded once to ``dtype``           | model dtype |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import FeatureError, RecipeError
+from ..features.fisherfile import FisherFeature
+from ..features.statsfile import TensorFeature
+from ..registry import METHODS, MergeMethod, Param
+
+NORMALIZE = Param("normalize", True, bool, "divide each expert's Fisher by its whole-model L2 "
+                  "norm (as FusionBench's normalize_fisher_weight)")
+MINIMAL = Param("minimal_fisher_weight", 1e-6, float, "epsilon added to every Fisher entry "
+                "(and to the norms): entries without Fisher mass average by the weights",
+                low=0.0)
+SCALE = Param("weight", 1.0, float, "per-model scaling coefficient lambda_k of its Fisher "
+              "(FusionBench's fisher_scaling_coefficients)", low=0.0)
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ λ_k θ_k / Σ λ_k in float64 (the fallback of tensors and entries without Fisher)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise RecipeError("fisher: the model weights sum to 0; give at least one model a "
+                          "weight > 0")
+    out = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
+    for t, w in zip(tensors, weights, strict=True):
+        out.add_(t.to(torch.float64), alpha=w / total)
+    return out
+
+
+def fisher_merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor],
+                 weights: Sequence[float], *, features: Sequence[TensorFeature | None],
+                 normalize: bool = True, minimal_fisher_weight: float = 1e-6,
+                 name: str = "tensor") -> torch.Tensor:
+    """The Fisher-weighted average of one tensor from the experts' full weights."""
+    plain = weighted_mean(tensors, weights)
+    eps = minimal_fisher_weight
+    num = den = None
+    for t, f, lam in zip(tensors, features, weights, strict=True):
+        if f is None:
+            continue
+        if not isinstance(f, FisherFeature) or f.fisher is None:
+            raise FeatureError(f"{name}: fisher merging needs Fisher statistics, got "
+                               f"'{f.kind}' ones (a Gram stats file of LOT/RegMean?)")
+        # normalize with an all-zero Fisher and eps 0: every (F + eps) is 0, it adds nothing
+        c = (lam / (f.norm + eps) if f.norm + eps > 0 else 0.0) if normalize else lam
+        if c == 0:
+            continue
+        w = f.fisher.to(t.device, torch.float64) + eps
+        w = w * c
+        num = w * t.to(torch.float64) if num is None else num.add_(w * t.to(torch.float64))
+        den = w if den is None else den.add_(w)
+    if num is None or den is None:
+        return plain.to(tensors[0].dtype)
+    seen = den > 0
+    out = torch.where(seen, num / torch.where(seen, den, 1.0), plain)
+    return out.to(tensors[0].dtype)
+
+
+METHODS.register(MergeMethod(
+    name="fisher",
+    func=fisher_merge,
+    space="weight",
+    params=(NORMALIZE, MINIMAL),
+    doc=__doc__ or "",
+    requires_base=False,
+    model_params=(SCALE,),
+    accepts_sparsify=False,
+    features=True,
+    feature_stats="fisher",
+))
