@@ -86,7 +86,8 @@ def fisher_capture(module: nn.Module, batches: Iterable[Batch], *, labels: str =
     if examples == 0 or predictions == 0:
         raise FeatureError(f"{label}: got no calibration prediction ({examples} examples; is every "
                            "token masked out by attention_mask?); the Fisher needs at least one")
-    fisher = {n: (sums[n] / predictions).cpu() for n in params if n in touched}
+    # float32, as the stats file stores it: a merge from memory equals one from the file
+    fisher = {n: (sums[n] / predictions).to("cpu", torch.float32) for n in params if n in touched}
     return _stats(module, fisher, examples=examples, predictions=predictions, labels=used,
                   label=label, calibration=calibration, probe_from=probe_from)
 
@@ -177,7 +178,7 @@ def _stats(module: nn.Module, fisher: dict[str, torch.Tensor], *, examples: int,
     allowed = set(probe_from) if probe_from is not None else set(every)
     probe = [n for _, n in sorted((every[n].numel(), n) for n in fisher if n in allowed)
              ][:PROBE_TENSORS]
-    norm = math.sqrt(sum(float(t.square().sum()) for t in fisher.values()))
+    norm = math.sqrt(sum(float(t.double().square().sum()) for t in fisher.values()))
     metadata = {"model": label, "examples": str(examples), "rows": str(predictions),
                 "labels": labels, "fisher_norm": repr(norm),
                 "calibration": json.dumps(dict(calibration or {}), sort_keys=True),

@@ -113,7 +113,7 @@ class FisherStats(FeatureStats):
                              fisher=self.tensor(PREFIX + found[1]), norm=self.norm)
 
     def keys(self) -> list[str]:
-        return [PREFIX + n for n in self.shapes]
+        return sorted(PREFIX + n for n in self.shapes)
 
     def save(self, path: str | Path) -> Path:
         """Write the Fisher stats file atomically (temp file in the same directory, renamed)."""
