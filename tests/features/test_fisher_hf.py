@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import run_cli
 
 from mergewise.checkpoint import open_checkpoint
 from mergewise.features.fisher import fisher_capture
 from mergewise.features.fisherfile import load_fisher
-from cli_helpers import run_cli
 
 transformers = pytest.importorskip("transformers", reason="the tiny-HF Fisher tests need transformers")
 
@@ -37,6 +37,14 @@ def write_tokenizer(directory: Path) -> None:
     transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(directory))
 
 
+def perturbed(model, scale: float, g: torch.Generator):
+    """An expert: ``model`` with seeded Gaussian noise added to every parameter."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
 @pytest.fixture(scope="module")
 def classifiers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fisher_bert")
@@ -45,11 +53,7 @@ def classifiers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tokenizer(root / "base")
     g = torch.Generator().manual_seed(1)
     for k, task in enumerate(TASKS):
-        model = tiny_classifier(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        model.save_pretrained(str(root / task))
+        perturbed(tiny_classifier(0), 0.3, g).save_pretrained(str(root / task))
         lines = [json.dumps({"text": " ".join(f"w{k * 15 + int(i)}" for i in
                                                torch.randint(0, 15, (int(n),), generator=g))})
                  for n in torch.randint(2, 8, (20,), generator=g)]
@@ -146,12 +150,8 @@ def test_causal_lm_per_token_fisher_and_merge(tmp_path: Path) -> None:
     assert "model.embed_tokens.weight" in padded.shapes
     assert padded.aliases == {"lm_head.weight": "model.embed_tokens.weight"}
     # the CLI on two LM experts with tensor calibration data and sampled labels
-    for k, task in enumerate(TASKS):
-        expert = tiny_lm(0)
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-        expert.save_pretrained(str(tmp_path / task))
+    for task in TASKS:
+        perturbed(tiny_lm(0), 0.2, g).save_pretrained(str(tmp_path / task))
         torch.save({"input_ids": ids, "attention_mask": mask}, tmp_path / f"{task}.pt")
     data = {"merge_method": "fisher", "parameters": {"normalize": False},
             "models": [{"model": t, "parameters": {"weight": 1.0 + k},

@@ -8,12 +8,12 @@ batch gradient: each example runs alone (batch of one, its padding masked by its
 each label's gradient is squared before it is added. The labels come from the model itself
 (label-free; no data labels are read), ``labels``:
 
-| labels     | w(y)                          | gradients per prediction | estimates                     |
-|------------|-------------------------------|--------------------------|-------------------------------|
-| ``expected`` | p(y\\|x) for every class y     | one per class            | the Fisher exactly (Matena & Raffel's definition) |
-| ``sample`` | 1 for one y ~ p(·\\|x) (seeded) | one                      | the Fisher, unbiased          |
-| ``argmax`` | 1 for y = argmax p             | one                      | not the Fisher (biased low; a common shortcut) |
-| ``auto``   | ``expected`` up to 64 classes, else ``sample`` |          |                               |
+| labels       | w(y)                              | gradients / prediction | estimates           |
+|--------------|-----------------------------------|------------------------|---------------------|
+| ``expected`` | p(y\\|x) for every class y         | one per class          | the Fisher exactly  |
+| ``sample``   | 1 for one y ~ p(·\\|x) (seeded)     | one                    | the Fisher, unbiased |
+| ``argmax``   | 1 for y = argmax p                | one                    | not the Fisher (a shortcut) |
+| ``auto``     | ``expected`` up to 64 classes, else ``sample`` |           |                     |
 
 ``expected`` is refused above 1024 classes (a vocabulary: 49k backward passes per token). The
 model runs in eval mode (no dropout) in float32; sums are float64. Parameters no gradient

@@ -18,18 +18,22 @@ averaged: no base is needed, no task vectors.
   default ``auto`` for up to 64 classes), ``sample`` (one y ~ p(·|x), seeded; ``auto``
   above 64 classes: an LM), ``argmax`` (y = the prediction; biased, a common shortcut).
 
-| question            | mergewise                                    | FusionBench (MergeLM's code) |
-|---------------------|----------------------------------------------|------------------------------|
-| Fisher of a batch   | Σ over examples of squared per-example gradients | the square of one batch gradient of Σ_i Σ_y √p(y) log p(y) (cross terms between examples and classes kept) |
-| labels              | the model's own: expected / sample / argmax  | the model's own, √p-weighted (regression: MSE on data labels) |
-| examples            | ``calibration.num_examples`` (64), seeded    | ``num_fisher_examples`` (256), rounded up to whole batches |
-| LM / token heads    | every real token a prediction, padding masked | sequence classification only |
-| ε                   | ``minimal_fisher_weight`` 1e-6 added to every F | the same |
-| normalize           | c_k ∝ λ_k/(‖F_k‖ + ε), ‖F_k‖ over all stored parameters | the same, over the merged parameters |
-| scaling             | per-model ``weight`` λ_k ≥ 0 (default 1)     | ``fisher_scaling_coefficients`` (1/K each) |
-| no Fisher           | plain λ-weighted mean                        | every merged parameter has one |
-| storage             | float64 sums, float32 stats file per expert  | in memory |
-| math dtype          | float64, rounded once to ``dtype``           | model dtype |
+| question          | mergewise                                  | FusionBench (MergeLM's code)     |
+|-------------------|--------------------------------------------|----------------------------------|
+| Fisher of a batch | Σ of per-example squared gradients         | one batch gradient, squared (1)  |
+| labels            | the model's own: expected/sample/argmax    | the model's own, √p-weighted (1) |
+| examples          | ``calibration.num_examples`` (64), seeded  | ``num_fisher_examples`` (256)    |
+| LM / token heads  | every real token a prediction, pads masked | sequence classification only     |
+| ε                 | ``minimal_fisher_weight`` 1e-6 on every F  | the same                         |
+| normalize         | c_k ∝ λ_k/(‖F_k‖ + ε), over stored params  | the same, over merged params     |
+| scaling           | per-model ``weight`` λ_k ≥ 0 (default 1)   | ``fisher_scaling_coefficients``  |
+| no Fisher         | plain λ-weighted mean                      | every merged parameter has one   |
+| storage           | float64 sums, float32 stats file           | in memory                        |
+| math dtype        | float64, rounded once to ``dtype``         | model dtype                      |
+
+(1) FusionBench squares the gradient of Σ_i Σ_y √p(y|x_i) log p(y|x_i) over a whole batch, so
+cross terms between the batch's examples and between classes stay in; its regression heads use
+the MSE on data labels instead. Its examples are counted in whole batches.
 """
 
 from __future__ import annotations
