@@ -377,7 +377,8 @@ def merge_state_dicts(base: StateDict | None,
     Pass a list as ``records`` to receive the per-tensor report rows (kept counts, norms,
     TADrop d and p). Data-aware methods (``lot``, ``regmean``) take ``features``: one
     ``FeatureStats`` (from ``features.capture``) or stats file path per model, in the same order
-    or keyed by task.
+    or keyed by task; ``fisher`` takes ``FisherStats`` (``features.fisher.fisher_capture``) or
+    Fisher stats file paths the same way.
     """
     job = _memory_job(base, models, method, parameters=parameters,
                       model_parameters=model_parameters, sparsify=sparsify, dtype=dtype,

@@ -167,3 +167,14 @@ def test_causal_lm_per_token_fisher_and_merge(tmp_path: Path) -> None:
     lo, hi = torch.minimum(va, vb), torch.maximum(va, vb)
     assert bool(((merged >= lo - 1e-6) & (merged <= hi + 1e-6)).all())
     assert not torch.allclose(merged, (va + 2 * vb) / 3, atol=1e-5)  # Fisher-weighted, not plain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fisher_on_cuda_matches_cpu(classifiers: Path) -> None:
+    model = transformers.BertForSequenceClassification.from_pretrained(str(classifiers / "alpha"))
+    ids = torch.tensor([[2, 7, 8, 3, 0, 0], [2, 9, 10, 11, 12, 3]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    cpu = fisher_capture(model, [batch])
+    gpu = fisher_capture(model.to("cuda"), [batch])
+    for k in cpu.keys():
+        torch.testing.assert_close(gpu.tensor(k), cpu.tensor(k), rtol=1e-3, atol=1e-9)

@@ -22,6 +22,7 @@ averaged: no base is needed, no task vectors.
 |-------------------|--------------------------------------------|----------------------------------|
 | Fisher of a batch | Σ of per-example squared gradients         | one batch gradient, squared (1)  |
 | labels            | the model's own: expected/sample/argmax    | the model's own, √p-weighted (1) |
+| empirical Fisher  | not offered (data labels are never read)   | not offered (regression: MSE)    |
 | examples          | ``calibration.num_examples`` (64), seeded  | ``num_fisher_examples`` (256)    |
 | LM / token heads  | every real token a prediction, pads masked | sequence classification only     |
 | ε                 | ``minimal_fisher_weight`` 1e-6 on every F  | the same                         |
