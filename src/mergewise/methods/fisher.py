@@ -59,12 +59,14 @@ SCALE = Param("weight", 1.0, float, "per-model scaling coefficient lambda_k of i
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Σ λ_k θ_k / Σ λ_k in float64 (the fallback of tensors and entries without Fisher)."""
-    total = float(sum(weights))
-    if total <= 0:
+    top = max(weights, default=0.0)
+    if top <= 0:
         raise RecipeError("fisher: the model weights sum to 0; give at least one model a "
                           "weight > 0")
+    relative = [w / top for w in weights]  # <= 1: huge weights cannot overflow the sum
+    total = sum(relative)
     out = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
-    for t, w in zip(tensors, weights, strict=True):
+    for t, w in zip(tensors, relative, strict=True):
         out.add_(t.to(torch.float64), alpha=w / total)
     return out
 
@@ -76,26 +78,45 @@ def fisher_merge(base: torch.Tensor | None, tensors: Sequence[torch.Tensor],
     """The Fisher-weighted average of one tensor from the experts' full weights."""
     plain = weighted_mean(tensors, weights)
     eps = minimal_fisher_weight
-    num = den = None
-    for t, f, lam in zip(tensors, features, weights, strict=True):
-        if f is None:
-            continue
-        if not isinstance(f, FisherFeature) or f.fisher is None:
+    for f in features:
+        if f is not None and (not isinstance(f, FisherFeature) or f.fisher is None):
             raise FeatureError(f"{name}: fisher merging needs Fisher statistics, got "
                                f"'{f.kind}' ones (a Gram stats file of LOT/RegMean?)")
-        # normalize with an all-zero Fisher and eps 0: every (F + eps) is 0, it adds nothing
-        c = (lam / (f.norm + eps) if f.norm + eps > 0 else 0.0) if normalize else lam
-        if c == 0:
-            continue
-        w = f.fisher.to(t.device, torch.float64) + eps
-        w = w * c
-        num = w * t.to(torch.float64) if num is None else num.add_(w * t.to(torch.float64))
-        den = w if den is None else den.add_(w)
-    if num is None or den is None:
+    coefs = _coefficients(features, weights, normalize, eps)
+    terms = [(t, f, c) for t, f, c in zip(tensors, features, coefs, strict=True) if c > 0]
+    if not terms:
         return plain.to(tensors[0].dtype)
+
+    def weight_of(f: TensorFeature, c: float, like: torch.Tensor) -> torch.Tensor:
+        return (f.fisher.to(like.device, torch.float64) + eps).mul_(c)  # type: ignore[union-attr]
+
+    den = torch.zeros_like(plain)
+    for t, f, c in terms:
+        den.add_(weight_of(f, c, t))
     seen = den > 0
-    out = torch.where(seen, num / torch.where(seen, den, 1.0), plain)
-    return out.to(tensors[0].dtype)
+    safe = torch.where(seen, den, 1.0)
+    out = torch.zeros_like(plain)
+    for t, f, c in terms:  # Σ (w_k / Σ w) θ_k: a convex combination, even for tiny weights
+        out.add_(weight_of(f, c, t).div_(safe).mul_(t.to(torch.float64)))
+    return torch.where(seen, out, plain).to(tensors[0].dtype)
+
+
+def _coefficients(features: Sequence[TensorFeature | None], weights: Sequence[float],
+                  normalize: bool, eps: float) -> list[float]:
+    """c_k per expert (0 for one without a Fisher here), divided by the largest. The merge is
+    invariant to a common factor of the c_k, so 1/(norm + eps) is taken relative to the
+    smallest positive norm + eps: a tiny norm cannot overflow to inf (and the merge to NaN).
+    With ``normalize``, an all-zero Fisher and eps 0, every (F + eps) is 0: it adds nothing."""
+    fishers = [f if isinstance(f, FisherFeature) else None for f in features]
+    if not normalize:
+        cs = [lam if f is not None else 0.0 for f, lam in zip(fishers, weights, strict=True)]
+    else:
+        least = min((f.norm + eps for f in fishers if f is not None and f.norm + eps > 0),
+                    default=1.0)
+        cs = [lam * (least / (f.norm + eps)) if f is not None and f.norm + eps > 0 else 0.0
+              for f, lam in zip(fishers, weights, strict=True)]
+    top = max(cs, default=0.0)
+    return [c / top for c in cs] if top > 0 else cs  # <= 1: (F + eps)·c cannot overflow
 
 
 METHODS.register(MergeMethod(
