@@ -48,6 +48,9 @@ class Calibration(BaseModel):
     text_field: str = Field("text", description="the text key of each .jsonl line")
     factory: str | None = Field(None, description="'module:function' building the torch module "
                                 "of a plain (non Hugging Face) checkpoint")
+    labels: Literal["auto", "expected", "sample", "argmax"] = Field(
+        "auto", description="fisher only: the model's own labels its Fisher is computed with "
+        "(expected: every class weighted by its probability; sample: one drawn; argmax)")
 
 
 class ModelEntry(BaseModel):

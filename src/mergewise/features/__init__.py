@@ -8,6 +8,8 @@
   torch module (``load_module``; transformers is optional).
 - ``sources``: which model gets which stats file, and when an existing one is reused
   (``plan_sources``, ``obtain``).
+- ``fisher`` and ``fisherfile``: the per-parameter diagonal Fisher (Fisher merging) and its own
+  stats file kind (``fisher_capture``, ``load_fisher``; ``fisher.FISHER`` is its ``StatsKind``).
 
 Merge-time code (the engine, the LOT and RegMean methods) imports ``statsfile`` alone; the names
 below are re-exported for ``from mergewise.features import ...``.
