@@ -48,6 +48,11 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
 PIXEL_MEAN, PIXEL_STD = 127.0, 128.0
 
 
+# config.json keys that are not architecture: the tags, and the weights' dtype (mergewise's
+# writer sets ``torch_dtype`` to the merged output's dtype)
+_CONFIG_TAGS = {"model_type", "architectures", "torch_dtype", "dtype"}
+
+
 @dataclass(frozen=True)
 class LiteConfig:
     """The architecture; the defaults are EfficientNet-Lite0. ``num_classes=None``: no classifier
@@ -67,7 +72,8 @@ class LiteConfig:
         d = asdict(self)
         d.pop("extra")
         d["stages"] = [list(s) for s in self.stages]
-        return {"model_type": MODEL_TYPE, "architectures": ["EfficientNetLite"], **d}
+        return {"model_type": MODEL_TYPE, "architectures": ["EfficientNetLite"], **d,
+                "torch_dtype": "float32"}
 
     @classmethod
     def from_json(cls, d: dict[str, object], where: str) -> LiteConfig:
@@ -75,7 +81,7 @@ class LiteConfig:
         if d.get("model_type") != MODEL_TYPE:
             raise CheckpointError(f"{where}: config.json model_type is {d.get('model_type')!r}, "
                                   f"not '{MODEL_TYPE}'; not an EfficientNet-Lite checkpoint")
-        unknown = sorted(set(d) - known - {"model_type", "architectures"})
+        unknown = sorted(set(d) - known - _CONFIG_TAGS)
         if unknown:
             raise CheckpointError(f"{where}: config.json has unknown key '{unknown[0]}'")
         try:
@@ -330,3 +336,8 @@ def module_kind(name: str) -> str:
     if ".expand." in name or ".project." in name:
         return "pointwise"
     return "other"
+
+
+def tiny_backbone() -> EfficientNetLite:
+    """Factory of the ``tiny_config`` backbone (tests of the feature capture)."""
+    return EfficientNetLite(tiny_config(None))
