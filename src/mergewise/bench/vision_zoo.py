@@ -34,7 +34,7 @@ from .keys import key_hash
 from .model import Head
 from .vision_model import WEIGHTS_DIST, EfficientNetLite, load_checkpoint, load_pretrained, save_checkpoint
 from .vision_tasks import VISION_DISTS, ImageSplit, VisionTask, batch_pixels
-from .zoo import Manifest, ProbeConfig, _lr_factor, accuracy, batch_indices, fit_probe
+from .zoo import Manifest, ProbeConfig, _lr_factor, _optimizer, accuracy, batch_indices, fit_probe
 
 VISION_RECIPE_VERSION = 1  # bump when the training code changes in a way the config does not show
 
@@ -47,7 +47,7 @@ class VisionTrainConfig:
     batch_size: int = 32
     lr: float = 1e-3  # backbone
     head_lr: float = 1e-2
-    weight_decay: float = 1e-4  # convolutions and the head's weight only
+    weight_decay: float = 1e-4  # convolutions and the head's weight (not BN, not biases)
     warmup: float = 0.1
     grad_clip: float = 1.0
     bn_stats: str = "frozen"  # "frozen": BN in eval mode while training; "train": update them
@@ -111,20 +111,6 @@ def evaluate(backbone: EfficientNetLite, heads: dict[str, Head], tasks: list[Vis
 
 
 # ---------------------------------------------------------------- training
-def _optimizer(backbone: EfficientNetLite, head: torch.nn.Linear,
-               cfg: VisionTrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for p in backbone.parameters():
-        (no_decay if p.ndim == 1 else decay).append(p)  # BN affine parameters: no decay
-    groups = [{"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
-              {"params": [head.weight], "lr": cfg.head_lr, "weight_decay": cfg.weight_decay},
-              {"params": [head.bias], "lr": cfg.head_lr, "weight_decay": 0.0}]
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    return torch.optim.AdamW(groups)
-
-
 def _train_mode(backbone: EfficientNetLite, cfg: VisionTrainConfig) -> None:
     backbone.train()
     if cfg.bn_stats == "frozen":
@@ -142,7 +128,8 @@ def train_expert(task: VisionTask, cfg: VisionTrainConfig,
     torch.manual_seed(cfg.seed)
     head = torch.nn.Linear(backbone.config.head_channels, len(task.classes))
     dropout = torch.nn.Dropout(backbone.config.dropout)
-    opt = _optimizer(backbone, head, cfg)
+    # zoo's AdamW groups (no decay on 1-D parameters: here the BN affine ones; head at head_lr)
+    opt = _optimizer(backbone, head, cfg)  # type: ignore[arg-type]  # TrainConfig's fields
     labels = torch.as_tensor(task.train.labels, dtype=torch.long)
     losses: list[float] = []
     t0 = time.perf_counter()
