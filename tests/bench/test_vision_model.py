@@ -181,3 +181,26 @@ def test_pretrained_refuses_a_pickle_with_code(tmp_path: Path):
     torch.save({"x": torch.zeros(1), "f": print}, tmp_path / "code.pth")
     with pytest.raises(CheckpointError, match=r"code.pth: cannot read the state dict"):
         vm.load_pretrained(tmp_path / "code.pth")
+
+
+@needs_weights
+def test_pretrained_recognises_a_real_photo():
+    """matplotlib's bundled grace_hopper.jpg (Grace Hopper in US Navy uniform), centre-cropped to
+    224 px: ImageNet class 652 'military uniform' on top. With symmetric instead of TF SAME padding
+    its probability falls from 0.40 to 0.30, so this also pins the padding and normalisation."""
+    import os
+
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    path = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((224, 224), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        p = vm.load_pretrained()(vm.normalise_pixels(x)).softmax(-1)[0]
+    assert int(p.argmax()) == 652 and float(p[652]) > 0.35
