@@ -204,3 +204,23 @@ def test_pretrained_recognises_a_real_photo():
     with torch.no_grad():
         p = vm.load_pretrained()(vm.normalise_pixels(x)).softmax(-1)[0]
     assert int(p.argmax()) == 652 and float(p[652]) > 0.35
+
+
+def test_reachable_taps_of_lite0():
+    """At 64 px the last stage's maps are 2x2: its 5x5 kernels reach 3x3 taps; at 96 px all."""
+    taps = vm.reachable_taps(vm.LiteConfig(), 64)
+    short = {k: v for k, v in taps.items() if v[0] < v[1]}
+    assert short == {f"blocks.{i}.depthwise.conv.weight": (9, 25) for i in (12, 13, 14)}
+    assert all(u == t for u, t in vm.reachable_taps(vm.LiteConfig(), 96).values())
+    assert vm.reachable_taps(vm.LiteConfig(), 32)["blocks.15.depthwise.conv.weight"] == (1, 9)
+
+
+def test_unreachable_taps_get_no_gradient():
+    """The rule behind ``reachable_taps``, checked by autograd on the tiny model at 8 px: its
+    last 5x5 kernel runs on a 2x2 map, so only the 3x3 centre taps get a gradient."""
+    model = tiny().train()
+    cfg = model.config
+    assert vm.reachable_taps(cfg, 8)["blocks.2.depthwise.conv.weight"] == (9, 25)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    g = model.blocks[2].depthwise.conv.weight.grad.abs().sum((0, 1))
+    assert ((g > 0).sum().item(), (g[1:4, 1:4] > 0).all().item()) == (9, True)

@@ -337,3 +337,22 @@ def module_kind(name: str) -> str:
 def tiny_backbone() -> EfficientNetLite:
     """Factory of the ``tiny_config`` backbone (tests of the feature capture)."""
     return EfficientNetLite(tiny_config(None))
+
+
+def reachable_taps(cfg: LiteConfig, resolution: int) -> dict[str, tuple[int, int]]:
+    """{depthwise conv: (kernel taps that ever touch a real pixel, k·k)} at ``resolution``.
+
+    Why: on a small feature map a k x k SAME-padded kernel's outer taps only ever see padding
+    zeros, so they get no gradient and their task-vector entries are exactly 0. A tensor with
+    more than half of its entries structurally 0 has TADrop's d = Q50/Q95 = 0 (kept whole); at
+    64 px this happens to Lite0's 5x5 kernels on the 2x2 maps of the last stage."""
+    size = math.ceil(resolution / 2)  # after the stride-2 stem
+    specs = [(k, s if i == 0 else 1) for r, k, s, _, _ in cfg.stages for i in range(r)]
+    out = {}
+    for idx, (k, s) in enumerate(specs):
+        outs = math.ceil(size / s)
+        lo = max((outs - 1) * s + k - size, 0) // 2
+        used = {t for t in range(k) for i in range(outs) if 0 <= i * s + t - lo < size}
+        out[f"blocks.{idx}.depthwise.conv.weight"] = (len(used) ** 2, k * k)
+        size = outs
+    return out

@@ -10,7 +10,10 @@ Why it is written this way:
 - **One resolution, three channels, for a CPU budget.** Every image is resized (bilinear,
   antialiased) to ``RESOLUTION`` = 64 px once, stored as uint8; ``batch_pixels`` repeats the
   grey channel three times and applies the network's normalisation. At 64 px EfficientNet-Lite0
-  costs ~0.3 s per training step of 32 images on one core (offline-data.md).
+  costs ~0.3 s per training step of 32 images on one core (offline-data.md). The price: the last
+  stage runs on 2x2 maps, where 16 of the 25 taps of its three 5x5 depthwise kernels only see
+  padding (``vision_model.reachable_taps``): their task vectors are 64% exact zeros, so TADrop's
+  d is 0 there and those tensors are kept whole. 96 px (2.25x the cost) has no such taps.
 - **Splits are part of the benchmark.** Exact duplicate images are dropped first (keeping the
   first), then one seeded permutation (``SPLIT_SEED``) gives fixed val / test sizes per task and
   the rest is train; ``VisionTask.fingerprint`` hashes the splits for the expert cache.
