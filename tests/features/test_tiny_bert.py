@@ -169,7 +169,7 @@ def test_saved_stats_give_the_identical_merge(zoo, tmp_path: Path) -> None:
     base, experts, stats = zoo
     paths = {t: stats[t].save(tmp_path / f"{t}.safetensors") for t in TASKS}
     meta = load_stats(paths["alpha"]).metadata
-    assert meta["mergewise_features"] == "1" and int(meta["rows"]) > 0
+    assert meta["mergewise_features"] == "2" and int(meta["rows"]) > 0
     for method in ("lot", "regmean"):
         mem = merge_state_dicts(base.state_dict(), experts, method, features=stats)
         disk = merge_state_dicts(base.state_dict(), experts, method,
