@@ -317,6 +317,21 @@ def capture_experts(module: nn.Module, experts: Mapping[str, Mapping[str, torch.
         module.load_state_dict(original)
 
 
+def check_device(device: str) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N`` of a CUDA device torch sees: else a one-line error
+    before any model is loaded (the forward passes and the Gram sums run there; the sums come
+    back to the CPU to be written)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise FeatureError(f"device {device!r} is not cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise FeatureError("--device cuda was asked for, but torch sees no CUDA device; "
+                           "use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise FeatureError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                           "device(s)")
+
+
 @dataclass
 class CaptureReport:
     """What one capture did (for the CLI, the report and the benchmark)."""
@@ -333,7 +348,8 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
                    batch_size: int = 8, max_length: int = 128, seed: int = 0,
                    text_field: str = "text", tokenizer_paths: Sequence[Path] = (),
                    factory: str | None = None, root: Path | None = None, task: str = "",
-                   device: str = "cpu") -> tuple[FeatureStats, CaptureReport]:
+                   device: str = "cpu", pack: bool = False, accumulate: str = "float64"
+                   ) -> tuple[FeatureStats, CaptureReport]:
     """Load one expert, run it on its seeded calibration draw, return its statistics.
 
     Text data is tokenized with the first of ``tokenizer_paths`` (the base's) that holds a
@@ -342,10 +358,11 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
     module, batches, settings, held = prepare_expert(
         model_path, data_path, num_examples=num_examples, batch_size=batch_size,
         max_length=max_length, seed=seed, text_field=text_field,
-        tokenizer_paths=tokenizer_paths, factory=factory, root=root, device=device)
+        tokenizer_paths=tokenizer_paths, factory=factory, root=root, device=device, pack=pack,
+        accumulate=accumulate)
     start = time.perf_counter()
     stats = capture(module, batches, label=str(model_path), calibration=settings,
-                    probe_from=held)
+                    probe_from=held, accumulate=accumulate)
     seconds = time.perf_counter() - start
     del module
     report = CaptureReport(task or str(model_path), int(stats.metadata["examples"]),
@@ -356,12 +373,14 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
 def prepare_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
                    batch_size: int = 8, max_length: int = 128, seed: int = 0,
                    text_field: str = "text", tokenizer_paths: Sequence[Path] = (),
-                   factory: str | None = None, root: Path | None = None, device: str = "cpu"
+                   factory: str | None = None, root: Path | None = None, device: str = "cpu",
+                   pack: bool = False, accumulate: str = "float64"
                    ) -> tuple[nn.Module, list[Batch], dict[str, Any], set[str]]:
     """An expert as a module on ``device``, its seeded calibration batches (token ids checked),
     its calibration settings and the tensor names its checkpoint holds."""
+    check_device(device)
     settings = calibration_settings(data_path, num_examples, batch_size, max_length, seed,
-                                    text_field)
+                                    text_field, pack=pack, accumulate=accumulate)
     tokenizer: Tokenizer | None = None
     if data_path.suffix in TEXT_SUFFIXES:
         for candidate in (*tokenizer_paths, model_path):
@@ -370,10 +389,7 @@ def prepare_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
                 break
     batches, origins = calibration_draw(data_path, num_examples=num_examples,
                                         batch_size=batch_size, max_length=max_length, seed=seed,
-                                        tokenizer=tokenizer, text_field=text_field)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatureError("--device cuda was asked for, but torch sees no CUDA device; "
-                           "use --device cpu")
+                                        tokenizer=tokenizer, text_field=text_field, pack=pack)
     module = load_module(model_path, factory, root)
     check_token_ids(batches, origins, token_vocabulary(module), data_path, str(model_path))
     module = module.to(device)

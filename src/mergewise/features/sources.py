@@ -36,7 +36,19 @@ class StatsKind:
     settings: Callable[[Calibration], dict[str, Any]] = lambda cal: {}
 
 
-GRAMS = StatsKind("features", capture_expert, load_stats)  # layer inputs: LOT, RegMean
+def _gram_args(cal: Calibration) -> dict[str, Any]:
+    return {"pack": cal.pack, "accumulate": cal.accumulate}
+
+
+def _gram_settings(cal: Calibration) -> dict[str, Any]:
+    """``pack`` and ``accumulate`` as ``calibration_settings`` records them: only when not
+    the default, so stats files written before these options existed still match."""
+    return ({"pack": True} if cal.pack else {}) | (
+        {"accumulate": cal.accumulate} if cal.accumulate != "float64" else {})
+
+
+# layer inputs: LOT, RegMean
+GRAMS = StatsKind("features", capture_expert, load_stats, _gram_args, _gram_settings)
 
 
 @dataclass
@@ -125,7 +137,8 @@ def _reuse(src: FeatureSource, path: Path, seed: int, kind: StatsKind = GRAMS) -
                                 cal.text_field) | kind.settings(cal)
     have = json.loads(stats.metadata.get("calibration", "{}"))
     skip = {"data"} | ({"data_sha256"} if want["data_sha256"] is None else set())
-    diff = sorted(k for k in want if k not in skip and have.get(k) != want[k])
+    keys = set(want) | ({"pack", "accumulate"} & set(have))  # recorded when not the default
+    diff = sorted(k for k in keys if k not in skip and have.get(k) != want.get(k))
     if diff:
         stats.close()
         raise FeatureError(f"{path}: was computed with other calibration settings "
