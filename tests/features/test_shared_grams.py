@@ -259,3 +259,13 @@ def test_a_float32_gram_in_a_float64_file_is_refused(tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={**meta, "accumulate": "bfloat16"})
     with pytest.raises(FeatureError, match="metadata 'accumulate' = 'bfloat16' is not float64"):
         load_stats(path)
+
+
+def test_statistics_built_without_their_shared_map_say_what_is_missing() -> None:
+    _, sds, data = experts(1)
+    stats = captured(sds, data)[0]
+    partial = FeatureStats(stats.layers, {k: stats.tensor(k) for k in stats.keys()},
+                           label="partial")  # the shared map forgotten: k has no Gram
+    with pytest.raises(FeatureError, match="partial: no statistics 'gram:k'; the stats file is "
+                       "incomplete"):
+        partial.for_tensor("k.weight", (6, 6))

@@ -196,7 +196,8 @@ def test_statistics_that_do_not_fit_a_tensor_fail_before_merging(zoo) -> None:
     q = "encoder.layer.1.attention.self.query"
     bad = FeatureStats(stats["gamma"].layers, {**{k: stats["gamma"].tensor(k)
                                                   for k in stats["gamma"].keys()},
-                                               f"gram:{q}": torch.eye(5, dtype=torch.float64)})
+                                               f"gram:{q}": torch.eye(5, dtype=torch.float64)},
+                       shared=stats["gamma"].shared)  # key and value read query's Gram
     with pytest.raises(FeatureError, match=f"'{q}' has a 5-wide Gram but tensor '{q}.weight'"):
         merge_state_dicts(base.state_dict(), experts, "lot",
                           features=[stats["alpha"], stats["beta"], bad])

@@ -173,7 +173,9 @@ class FeatureStats:
         key = self.stored_key(key)
         if key in self._tensors:
             return tuple(self._tensors[key].shape)
-        return self._source.info(key).shape if self._source is not None else ()
+        if self._source is None or key not in self._source.names():
+            self.tensor(key)  # the one-line "no statistics" error
+        return self._source.info(key).shape  # type: ignore[union-attr]
 
     def kind_of(self, name: str, shape: Sequence[int]) -> tuple[str, str] | None:
         """(unit kind, layer) of a parameter, checked against the statistics' shapes (headers
