@@ -56,6 +56,9 @@ class Calibration(BaseModel):
     accumulate: Literal["float64", "float32"] = Field(
         "float64", description="dtype of the Gram sums (float32 halves memory and stats files; "
                                "solves stay float64)")
+    blocks_per_pass: Int | None = Field(
+        None, ge=1, description="stream the capture: this many blocks' Grams in memory at a "
+                                "time (one pass over the data per group), written to the stats file")
 
 
 class ModelEntry(BaseModel):

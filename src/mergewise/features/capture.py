@@ -283,20 +283,26 @@ def _collect(module: nn.Module, layers: Mapping[str, LayerInfo], acc: _Accumulat
         if m not in shared:
             tensors[key] = acc.sums[key].cpu().clone()  # a normal tensor, not an inference one
         tensors[f"rows:{m}"] = torch.tensor(float(acc.rows[m]), dtype=torch.float64)
+    metadata = {"model": label, "examples": str(examples),
+                "rows": str(max(acc.rows.values(), default=0)),
+                "calibration": json.dumps(dict(calibration or {}), sort_keys=True),
+                **probe_metadata(module, kept, probe_from)}
+    if acc.dtype != torch.float64:
+        metadata["accumulate"] = str(acc.dtype).removeprefix("torch.")
+    return FeatureStats(kept, tensors, metadata=metadata, label=f"features of {label}",
+                        shared=shared)
+
+
+def probe_metadata(module: nn.Module, kept: Iterable[str], probe_from: Iterable[str] | None
+                   ) -> dict[str, str]:
+    """``probe_tensors`` (the few smallest parameters of the layers ``kept``, among the names
+    ``probe_from`` when given) and ``probe``, their hash."""
     params = dict(module.named_parameters())
     allowed = set(probe_from) if probe_from is not None else set(params)
     candidates = sorted((params[n].numel(), n) for m in kept for n in (f"{m}.weight", f"{m}.bias")
                         if n in params and n in allowed)
     probe = [n for _, n in candidates[:PROBE_TENSORS]]
-    metadata = {"model": label, "examples": str(examples),
-                "rows": str(max(acc.rows.values(), default=0)),
-                "calibration": json.dumps(dict(calibration or {}), sort_keys=True),
-                "probe_tensors": json.dumps(probe),
-                "probe": probe_hash([params[n] for n in probe])}
-    if acc.dtype != torch.float64:
-        metadata["accumulate"] = str(acc.dtype).removeprefix("torch.")
-    return FeatureStats(kept, tensors, metadata=metadata, label=f"features of {label}",
-                        shared=shared)
+    return {"probe_tensors": json.dumps(probe), "probe": probe_hash([params[n] for n in probe])}
 
 
 def capture_experts(module: nn.Module, experts: Mapping[str, Mapping[str, torch.Tensor]],

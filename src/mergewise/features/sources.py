@@ -111,14 +111,20 @@ def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequ
             out.append(_reuse(src, existing, seed, kind))
             continue
         cal, data = _calibration_of(src)
-        stats, report = kind.capture(
-            src.model, data, num_examples=cal.num_examples,
-            batch_size=cal.batch_size, max_length=cal.max_length, seed=seed,
-            text_field=cal.text_field, tokenizer_paths=tokenizer_paths, factory=cal.factory,
-            root=root, task=src.task, device=device, **kind.capture_args(cal))
         target = src.stats_path or (workdir or Path.cwd()) / f"{src.task.replace(os.sep, '_')}.{kind.name}.safetensors"
-        report.path = stats.save(target)
-        del stats
+        settings = dict(num_examples=cal.num_examples, batch_size=cal.batch_size,
+                        max_length=cal.max_length, seed=seed, text_field=cal.text_field,
+                        tokenizer_paths=tokenizer_paths, factory=cal.factory, root=root,
+                        device=device, **kind.capture_args(cal))
+        if cal.blocks_per_pass is not None and kind is GRAMS:  # a few blocks' Grams at a time
+            from .streaming import stream_expert  # it imports sequential, which imports us
+
+            report = stream_expert(src.model, data, target, blocks_per_pass=cal.blocks_per_pass,
+                                   task=src.task, **settings)
+        else:
+            stats, report = kind.capture(src.model, data, task=src.task, **settings)
+            report.path = stats.save(target)
+            del stats
         out.append(kind.load(target))
         reports.append(report)
         if progress is not None:

@@ -244,11 +244,7 @@ class FeatureStats:
 
         path = Path(path)
         tensors = {k: self.tensor(k).contiguous() for k in self.keys()}
-        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
-        meta["mergewise_features"] = FORMAT_VERSION
-        meta["layers"] = json.dumps({m: {"kind": i.kind, "layout": i.layout}
-                                     for m, i in self.layers.items()})
-        meta["shared_grams"] = json.dumps(self.shared, sort_keys=True)
+        meta = file_metadata(self.metadata, self.layers, self.shared)
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return path
@@ -263,6 +259,18 @@ class FeatureStats:
             elif m not in self.shared:
                 out.append(f"gram:{m}")
         return out
+
+
+def file_metadata(metadata: Mapping[str, Any], layers: Mapping[str, LayerInfo],
+                  shared: Mapping[str, str]) -> dict[str, str]:
+    """A stats file's header metadata: ``metadata`` as strings (JSON for other values), the
+    format version, the layers and the shared-Gram map."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta["mergewise_features"] = FORMAT_VERSION
+    meta["layers"] = json.dumps({m: {"kind": i.kind, "layout": i.layout}
+                                 for m, i in layers.items()})
+    meta["shared_grams"] = json.dumps(dict(shared), sort_keys=True)
+    return meta
 
 
 def load_stats(path: str | Path) -> FeatureStats:
