@@ -45,7 +45,7 @@ from ..writer import atomic_file
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")  # format 1: one Gram entry per layer, float64 only
 GRAM_DTYPES = (torch.float64, torch.float32)  # float32 with ``accumulate: float32`` (format 2)
-SHARED_READS = 4  # shared Grams a file-backed FeatureStats keeps after reading (q/k/v, gate/up)
+SHARED_READS = 2  # shared Grams a file-backed FeatureStats keeps after reading: q/k/v's and gate/up's
 RECOMPUTE = "recompute it with `mergewise features --overwrite`"
 KINDS = {"linear": ("out_in", "in_out"), "norm": ("out_in",)}  # kind -> layouts
 

@@ -26,6 +26,8 @@ ablation does for units it does not merge). The solve runs in float64.
 | question            | mergewise                                                      |
 |---------------------|----------------------------------------------------------------|
 | data                | per task: ``calibration:`` block (64 examples) or ``features:`` file |
+| LLM-scale capture   | ``pack: true`` (texts packed into max_length rows), ``accumulate: float32`` (Grams; solve float64), ``blocks_per_pass: N`` (streamed) |
+| shared inputs       | q/k/v and gate/up: one stored Gram, one pseudo-inverse              |
 | features from       | each expert on its own task's data (never the merged model)     |
 | rows                | every token; padded tokens excluded via ``attention_mask``      |
 | Gram normalisation  | none (raw Σ xᵀx per task); ``tasks: equal`` divides by n_k      |

@@ -14,7 +14,8 @@ layer contributes nothing to its solve.
 |---------------------|----------------------------------------------------------------|
 | space               | full weights (no task vectors, no sparsify block)              |
 | Gram                | per task, divided by its row count; off-diagonal × ``alpha``   |
-| solve               | float64 ``solve``, pseudo-inverse if singular                   |
+| solve               | float64 LU (``solve``'s), pseudo-inverse if singular; once per shared Gram (q/k/v) |
+| capture options     | as LOT's: ``pack``, ``accumulate: float32``, ``blocks_per_pass``  |
 | other parameters    | mean of the experts' weights                                     |
 | global scale        | none                                                             |
 | math dtype          | float64 for the solve, ``dtype`` elsewhere                       |
