@@ -6,8 +6,8 @@ is expert k's Gram divided by its row count (as FusionBench: tasks weigh equally
 token counts) and G̃_k keeps the diagonal and multiplies the off-diagonal entries by ``alpha``
 (default 0.95, FusionBench's CLIP setting; 1.0 is the plain least squares, MergeLM's default).
 The system is solved in float64 (LU factors, as ``torch.linalg.solve``; a singular one falls
-back to the pseudo-inverse), factored once for the projections that share a Gram (q/k/v). Every other parameter (biases, norms, embeddings) is the plain mean of the
-experts' weights. No base model is needed and there is no λ; an expert without statistics for a
+back to the pseudo-inverse), factored once for the projections that share a Gram (q/k/v).
+Every other parameter (biases, norms, embeddings) is the plain mean of the experts' weights. No base model is needed and there is no λ; an expert without statistics for a
 layer contributes nothing to its solve.
 
 | question            | mergewise                                                      |
