@@ -4,6 +4,7 @@ with the very same merged weights as one Gram and one solve each; float32 accumu
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -165,17 +166,22 @@ def test_a_missing_shared_gram_is_refused(tmp_path: Path) -> None:
         load_stats(path)
 
 
-class Switching(nn.Module):
-    """b reads a's input in the first batch only: its Gram cannot be a's."""
+class Routed(nn.Module):
+    """a reads x; b reads ``route(call number, x)``: x itself in some batches, not in others."""
 
-    def __init__(self) -> None:
+    def __init__(self, route: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
-        self.calls = 0
+        self.route, self.calls = route, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.a(x) + self.b(x if self.calls == 1 else x + 1)
+        return self.a(x) + self.b(self.route(self.calls, x))
+
+
+def switching() -> nn.Module:
+    """b reads a's input in the first batch only: its Gram cannot be a's."""
+    return Routed(lambda call, x: x if call == 1 else x + 1)
 
 
 class OnceMore(nn.Module):
@@ -189,8 +195,8 @@ class OnceMore(nn.Module):
         return self.a(x) + self.b(x) + self.b(x * 2)
 
 
-@pytest.mark.parametrize("model", [Switching, OnceMore])
-def test_an_inconsistent_sharing_is_a_one_line_error(model: type[nn.Module]) -> None:
+@pytest.mark.parametrize("model", [switching, OnceMore])
+def test_an_inconsistent_sharing_is_a_one_line_error(model: Callable[[], nn.Module]) -> None:
     x = torch.randn(4, 3)
     with pytest.raises(FeatureError, match=r"^m: layer 'b' read the input of 'a' in .*"
                        "share_grams=False"):
@@ -200,18 +206,9 @@ def test_an_inconsistent_sharing_is_a_one_line_error(model: type[nn.Module]) -> 
 
 
 def test_a_layer_on_a_shared_input_it_did_not_share_adds_its_own_gram() -> None:
-    class Late(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
-            self.calls = 0
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.calls += 1
-            return self.a(x) + self.b(x if self.calls > 1 else x * 2)
-
     x = torch.randn(4, 3, dtype=torch.float64)
-    stats = capture(Late().double(), [x, x.clone()])
+    late = Routed(lambda call, x: x if call > 1 else x * 2).double()  # b shares from batch 2 on
+    stats = capture(late, [x, x.clone()])
     assert stats.shared == {}
     torch.testing.assert_close(stats.gram("b"), 4 * x.T @ x + x.T @ x, rtol=1e-12, atol=0)
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from mergewise import FeatureError
 from mergewise.features import capture, load_stats
-from mergewise.features.streaming import capture_to_file, join_shards, pass_plan
 from mergewise.features.statsfile import file_metadata
+from mergewise.features.streaming import capture_to_file, join_shards, pass_plan
 
 
 class Layer(nn.Module):
@@ -78,7 +78,7 @@ def test_a_streamed_file_is_the_one_pass_file(tmp_path: Path, per_pass: int,
 def test_the_passes_stop_before_the_next_group() -> None:
     model = stack()
     plan = pass_plan(model, 2)
-    assert [stop is model.layers[i] for (_, stop), i in zip(plan[:2], (2, 4))] == [True, True]
+    assert [stop is model.layers[i] for (_, stop), i in zip(plan[:2], (2, 4), strict=True)] == [True, True]
     assert plan[2][1] is None  # the last pass runs the whole model
     hooked = [[n for n, _ in model.named_modules() if n and include(n)] for include, _ in plan]
     assert "layers.1.q" in hooked[0] and "layers.2.q" not in hooked[0]

@@ -26,7 +26,7 @@ ablation does for units it does not merge). The solve runs in float64.
 | question            | mergewise                                                      |
 |---------------------|----------------------------------------------------------------|
 | data                | per task: ``calibration:`` block (64 examples) or ``features:`` file |
-| LLM-scale capture   | ``pack: true`` (texts packed into max_length rows), ``accumulate: float32`` (Grams; solve float64), ``blocks_per_pass: N`` (streamed) |
+| LLM-scale capture   | ``pack: true``, ``accumulate: float32``, ``blocks_per_pass: N``  |
 | shared inputs       | q/k/v and gate/up: one stored Gram, one pseudo-inverse              |
 | features from       | each expert on its own task's data (never the merged model)     |
 | rows                | every token; padded tokens excluded via ``attention_mask``      |
@@ -125,7 +125,8 @@ class SharedSolves:
     def get(self, pairs: Sequence[tuple[torch.Tensor, TensorFeature, float]],
             tag: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         grams = [f.gram for _, f, _ in pairs]
-        if any(f.shared_gram is None or g is None for (_, f, _), g in zip(pairs, grams)):
+        if any(f.shared_gram is None or g is None
+               for (_, f, _), g in zip(pairs, grams, strict=True)):
             return build()
         key = (tag, str(pairs[0][0].device), tuple(id(g) for g in grams),
                tuple(w for _, _, w in pairs))

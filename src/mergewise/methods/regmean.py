@@ -7,8 +7,9 @@ token counts) and G̃_k keeps the diagonal and multiplies the off-diagonal entri
 (default 0.95, FusionBench's CLIP setting; 1.0 is the plain least squares, MergeLM's default).
 The system is solved in float64 (LU factors, as ``torch.linalg.solve``; a singular one falls
 back to the pseudo-inverse), factored once for the projections that share a Gram (q/k/v).
-Every other parameter (biases, norms, embeddings) is the plain mean of the experts' weights. No base model is needed and there is no λ; an expert without statistics for a
-layer contributes nothing to its solve.
+Every other parameter (biases, norms, embeddings) is the plain mean of the experts' weights.
+No base model is needed and there is no λ; an expert without statistics for a layer
+contributes nothing to its solve.
 
 | question            | mergewise                                                      |
 |---------------------|----------------------------------------------------------------|
@@ -29,8 +30,7 @@ import torch
 
 from ..features.statsfile import TensorFeature
 from ..registry import METHODS, MergeMethod, Param
-from .lot import (SOLVES, accumulate, as_matrix, feature_kind, from_matrix, mean_of, stat,
-                  with_stats)
+from .lot import SOLVES, accumulate, as_matrix, feature_kind, from_matrix, mean_of, stat, with_stats
 
 ALPHA = Param("alpha", 0.95, float, "multiplier of the Grams' off-diagonal entries (1 = plain "
               "least squares)", low=0.0, high=1.0)
