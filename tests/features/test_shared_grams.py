@@ -266,3 +266,20 @@ def test_statistics_built_without_their_shared_map_say_what_is_missing() -> None
     with pytest.raises(FeatureError, match="partial: no statistics 'gram:k'; the stats file is "
                        "incomplete"):
         partial.for_tensor("k.weight", (6, 6))
+
+
+def test_stats_files_share_the_solves_in_checkpoint_order(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Safetensors lists names sorted (k, o, q, v; down, gate, up): o between k and q, and the
+    files read lazily, must still give one pseudo-inverse per shared Gram."""
+    base, sds, data = experts(2)
+    paths = [s.save(tmp_path / f"{k}.safetensors") for k, s in enumerate(captured(sds, data))]
+    calls = []
+    real = torch.linalg.pinv
+    monkeypatch.setattr(torch.linalg, "pinv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ordered = [dict(sorted(sd.items())) for sd in sds]
+    got = merge_state_dicts(dict(sorted(base.items())), ordered, "lot",
+                            features=[str(p) for p in paths])
+    assert len(calls) == 4
+    want = merge_state_dicts(base, sds, "lot", features=captured(sds, data, share_grams=False))
+    assert all(torch.equal(got[n], want[n]) for n in want)
