@@ -36,7 +36,19 @@ class StatsKind:
     settings: Callable[[Calibration], dict[str, Any]] = lambda cal: {}
 
 
-GRAMS = StatsKind("features", capture_expert, load_stats)  # layer inputs: LOT, RegMean
+def _gram_args(cal: Calibration) -> dict[str, Any]:
+    return {"pack": cal.pack, "accumulate": cal.accumulate}
+
+
+def _gram_settings(cal: Calibration) -> dict[str, Any]:
+    """``pack`` and ``accumulate`` as ``calibration_settings`` records them: only when not
+    the default, so stats files written before these options existed still match."""
+    return ({"pack": True} if cal.pack else {}) | (
+        {"accumulate": cal.accumulate} if cal.accumulate != "float64" else {})
+
+
+# layer inputs: LOT, RegMean
+GRAMS = StatsKind("features", capture_expert, load_stats, _gram_args, _gram_settings)
 
 
 @dataclass
@@ -99,14 +111,20 @@ def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequ
             out.append(_reuse(src, existing, seed, kind))
             continue
         cal, data = _calibration_of(src)
-        stats, report = kind.capture(
-            src.model, data, num_examples=cal.num_examples,
-            batch_size=cal.batch_size, max_length=cal.max_length, seed=seed,
-            text_field=cal.text_field, tokenizer_paths=tokenizer_paths, factory=cal.factory,
-            root=root, task=src.task, device=device, **kind.capture_args(cal))
         target = src.stats_path or (workdir or Path.cwd()) / f"{src.task.replace(os.sep, '_')}.{kind.name}.safetensors"
-        report.path = stats.save(target)
-        del stats
+        settings = dict(num_examples=cal.num_examples, batch_size=cal.batch_size,
+                        max_length=cal.max_length, seed=seed, text_field=cal.text_field,
+                        tokenizer_paths=tokenizer_paths, factory=cal.factory, root=root,
+                        device=device, **kind.capture_args(cal))
+        if cal.blocks_per_pass is not None and kind is GRAMS:  # a few blocks' Grams at a time
+            from .streaming import stream_expert  # it imports sequential, which imports us
+
+            report = stream_expert(src.model, data, target, blocks_per_pass=cal.blocks_per_pass,
+                                   task=src.task, **settings)
+        else:
+            stats, report = kind.capture(src.model, data, task=src.task, **settings)
+            report.path = stats.save(target)
+            del stats
         out.append(kind.load(target))
         reports.append(report)
         if progress is not None:
@@ -125,7 +143,8 @@ def _reuse(src: FeatureSource, path: Path, seed: int, kind: StatsKind = GRAMS) -
                                 cal.text_field) | kind.settings(cal)
     have = json.loads(stats.metadata.get("calibration", "{}"))
     skip = {"data"} | ({"data_sha256"} if want["data_sha256"] is None else set())
-    diff = sorted(k for k in want if k not in skip and have.get(k) != want[k])
+    keys = set(want) | ({"pack", "accumulate"} & set(have))  # recorded when not the default
+    diff = sorted(k for k in keys if k not in skip and have.get(k) != want.get(k))
     if diff:
         stats.close()
         raise FeatureError(f"{path}: was computed with other calibration settings "
