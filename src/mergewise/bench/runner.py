@@ -29,7 +29,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ from .evaluate import Evaluator, summarize
 from .keys import key_hash
 from .model import Head, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
 from .report import selected_text, write_outputs
+from .selection import MARGIN, bounded_accuracies
+from .spread import bits
 from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
 
 TADROP = "+tadrop"
@@ -83,6 +85,7 @@ class RunConfig:
     val_limit: int | None = None  # None: the whole split
     test_limit: int | None = None
     seed: int = 0  # DARE / random TADrop masks
+    stop_early: bool = True  # stop scoring a candidate once it cannot be selected (exact)
     methods: tuple[str, ...] = (*(m for c in CORE_METHODS for m in (c, c + TADROP) if m not in SAME_AS),
                                 *DATA_AWARE_METHODS)
 
@@ -206,6 +209,7 @@ class Zoo:
     val: Evaluator
     test: Evaluator
     calibration: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    probe_keys: dict[str, str] = field(default_factory=dict)  # part of every cache key
     _features: dict[str, Any] | None = None
 
     def features(self) -> dict[str, Any]:
@@ -251,6 +255,7 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
             f"no cached expert/probe for {', '.join(missing)} in {cache} with this recipe; run "
             f"`mergewise bench build --cache {cache} --tasks {' '.join(tasks)}{smoke}` first")
     experts = {t.name: find_expert(cache, t, config.zoo.train) for t in loaded}
+    probe_keys = {t.name: probe_key(t, config.zoo.probe) for t in loaded}
     tokenizer = load_minilm_tokenizer()
     cap = config.zoo.train.max_len_cap
     model = load_encoder()  # one module for both evaluators; the base weights are cloned first
@@ -261,7 +266,20 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
                probes={t.name: find_probe(cache, t, config.zoo.probe) for t in loaded},  # type: ignore[misc]
                val=Evaluator(loaded, "val", config.val_limit, cap, tokenizer=tokenizer, model=model),
                test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer, model=model),
-               calibration={t.name: task_calibration_batches(t, tokenizer, cap) for t in loaded})
+               calibration={t.name: task_calibration_batches(t, tokenizer, cap) for t in loaded},
+               probe_keys=probe_keys)
+
+
+@dataclass(frozen=True)
+class CachedZoo:
+    """Picklable recipe of the zoo built by ``mergewise bench build`` (what Ray workers load)."""
+
+    tasks: tuple[str, ...]
+    cache: Path
+    config: RunConfig
+
+    def load(self) -> Zoo:
+        return load_zoo(list(self.tasks), self.cache, self.config)
 
 
 def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,
@@ -290,6 +308,24 @@ def realised_drop_rate(records: list[dict[str, Any]]) -> float | None:
     return None if numel == 0 else 1.0 - kept / numel
 
 
+def score_merge(zoo: Zoo, merged: Any, split: str, best: float | None = None) -> dict[str, Any]:
+    """Validation: accuracies (or a stop once ``best`` cannot be beaten, see ``selection``);
+    test: accuracies and per-example correctness (``test_bits``, for paired statistics)."""
+    if split == "val":
+        return bounded_accuracies(zoo.val, merged, zoo.heads, best)
+    correct = zoo.test.correct(merged, zoo.heads)
+    return {"test": {t: float(c.float().mean()) for t, c in correct.items()}, "test_bits": bits(correct)}
+
+
+def evaluate_candidate(zoo: Zoo, v: Variant, cand: dict[str, Any], split: str, seed: int,
+                       best: float | None = None) -> tuple[dict[str, Any], Any]:
+    """One cached evaluation's result (merge + score, with timings) and the merged model."""
+    merged, secs = merge(zoo, v, cand, seed)
+    t0 = time.perf_counter()
+    r = score_merge(zoo, merged, split, best)
+    return {**r, "merge_seconds": secs, "eval_seconds": time.perf_counter() - t0}, merged
+
+
 class _Session:
     """One run: the loaded zoo, the result cache and the progress bar, shared by every row."""
 
@@ -297,25 +333,31 @@ class _Session:
                  advance: Callable[[], None]):
         self.zoo, self.results, self.config, self.advance = zoo, results, config, advance
 
-    def cached(self, label: str, spec: dict[str, Any],
-               compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        hit = self.results.get(label, spec)
+    def cached(self, label: str, spec: dict[str, Any], compute: Callable[[], dict[str, Any]],
+               force: bool = False) -> dict[str, Any]:
+        """The cached result of ``spec``, computed (and stored) if absent or ``force``."""
+        hit = None if force else self.results.get(label, spec)
         if hit is None:
             hit = compute()
             self.results.put(label, spec, hit)
-        self.advance()
+        if not force:
+            self.advance()
         return hit
 
     def reference_rows(self) -> list[dict[str, Any]]:
         """Pretrained encoder (probe heads, then expert heads), each expert, experts on own task."""
         zoo = self.zoo
+        feats: dict[str, torch.Tensor] = {}  # the base's test features: one pass, two head sets
+
+        def base_scores(heads: dict[str, Head]) -> dict[str, Any]:
+            feats.update(feats or zoo.test.features(zoo.base))
+            return {"test": {t: zoo.test.score(heads[t], t, f) for t, f in feats.items()}}
+
         rows = [
             {"label": "pretrained + probe", "kind": "pretrained", **self.cached(
-                "pretrained+probe", {"row": "pretrained"},
-                lambda: {"test": zoo.test.accuracies(zoo.base, zoo.probes)})},
+                "pretrained+probe", {"row": "pretrained"}, lambda: base_scores(zoo.probes))},
             {"label": "pretrained + expert heads", "kind": "pretrained", **self.cached(
-                "pretrained+heads", {"row": "pretrained"},
-                lambda: {"test": zoo.test.accuracies(zoo.base, zoo.heads)})},
+                "pretrained+heads", {"row": "pretrained"}, lambda: base_scores(zoo.heads))},
         ]
         for t in zoo.tasks:
             sd = zoo.expert_sd[t]
@@ -327,66 +369,96 @@ class _Session:
         return rows
 
     def variant_row(self, v: Variant) -> dict[str, Any]:
-        """Score every candidate on val, then the best one (first of equals) once on test."""
+        """Score every candidate on val (stopping those that can no longer win), then the best
+        one (first of equals) once on test."""
         zoo, seed = self.zoo, self.config.seed
         kept: dict[str, Any] = {}  # the best merge computed in this run, reused for test
 
-        def score(cand: dict[str, Any]) -> dict[str, Any]:
-            merged, secs = merge(zoo, v, cand, seed)
-            t0 = time.perf_counter()
-            val = zoo.val.accuracies(merged, zoo.heads)
-            if not kept or sum(val.values()) > kept["score"]:
-                kept.update(cand=cand, merged=merged, secs=secs, score=sum(val.values()))
-            return {"val": val, "merge_seconds": secs, "eval_seconds": time.perf_counter() - t0}
+        def score(cand: dict[str, Any], best: float | None) -> dict[str, Any]:
+            r, merged = evaluate_candidate(zoo, v, cand, "val", seed,
+                                           best if self.config.stop_early else None)
+            if "val" in r and (not kept or sum(r["val"].values()) > kept["score"]):
+                kept.update(cand=cand, merged=merged, secs=r["merge_seconds"], score=sum(r["val"].values()))
+            return r
 
-        cands = []
-        for cand in v.candidates():
-            r = self.cached(v.label, merge_spec(v, cand, "val"),
-                            lambda cand=cand: score(cand))
-            cands.append({**cand, "val": r["val"], "merge_seconds": r["merge_seconds"],
-                          "val_average": sum(r["val"].values()) / len(zoo.tasks)})
-        best = max(cands, key=lambda c: c["val_average"])
+        cands = v.candidates()
+        results: list[dict[str, Any]] = []
+        for c in cands:  # the bound of each candidate: the best full score before it
+            results.append(self.cached(v.label, merge_spec(v, c, "val"),
+                                       lambda c=c, b=_best_sum(results): score(c, b)))
+        for i in _unsafe_stops(results):  # bounds from another grid's cache: score them in full
+            results[i] = self.cached(v.label, merge_spec(v, cands[i], "val"),
+                                     lambda c=cands[i]: score(c, None), force=True)
+        listed = [_candidate_entry(c, r, len(zoo.tasks)) for c, r in zip(cands, results, strict=True)]
+        best = max((c for c in listed if c["val_average"] is not None), key=lambda c: c["val_average"])
         chosen = {"parameters": best["parameters"], "sparsify": best["sparsify"]}
 
         def final() -> dict[str, Any]:
-            if kept.get("cand") == chosen:  # merges are deterministic: reuse, don't redo
-                merged, secs = kept["merged"], kept["secs"]
-            else:
-                merged, secs = merge(zoo, v, chosen, seed)
-            t0 = time.perf_counter()
-            return {"test": zoo.test.accuracies(merged, zoo.heads), "merge_seconds": secs,
+            if kept.get("cand") != chosen:
+                return evaluate_candidate(zoo, v, chosen, "test", seed)[0]
+            t0 = time.perf_counter()  # merges are deterministic: reuse the kept one, don't redo
+            return {**score_merge(zoo, kept["merged"], "test"), "merge_seconds": kept["secs"],
                     "eval_seconds": time.perf_counter() - t0}
 
-        r = self.cached(v.label, merge_spec(v, chosen, "test"), final)
+        spec = merge_spec(v, chosen, "test")
+        r = self.cached(v.label, spec, final)
+        if "test_bits" not in r:  # cached before per-example results were kept: one re-score
+            r = self.cached(v.label, spec, final, force=True)
         return {"label": v.label, "kind": "tadrop" if v.label.endswith(TADROP) else "merge",
                 "method": v.method, "selected": chosen, "val_average": best["val_average"],
-                "candidates": cands, **r}
+                "candidates": listed, **r}
+
+
+def _best_sum(results: list[dict[str, Any]]) -> float | None:
+    """The largest validation sum among fully scored results (None before the first)."""
+    sums = [sum(r["val"].values()) for r in results if "val" in r]
+    return max(sums) if sums else None
+
+
+def _unsafe_stops(results: list[dict[str, Any]]) -> list[int]:
+    """Stopped candidates whose bound does not prove they lose to the final best."""
+    best = _best_sum(results)
+    return [i for i, r in enumerate(results) if r.get("stopped")
+            and not (best is not None and r["val_upper_bound_sum"] < best - MARGIN)]
+
+
+def _candidate_entry(cand: dict[str, Any], r: dict[str, Any], n_tasks: int) -> dict[str, Any]:
+    val = r.get("val")
+    return {**cand, "val": val, "merge_seconds": r["merge_seconds"],
+            "val_average": None if val is None else sum(val.values()) / n_tasks,
+            **({"stopped": True, "val_upper_bound": r["val_upper_bound"]} if val is None else {})}
 
 
 def run_context(zoo: Zoo, config: RunConfig) -> dict[str, Any]:
     """Everything a cached evaluation depends on besides its own merge spec."""
     return {"tasks": zoo.tasks, "experts": {t: e.key for t, e in zoo.experts.items()},
-            "probes": {t: probe_key(load_task_data(t), config.zoo.probe) for t in zoo.tasks},
+            "probes": {t: zoo.probe_keys[t] for t in zoo.tasks},
             "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
             "mergewise": __version__}
 
 
-def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfig = RunConfig(),
-                  *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every row, write results.{json,md,png} into ``out``; returns the JSON document."""
+def run_zoo(source: Any, out: Path, config: RunConfig = RunConfig(), *, progress: bool = True,
+            log: Callable[[str], None] = print, ray: Any = None) -> dict[str, Any]:
+    """Every row on the zoo ``source.load()`` builds; evaluations cached in ``out/cache``.
+    ``ray`` (a ``dispatch.RaySettings``): candidates are first merged and scored on Ray
+    workers into the same cache, then the rows are assembled from it exactly as serially."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     t_start = time.perf_counter()
-    tasks = list(tasks)
     variants = [variant(m, config.grids) for m in config.methods]
-    zoo = load_zoo(tasks, cache, config)
-    context = run_context(zoo, config)
+    zoo = source.load()
+    tasks = list(zoo.tasks)
+    results = ResultCache(out, run_context(zoo, config))
+    if ray is not None:
+        from .dispatch import prefill
+
+        prefill(ray, source, results, config, variants, log)
     total = 2 + len(tasks) + sum(len(v.candidates()) + 1 for v in variants)
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         job = bar.add_task("reference rows", total=total)
-        session = _Session(zoo, ResultCache(out, context), config, lambda: bar.advance(job))
+        session = _Session(zoo, results, config, lambda: bar.advance(job))
         rows = session.reference_rows()
         own = rows[2]["test"]
         for v in variants:
@@ -397,10 +469,37 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
                 f"test avg {sum(row['test'].values()) / len(tasks):.4f}")
     for r in rows:
         r.update(summarize(r["test"], own))
-    doc = {"mergewise_version": __version__, "tasks": tasks,
-           "test_sizes": zoo.test.sizes(), "val_sizes": zoo.val.sizes(),
-           "config": {"run": asdict(config), "experts": {t: e.key for t, e in zoo.experts.items()}},
-           "rows": rows, "seconds": round(time.perf_counter() - t_start, 1)}
-    write_outputs(out, doc)
-    return doc
+    return {"mergewise_version": __version__, "tasks": tasks,
+            "test_sizes": zoo.test.sizes(), "val_sizes": zoo.val.sizes(),
+            "config": {"run": asdict(config), "experts": {t: e.key for t, e in zoo.experts.items()}},
+            "rows": rows, "seconds": round(time.perf_counter() - t_start, 1)}
 
+
+def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfig = RunConfig(),
+                  *, progress: bool = True, log: Callable[[str], None] = print,
+                  zoo_seeds: Sequence[int] | None = None, ray: Any = None) -> dict[str, Any]:
+    """Run every row, write results.{json,md,png} into ``out``; returns the JSON document.
+
+    ``zoo_seeds``: one zoo per training seed (built by ``bench build --zoo-seeds``); each zoo's
+    own outputs go to ``out/zoo-S/`` and ``out/results.*`` holds mean ± s.d. over zoos and the
+    paired gains (``zoos.combine``). Without it: the one zoo of ``config`` (seed 0 by default).
+    """
+    from .zoo import with_seed
+
+    if not zoo_seeds:
+        doc = run_zoo(CachedZoo(tuple(tasks), cache, config), out, config, progress=progress,
+                      log=log, ray=ray)
+        write_outputs(out, doc)
+        return doc
+    from .zoos import combine, write_combined
+
+    docs = []
+    for s in zoo_seeds:
+        cfg = replace(config, zoo=with_seed(config.zoo, s))
+        log(f"zoo seed {s}")
+        d = run_zoo(CachedZoo(tuple(tasks), cache, cfg), out, cfg, progress=progress, log=log, ray=ray)
+        write_outputs(out / f"zoo-{s}", d)
+        docs.append(d)
+    doc = combine(docs, list(zoo_seeds))
+    write_combined(out, doc)
+    return doc
