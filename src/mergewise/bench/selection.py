@@ -66,6 +66,7 @@ def bounded_accuracies(ev: Evaluator, state_dict: Mapping[str, torch.Tensor] | T
     "val_examples_scored": n}`` once no score on the rest could exceed ``best`` (a sum of
     accuracies; None: score everything). Same batches and predictions as ``ev.accuracies``."""
     bound = UpperBound(ev.sizes())
+    total = sum(bound.sizes.values())  # after the last batch there is nothing left to skip
     task_specific = isinstance(state_dict, TaskModels)
     if not task_specific:
         ev.model.load_state_dict(state_dict, strict=True)
@@ -79,7 +80,7 @@ def bounded_accuracies(ev: Evaluator, state_dict: Mapping[str, torch.Tensor] | T
                 start += len(rows)
                 pred = heads[name](encode(ev.model, batch)).argmax(-1)
                 bound.add(name, int((pred == prepared.labels[rows]).sum()), len(rows))
-                if bound.beaten_by(best):
+                if bound.beaten_by(best) and sum(bound.seen.values()) < total:
                     return {"stopped": True, "val_upper_bound_sum": bound.upper(),
                             "val_upper_bound": bound.upper() / len(ev.tasks),
                             "val_examples_scored": sum(bound.seen.values())}
