@@ -68,7 +68,7 @@ class TinyZoo:
 
     def load(self) -> Any:
         from .evaluate import Evaluator
-        from .model import Head
+        from .model import Head, sorted_batches
         from .runner import Zoo
         from .zoo import Expert
 
@@ -82,9 +82,10 @@ class TinyZoo:
                                 else v.clone()) for k, v in base.items()}
             heads[t] = Head(torch.randn(2, 16, generator=g), torch.randn(2, generator=g))
         tok = WordTokenizer()
+        calibration = {t.name: sorted_batches(tok(list(t.train.texts))["input_ids"], 4)[0] for t in tasks}
         return Zoo(tasks=list(self.tasks), base=base,
                    experts={t: Expert(t, f"tiny-{self.seed}-{t}", None) for t in self.tasks},  # type: ignore[arg-type]
                    expert_sd=expert_sd, heads=heads, probes=heads,
                    val=Evaluator(tasks, "val", None, 12, batch_size=8, tokenizer=tok, model=model),
                    test=Evaluator(tasks, "test", None, 12, batch_size=8, tokenizer=tok, model=model),
-                   probe_keys={t: f"tiny-probe-{t}" for t in self.tasks})
+                   calibration=calibration, probe_keys={t: f"tiny-probe-{t}" for t in self.tasks})
