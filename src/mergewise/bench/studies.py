@@ -34,8 +34,6 @@ import torch
 
 from ..registry import METHODS, SPARSIFIERS
 from .report import selected_text
-from .spread import bits as _bits
-from .spread import unbits as _unbits
 from .runner import (
     TADROP,
     Grids,
@@ -52,6 +50,8 @@ from .runner import (
     run_context,
     variant,
 )
+from .spread import bits as _bits
+from .spread import unbits as _unbits
 
 STUDIES = ("matched", "ablation", "tasks")
 SEEDS = (0, 1, 2)
