@@ -339,8 +339,10 @@ class _Session:
             results[i] = self.cached(v.label, merge_spec(v, cands[i], "val"),
                                      lambda c=cands[i]: score(c, None), force=True)
         listed = [_candidate_entry(c, r, len(zoo.tasks)) for c, r in zip(cands, results, strict=True)]
-        best = max((c for c in listed if c["val_average"] is not None), key=lambda c: c["val_average"])
-        chosen = {"parameters": best["parameters"], "sparsify": best["sparsify"]}
+        chosen = select_best(listed)
+        assert chosen is not None  # the best candidate is never stopped (nothing beats it)
+        best = next(c for c in listed if c["parameters"] == chosen["parameters"]
+                    and c["sparsify"] == chosen["sparsify"])
 
         def final() -> dict[str, Any]:
             if kept.get("cand") != chosen:
@@ -356,6 +358,16 @@ class _Session:
         return {"label": v.label, "kind": "tadrop" if v.label.endswith(TADROP) else "merge",
                 "method": v.method, "selected": chosen, "val_average": best["val_average"],
                 "candidates": listed, **r}
+
+
+def select_best(listed: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The selected candidate: best validation average among fully scored ones, first of
+    equals (None when none is fully scored)."""
+    scored = [c for c in listed if c["val_average"] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda c: c["val_average"])
+    return {"parameters": best["parameters"], "sparsify": best["sparsify"]}
 
 
 def _best_sum(results: list[dict[str, Any]]) -> float | None:
@@ -404,7 +416,7 @@ def run_zoo(source: Any, out: Path, config: RunConfig = RunConfig(), *, progress
     if ray is not None:
         from .dispatch import prefill
 
-        prefill(ray, source, results, config, variants, log)
+        prefill(ray, source, results, config, variants, len(tasks), log)
     total = 2 + len(tasks) + sum(len(v.candidates()) + 1 for v in variants)
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
