@@ -72,7 +72,8 @@ def _doc(shift):
 
 
 def test_combine_spreads_and_claims():
-XX
+    docs = [_doc(0.0), _doc(-0.1)]  # zoo 2: TIES's val 0.5 < TA's 0.55; summed 1.1 vs 1.1 ...
+    docs[1]["rows"][1]["val_average"] = 0.52  # ... now 1.12 > 1.10: TIES is the best data-free row
     assert claims(docs) == [("ties+tadrop", "ties"), ("lot", "ties")]
     doc = combine(docs, [0, 1])
     ties = next(r for r in doc["rows"] if r["label"] == "ties")
