@@ -188,7 +188,8 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
     missing = [t.name for t in loaded if find_expert(cache, t, config.zoo.train) is None
                or find_probe(cache, t, config.zoo.probe) is None]
     if missing:
-        smoke = " --smoke" if config.zoo == SMOKE else ""
+        smoke = " --smoke" if replace(config.zoo, train=replace(config.zoo.train, seed=0)) == SMOKE else ""
+        smoke += f" --seed {config.zoo.train.seed}" if config.zoo.train.seed else ""
         raise FileNotFoundError(
             f"no cached expert/probe for {', '.join(missing)} in {cache} with this recipe; run "
             f"`mergewise bench build --cache {cache} --tasks {' '.join(tasks)}{smoke}` first")
@@ -450,7 +451,8 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
     """
     from .zoo import with_seed
 
-    if not zoo_seeds:
+    if not zoo_seeds or len(zoo_seeds) == 1:  # one zoo: its own table, as always
+        config = replace(config, zoo=with_seed(config.zoo, zoo_seeds[0] if zoo_seeds else None))
         doc = run_zoo(CachedZoo(tuple(tasks), cache, config), out, config, progress=progress,
                       log=log, ray=ray)
         write_outputs(out, doc)
