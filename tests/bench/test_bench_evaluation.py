@@ -106,14 +106,19 @@ def test_stopping_early_selects_and_scores_exactly_as_full_scoring(tmp_path):
 
 def test_regmean_plusplus_and_tall_masks_rows_run_on_the_tiny_zoo(tmp_path):
     """RegMean++ reads statistics captured through the merged blocks (runner.method_features);
-    TALL masks are task-specific, scored each task through its own encoder."""
+    TALL masks are task-specific, scored each task through its own encoder; Fisher (once
+    registered) reads each expert's diagonal Fisher."""
     run = replace(TINY_RUN, methods=("regmean_plusplus", "tall_masks", "fisher"),
                   grids=replace(TINY_RUN.grids, method={"tall_masks": (("mask_lambda", (0.6,)),)}))
     log: list[str] = []
     doc = run_zoo(TinyZoo(), tmp_path, run, progress=False, log=log.append)
     rows = {r["label"]: r for r in doc["rows"]}
     assert {"regmean_plusplus", "tall_masks"} <= set(rows)
-    if "fisher" not in mergewise.registry.METHODS:
+    labels = ["regmean_plusplus", "tall_masks"]
+    if "fisher" in mergewise.registry.METHODS:  # each expert's Fisher through its own head
+        labels.append("fisher")
+        assert doc["skipped"] == []
+    else:
         assert doc["skipped"] == ["fisher: skipped, method 'fisher' is not registered in this build"]
-    for label in ("regmean_plusplus", "tall_masks"):
+    for label in labels:
         assert set(rows[label]["test"]) == set(doc["tasks"]) and rows[label]["test_bits"]

@@ -145,6 +145,17 @@ class Zoo:
             self._features = capture_experts(self.val.model, self.expert_sd, self.calibration)
         return self._features
 
+    def fisher_features(self) -> dict[str, Any]:
+        """Each expert's diagonal Fisher (label-free, the registry's defaults) of its encoder +
+        its own head on its calibration batches; captured once per run."""
+        if "fisher" not in self._sequential:
+            from ..features.fisher import fisher_capture
+
+            self._sequential["fisher"] = {  # type: ignore[index]
+                t: fisher_capture(_classifier(self.val.model, self.expert_sd[t], self.heads[t]),
+                                  self.calibration[t], label=t) for t in self.tasks}
+        return self._sequential["fisher"]  # type: ignore[index]
+
     def sequential_features(self, alpha: float) -> dict[str, Any]:
         """RegMean++'s statistics (block l on the merged blocks < l), captured once per alpha."""
         if alpha not in self._sequential:
@@ -158,6 +169,24 @@ class Zoo:
                 experts[t].load_state_dict(self.expert_sd[t], strict=True)
             self._sequential[alpha] = capture_sequential(experts, self.calibration, alpha=alpha)
         return self._sequential[alpha]
+
+
+def _classifier(encoder: torch.nn.Module, state: dict[str, torch.Tensor], head: Head) -> torch.nn.Module:
+    """A copy of ``encoder`` holding ``state`` whose forward returns ``head`` logits of the
+    pooled features: the parameter names stay the encoder's (what the merge looks up)."""
+    import copy
+
+    from .model import mean_pool
+
+    module = copy.deepcopy(encoder)
+    module.load_state_dict(state, strict=True)
+    encode_only = module.forward
+
+    def logits(**batch: torch.Tensor) -> torch.Tensor:
+        return head(mean_pool(encode_only(**batch).last_hidden_state, batch["attention_mask"]))
+
+    module.forward = logits  # type: ignore[method-assign]
+    return module
 
 
 CALIBRATION = {"examples": 64, "split": "train", "seed": 0, "batch_size": 16}
@@ -223,12 +252,14 @@ class CachedZoo:
 
 def method_features(zoo: Zoo, method: MergeMethod, cand: dict[str, Any]) -> Any:
     """The statistics a data-aware merge reads: RegMean++'s are captured through the merged
-    blocks with the candidate's alpha (once per alpha); every other method's (LOT, RegMean, and
-    Fisher once registered, unless it declares its own capture here) are each expert's own
-    activations, captured once per run."""
+    blocks with the candidate's alpha (once per alpha); Fisher's (``feature_stats: fisher``) are
+    each expert's diagonal Fisher through its own head; LOT's and RegMean's each expert's own
+    activation Grams. Each is captured once per run, on the same calibration batches."""
     if method.sequential_features:
         alpha = cand["parameters"].get("alpha", next(p.default for p in method.params if p.name == "alpha"))
         return zoo.sequential_features(float(alpha))
+    if getattr(method, "feature_stats", "inputs") == "fisher":
+        return zoo.fisher_features()
     return zoo.features()
 
 
