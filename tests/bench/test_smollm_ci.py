@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
-
 
 # Lowest gain fraction over the tasks measured at CI_BUDGET (seeds 0-2; docs/benchmarks.md,
 # "SmolLM2 end to end"), with a margin; 0 = no better than the base, 1 = as good as the expert.
@@ -30,24 +28,11 @@ def ci_run(smollm_base, offline, tmp_path_factory):
     from mergewise.bench import lm_e2e as e2e
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("smollm-ci")
-    budget = e2e.CI_BUDGET
-    tasks = e2e.tasks_for(budget)
-    times = {}
-    t0 = time.perf_counter()
-    experts = e2e.build_experts(smollm_base, tasks, root / "experts", budget)
-    times["finetune"] = time.perf_counter() - t0
-    recipes = e2e.recipes(smollm_base, experts, {}, budget)
-    merged = {}
-    for label, recipe in recipes.items():
-        merged[label] = root / "merged" / label.replace("+", "_")
-        times[label] = e2e.run_merge(recipe, merged[label])
-    t0 = time.perf_counter()
-    doc = e2e.evaluate_all(smollm_base, experts, merged, tasks, new_tokens=6)
-    times["evaluate"] = time.perf_counter() - t0
-    print(json.dumps({"seconds": times, "load": os.getloadavg(),  # shown with pytest -s
-                      "gain": {k: v["gain"] for k, v in doc["merged"].items()}}))
-    return smollm_base, experts, recipes, merged, doc
+    run = e2e.run_all(smollm_base, tmp_path_factory.mktemp("smollm-ci"), e2e.CI_BUDGET,
+                      new_tokens=6)
+    print(json.dumps({"seconds": run.seconds, "load": os.getloadavg(),  # shown with pytest -s
+                      "gain": {k: v["gain"] for k, v in run.doc["merged"].items()}}))
+    return smollm_base, run.experts, run.recipes, run.merged, run.doc
 
 
 def test_base_is_a_plain_tied_hf_directory(smollm_base):

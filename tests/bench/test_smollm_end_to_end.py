@@ -35,16 +35,8 @@ def run(smollm_base, offline, tmp_path_factory):
     from mergewise.bench import lm_e2e as e2e
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("smollm-e2e")
-    budget = e2e.SLOW_BUDGET
-    tasks = e2e.tasks_for(budget)
-    experts = e2e.build_experts(smollm_base, tasks, root / "experts", budget)
-    calib = e2e.write_calibration(tasks, root / "calib", budget.calib_examples)
-    merged = {}
-    for label, recipe in e2e.recipes(smollm_base, experts, calib, budget).items():
-        merged[label] = root / "merged" / label.replace("+", "_")
-        e2e.run_merge(recipe, merged[label])
-    return smollm_base, experts, merged, e2e.evaluate_all(smollm_base, experts, merged, tasks)
+    run = e2e.run_all(smollm_base, tmp_path_factory.mktemp("smollm-e2e"), e2e.SLOW_BUDGET)
+    return smollm_base, run.experts, run.merged, run.doc
 
 
 def test_experts_are_adapters_and_full_finetunes(run):

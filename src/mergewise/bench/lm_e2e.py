@@ -181,3 +181,33 @@ def evaluate_all(base: Path, experts: dict[str, FineTune], merged: dict[str, Pat
         row["gain"] = gain_fractions(doc["base"]["loss"], own, row["loss"], covered)
         doc["merged"][label] = row
     return doc
+
+
+@dataclass
+class Run:
+    """Everything one end-to-end run made, and the seconds each phase took."""
+
+    experts: dict[str, FineTune]
+    recipes: dict[str, dict[str, Any]]
+    merged: dict[str, Path]
+    doc: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def run_all(base: Path, root: Path, budget: Budget, new_tokens: int = 12) -> Run:
+    """Experts, calibration files, every merge of ``budget`` in this process, and the scores."""
+    tasks = tasks_for(budget)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    experts = build_experts(base, tasks, root / "experts", budget)
+    seconds["finetune"] = time.perf_counter() - t0
+    calib = write_calibration(tasks, root / "calib", budget.calib_examples) if budget.lot else {}
+    plan = recipes(base, experts, calib, budget)
+    merged = {}
+    for label, recipe in plan.items():
+        merged[label] = root / "merged" / label.replace("+", "_")
+        seconds[label] = run_merge(recipe, merged[label])
+    t0 = time.perf_counter()
+    doc = evaluate_all(base, experts, merged, tasks, new_tokens)
+    seconds["evaluate"] = time.perf_counter() - t0
+    return Run(experts, plan, merged, doc, seconds)
