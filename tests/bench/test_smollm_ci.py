@@ -16,9 +16,10 @@ import os
 
 import pytest
 
-# Lowest gain fraction over the tasks measured at CI_BUDGET (seeds 0-2; docs/benchmarks.md,
-# "SmolLM2 end to end"), with a margin; 0 = no better than the base, 1 = as good as the expert.
-MIN_GAIN = {"ties+tadrop": 0.5, "slerp": 0.5}
+# Lowest gain fraction over the tasks measured at CI_BUDGET, seeds 0 and 1 (docs/benchmarks.md,
+# "SmolLM2 end to end"): ties+tadrop 0.79 / 0.86 (french; shout and json 0.98-0.99), slerp
+# 0.94 / 0.92 (shout; json 0.97). The bounds leave ~0.2 of margin; 0 = no better than the base.
+MIN_GAIN = {"ties+tadrop": 0.6, "slerp": 0.75}
 
 
 @pytest.fixture(scope="module")
