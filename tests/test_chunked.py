@@ -152,3 +152,36 @@ def test_overflowing_out_dtype_is_the_whole_paths_error(small_chunks: None,
         with pytest.raises(NonFiniteError) as want:
             _run("task_arithmetic", {}, None, base, models, out_dtype="float16")
     assert str(got.value) == str(want.value)
+
+
+def test_dare_is_streamed_not_made_whole(small_chunks: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """DARE's mask and L1 sums are drawn chunk by chunk: no task vector is made whole."""
+    made: list[str] = []
+    real = chunked._Whole.make
+
+    def spy(self: Any, base: torch.Tensor, record: bool) -> bool:
+        made.append(self.plan.name)
+        return real(self, base, record)
+
+    monkeypatch.setattr(chunked._Whole, "make", spy)
+    base, models = _family()
+    _run("dare_ties", {"density": 0.5}, None, base, models)
+    assert made == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("rule", ["l1", "density"])
+def test_dare_half_precision_compute_streamed_equals_whole(dtype: str, rule: str,
+                                                           small_chunks: None,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    base, models = _family(torch.float32, seed=2)
+    params = {"density": 0.4, "rescale_rule": rule}
+    got, got_rows = _run("dare_ties", params, None, base, models, dtype=dtype)
+    with monkeypatch.context() as m:
+        _whole(m)
+        want, want_rows = _run("dare_ties", params, None, base, models, dtype=dtype)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in got_rows]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in want_rows]

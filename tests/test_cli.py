@@ -22,8 +22,8 @@ from mergewise.checkpoint import open_checkpoint
 from mergewise.cli import app
 
 METHODS = ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "consensus", "dare_linear",
-           "dare_ties", "della", "della_linear", "emr", "iso_c", "iso_cts", "karcher", "linear",
-           "lot", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram",
+           "dare_ties", "della", "della_linear", "emr", "fisher", "iso_c", "iso_cts", "karcher",
+           "linear", "lot", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram",
            "ramplus_tl", "regmean", "regmean_plusplus",
            "sce", "slerp", "tall_masks", "task_arithmetic", "ties", "tsv",
            "wudi"]

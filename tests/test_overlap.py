@@ -14,7 +14,7 @@ from ckpt_helpers import Family, leftovers, load_dir, recipe_for
 
 from mergewise import NonFiniteError, merge
 from mergewise.checkpoint import open_checkpoint
-from mergewise.engine import Prefetcher
+from mergewise.readers import Prefetcher
 from mergewise.writer import BackgroundWriter
 
 

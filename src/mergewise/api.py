@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint, StateDictCheckpoint
 from .engine import MergeJob
 from .errors import FeatureError, RecipeError, UnknownTaskError
 from .features import CaptureReport, FeatureSource, FeatureStats, load_stats, obtain, plan_sources
+from .features.sources import GRAMS, StatsKind
 from .inputs import (
     InputPaths,
     open_inputs,
@@ -42,7 +43,7 @@ from .params import base_is_special, check_listed_base
 from .plan import PlanSummary
 from .progress import merge_progress
 from .recipe import Recipe, load_recipe, parse_recipe
-from .registry import METHODS
+from .registry import METHODS, MergeMethod
 from .report import tensor_rows
 from .slicejobs import open_sliced
 from .statspass import StatsCache
@@ -171,10 +172,19 @@ def _attach_features(job: MergeJob, sources: list[FeatureSource], paths: InputPa
         return
     workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mergewise-")))
     stats, _ = obtain(sources, seed=job.recipe.seed, tokenizer_paths=paths.tokenizer_candidates(),
-                      root=root, workdir=workdir, device=device)
+                      root=root, workdir=workdir, device=device, kind=_stats_kind(job.method))
     for st in stats:
         stack.callback(st.close)
     job.set_features(stats)
+
+
+def _stats_kind(method: MergeMethod) -> StatsKind:
+    """How the method's statistics are captured and read: Grams, or the Fisher."""
+    if method.feature_stats == "fisher":
+        from .features.fisher import FISHER
+
+        return FISHER
+    return GRAMS
 
 
 def _refuse_stats_files(rec: Recipe) -> None:
@@ -349,7 +359,7 @@ def compute_features(recipe: Recipe | Mapping[str, Any] | str | Path,
     workdir = Path(out_dir).expanduser() if out_dir is not None else None
     stats, reports = obtain(sources, seed=rec.seed, tokenizer_paths=paths.tokenizer_candidates(),
                             root=root, workdir=workdir, overwrite=True, device=device,
-                            progress=progress)
+                            progress=progress, kind=_stats_kind(rec.method))
     for st in stats:
         st.close()
     return reports
@@ -378,7 +388,8 @@ def merge_state_dicts(base: StateDict | None,
     Pass a list as ``records`` to receive the per-tensor report rows (kept counts, norms,
     TADrop d and p). Data-aware methods (``lot``, ``regmean``) take ``features``: one
     ``FeatureStats`` (from ``features.capture``) or stats file path per model, in the same order
-    or keyed by task.
+    or keyed by task; ``fisher`` takes ``FisherStats`` (``features.fisher.fisher_capture``) or
+    Fisher stats file paths the same way.
     """
     job = _memory_job(base, models, method, parameters=parameters,
                       model_parameters=model_parameters, sparsify=sparsify, dtype=dtype,
@@ -487,11 +498,13 @@ def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[st
     rec = parse_recipe(data, "merge_state_dicts")
     base_ckpt = StateDictCheckpoint("base", base) if base is not None else None
     model_ckpts = [StateDictCheckpoint(task, sd) for task, sd in named]
-    stats = _memory_features(features, [task for task, _ in named])
+    load = _stats_kind(METHODS.get(method)).load if method in METHODS else load_stats
+    stats = _memory_features(features, [task for task, _ in named], load)
     return MergeJob(rec, base_ckpt, model_ckpts, device=device, features=stats)
 
 
-def _memory_features(given: Any, tasks: list[str]) -> list[FeatureStats] | None:
+def _memory_features(given: Any, tasks: list[str],
+                     load: Callable[[Path], FeatureStats] = load_stats) -> list[FeatureStats] | None:
     if given is None:
         return None
     if isinstance(given, Mapping):
@@ -502,4 +515,4 @@ def _memory_features(given: Any, tasks: list[str]) -> list[FeatureStats] | None:
         given = [given[t] for t in tasks]
     if len(given) != len(tasks):
         raise FeatureError(f"features: {len(given)} given for {len(tasks)} models")
-    return [g if isinstance(g, FeatureStats) else load_stats(g) for g in given]
+    return [g if isinstance(g, FeatureStats) else load(Path(g)) for g in given]

@@ -9,8 +9,9 @@ written once, straight into the dtype it is stored in.
 Task vectors are never whole when their sparsification allows it: one that is kept as it is
 (no sparsifier, density 1) is upcast and subtracted chunk by chunk; a top-k one (TIES'
 magnitude, breadcrumbs) first streams its |tau| through ``streamselect`` for the exact keep
-rule, then applies it chunk by chunk. The others (DARE's random mask with its L1 rescale,
-TADrop, global scope...) are sparsified whole, as before, and sliced.
+rule, then applies it chunk by chunk; DARE's random one draws its mask and L1 sums chunk by
+chunk in that pass. The others (TADrop, global scope...) are sparsified whole, as before, and
+sliced.
 
 Everything the whole-tensor path reports and decides is the same: norms from the same partial
 sums (``ReportNorm``), kept counts, the all-zero rule (the base written bit for bit). Any NaN or
@@ -30,9 +31,10 @@ from .numerics import REPORT_CHUNK, ReportNorm, all_finite, report_norm
 from .runtime import threads_beside_io
 
 if TYPE_CHECKING:
-    from .engine import MergeJob, ModelSlot, TensorReader
+    from .engine import MergeJob, ModelSlot
     from .params import SparsifyStep
     from .plan import TensorPlan
+    from .readers import TensorReader
 
 CHUNK = REPORT_CHUNK  # a multiple of REPORT_CHUNK: report norms sum the same partials
 MIN_NUMEL = 2 * CHUNK  # smaller tensors gain nothing
@@ -204,7 +206,8 @@ def _sources(job: MergeJob, plan: TensorPlan, read: TensorReader, base: torch.Te
             continue
         streamed = step.sparsifier.streamed
         band = (streamed(plan.numel, lambda s, r=raw: _strided(r, base, s, dtype),
-                         **step.params(source, plan.t)) if streamed is not None else None)
+                         generator=job.generator_for(slot, plan), **step.params(source, plan.t))
+                if streamed is not None else None)
         out.append(_Source(raw, dtype, band) if band is not None
                    else _Whole(job, plan, slot, source, raw))
     return out

@@ -141,7 +141,8 @@ def features(
                          ] = False,
     device: Annotated[str, typer.Option(help="where the experts run: cpu or cuda")] = "cpu",
 ) -> None:
-    """Capture calibration features (Gram matrices, norm energies) into stats files, no merge."""
+    """Capture calibration features (Gram matrices, norm energies; the diagonal Fisher for
+    merge_method: fisher) into stats files, no merge."""
     from .api import compute_features
     from .features import CaptureReport
 

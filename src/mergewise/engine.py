@@ -20,22 +20,21 @@ refuses to run without one, since the unified tensor alone is no task's model.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import chunked
-from .checkpoint import Checkpoint, StateDictCheckpoint
-from .errors import FeatureError, MergewiseError, RecipeError, short_repr
+from .checkpoint import Checkpoint
+from .errors import FeatureError, RecipeError
 from .features.statsfile import FeatureStats
-from .numerics import all_finite, check_finite, report_norm, stored_or_raise
+from .numerics import report_norm, stored_or_raise
 from .params import JobParams, Scope, SparsifyStep, resolve_job
 from .plan import PlanSummary, TensorPlan, check_configs, plan_tensors, summarize
+from .readers import Prefetcher, TensorReader, VocabReader
 from .recipe import Recipe
 from .rng import tensor_generator
 from .statspass import Observer, Progress, StatsCache, StatsPass, run_stats_pass
@@ -63,149 +62,6 @@ def check_filters_match(jobs: Sequence[MergeJob]) -> None:
         raise RecipeError(f"filter(s) matching no tensor of the merge: {'; '.join(bad)}; a "
                           "filter is a substring of tensor names (as in mergekit), e.g. "
                           "'self_attn' or 'mlp'; {glob: '*.mlp.*'} for a shell pattern")
-
-
-class Prefetcher:
-    """Reads the next tensor's inputs on a background thread while the current one is merged
-    (positional file reads release the GIL, as torch's kernels do). One tensor ahead at most,
-    so memory grows by one tensor per input; in-memory inputs are never prefetched."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergewise-read")
-        self._pending: dict[tuple[int, str], Future[torch.Tensor]] = {}
-
-    def ahead(self, reads: Sequence[tuple[Checkpoint, str]]) -> None:
-        for ckpt, name in reads:
-            key = (id(ckpt), name)
-            if (key not in self._pending and not isinstance(ckpt, StateDictCheckpoint)
-                    and ckpt.prefetches(name)):
-                self._pending[key] = self._pool.submit(ckpt.read, name)
-
-    def take(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        future = self._pending.pop((id(ckpt), name), None)
-        return future.result() if future is not None else ckpt.read(name)
-
-    def forget(self, reads: Sequence[tuple[Checkpoint, str]]) -> None:
-        """Drop what was read ahead for a tensor and not used (so nothing piles up)."""
-        for ckpt, name in reads:
-            future = self._pending.pop((id(ckpt), name), None)
-            if future is not None:
-                future.cancel()
-
-    def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=True)
-
-
-def compute_device(device: str | torch.device) -> torch.device:
-    """The one check of ``--device`` (merge, materialize, inspect), before any tensor is read:
-    ``cpu``, ``cuda`` or ``cuda:N`` of a GPU torch sees; anything else (``meta``, ``mps``, a
-    typo) is one line, not a torch error mid-merge or a merge of empty meta tensors."""
-    text = str(device)
-    match = re.fullmatch(r"cpu|cuda(?::([0-9]{1,4}))?", text)
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    sees = (f"torch sees {count} CUDA device{'s' if count != 1 else ''}" if count
-            else "torch sees no CUDA device")
-    shown = short_repr(text, 40)
-    if match is None:
-        raise MergewiseError(f"--device {shown}: give cpu, cuda or cuda:N ({sees})")
-    if text != "cpu" and (count == 0 or int(match.group(1) or 0) >= count):
-        raise MergewiseError(f"--device {shown}: {sees}; use --device cpu"
-                             + (f" or cuda:0..{count - 1}" if count else ""))
-    return torch.device(text)
-
-
-class TensorReader:
-    """Read one tensor, move it to the compute device, upcast it, check it is finite. May
-    return the caller's own tensor (in-memory inputs already in the compute dtype): never
-    modify the result in place. While ``prefetch`` is set, reads come from it."""
-
-    def __init__(self, device: str | torch.device, dtype: torch.dtype):
-        self.device = compute_device(device)
-        self.dtype = dtype
-        self.prefetch: Prefetcher | None = None
-
-    def raw(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        return self.prefetch.take(ckpt, name) if self.prefetch else ckpt.read(name)
-
-    def stored(self, name: str) -> TensorReader | None:
-        """The reader that hands out ``name`` as stored (vocabulary readers may not)."""
-        return self
-
-    def __call__(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        return self.upcast(self.raw(ckpt, name), ckpt.label, name)
-
-    def upcast(self, raw: torch.Tensor, label: str, name: str) -> torch.Tensor:
-        t = raw.to(device=self.device, dtype=self.dtype)
-        check_finite(t, label, name)
-        return t
-
-    def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor,
-              over: tuple[Checkpoint, str] | None = None) -> torch.Tensor:
-        """``ckpt``'s task vector at ``name``; ``over``: the (checkpoint, name) ``base`` was
-        read from, so that a checkpoint storing the task vector itself (a LoRA adapter on that
-        base) gives it exactly (``Checkpoint.delta_over``)."""
-        if over is not None and over[1] == name:
-            stored = ckpt.delta_over(over[0], name, self.dtype, self.device)
-            if stored is not None:
-                check_finite(stored, ckpt.label, name)
-                return stored
-        return self.delta_of(self.raw(ckpt, name), ckpt.label, name, base)
-
-    def delta_of(self, raw: torch.Tensor, label: str, name: str, base: torch.Tensor
-                 ) -> torch.Tensor:
-        """``upcast(raw) - base`` in one full-size buffer: a narrower stored dtype (bf16 under
-        float32 compute) converts exactly, so the values are those of the promoted subtraction
-        (whose mixed-dtype kernel is ~2x slower than a cast and a float32 one); the finite
-        check runs on the task vector, and only when it fails on the input (a finite input
-        whose task vector overflows passes, as before)."""
-        raw = raw.to(device=self.device)
-        if torch.promote_types(raw.dtype, self.dtype) != self.dtype or raw.dtype == torch.bool:
-            upcast = raw.to(dtype=self.dtype)  # a new tensor: the dtypes differ
-            check_finite(upcast, label, name)
-            return upcast.sub_(base)
-        if raw.dtype != self.dtype:
-            delta = raw.to(dtype=self.dtype).sub_(base)
-        else:  # never in place: raw may be the caller's own tensor
-            delta = torch.sub(raw, base)
-        if not all_finite(delta):
-            check_finite(raw, label, name)
-        return delta
-
-
-class VocabReader:
-    """A ``TensorReader`` that hands out vocabulary tensors (embeddings, head) with their rows
-    aligned to the output vocabulary: all inputs of such a tensor are read and aligned together
-    (a missing token's row depends on which models have it) and kept for that tensor only."""
-
-    def __init__(self, read: TensorReader, alignment: Alignment, inputs: Sequence[Checkpoint],
-                 names: set[str]):
-        self.read, self.alignment, self.names = read, alignment, names
-        self.inputs = list(inputs)
-        self.device, self.dtype = read.device, read.dtype
-        self._name: str | None = None
-        self._aligned: list[torch.Tensor] = []
-
-    def stored(self, name: str) -> TensorReader | None:
-        """The plain reader when ``name`` is read as stored, None when it is vocabulary-aligned."""
-        return None if name in self.names else self.read
-
-    def __call__(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        if name not in self.names:
-            return self.read(ckpt, name)
-        if self._name != name:
-            self._aligned = []  # free the previous tensor's rows first
-            self._aligned = self.alignment.align([self.read(c, name) for c in self.inputs])
-            self._name = name
-        return self._aligned[next(i for i, c in enumerate(self.inputs) if c is ckpt)]
-
-    def delta(self, ckpt: Checkpoint, name: str, base: torch.Tensor,
-              over: tuple[Checkpoint, str] | None = None) -> torch.Tensor:
-        if name not in self.names:
-            return self.read.delta(ckpt, name, base, over)
-        return self(ckpt, name) - base
 
 
 @dataclass
@@ -334,12 +190,19 @@ class MergeJob:
         step = slot.step
         assert step is not None
         params = step.params(source, plan.t)
-        gen = (tensor_generator(self.recipe.seed, slot.index, plan.name)
-               if step.sparsifier.random else None)
+        gen = self.generator_for(slot, plan)
         stats = slot.stats.for_tensor(plan.name) if slot.stats is not None else None
         if step.sparsifier.reports and info is not None:
             params["info"] = info
         return step.sparsifier.func(delta, generator=gen, stats=stats, **params)
+
+    def generator_for(self, slot: ModelSlot, plan: TensorPlan) -> torch.Generator | None:
+        """The generator of ``slot``'s random sparsification of ``plan``: (seed, model, output
+        name), whole or streamed; None for a deterministic one."""
+        step = slot.step
+        if step is None or not step.sparsifier.random:
+            return None
+        return tensor_generator(self.recipe.seed, slot.index, plan.name)
 
     def sources(self, plan: TensorPlan) -> list[str]:
         """The name each model reads for ``plan`` (the output name unless a frankenmerge)."""

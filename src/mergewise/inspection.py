@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from .engine import TensorReader
 from .errors import RecipeError
 from .inputs import open_inputs
 from .params import sparsify_step
 from .plan import TensorPlan, plan_tensors
+from .readers import TensorReader
 from .recipe import ModelEntry
 from .report import layer_index, module_kind, plot_d_by_layer, plot_drop_vs_d, plot_histograms, write_tables
 from .statspass import Observer, run_stats_pass

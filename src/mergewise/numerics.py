@@ -81,6 +81,30 @@ class ReportNorm:
         return math.sqrt(self.total)
 
 
+class L1Sum:
+    """sum |t|, fed whole or in pieces: each ``REPORT_CHUNK`` piece summed in float64 and the
+    pieces in order, so a tensor that arrives chunk by chunk (``chunked``) gets the same bits as
+    one that arrives whole, and a CUDA tensor the CPU's (float64 partials round alike)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def add(self, flat: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add sum |flat| (times the 0/1 ``keep`` mask, if given) to the running total."""
+        for i in range(0, flat.numel(), REPORT_CHUNK):
+            part = flat[i:i + REPORT_CHUNK].abs()
+            if keep is not None:
+                part = part * keep[i:i + REPORT_CHUNK]
+            self.total += float(part.sum(dtype=torch.float64))
+
+
+def l1_sum(t: torch.Tensor) -> float:
+    """``L1Sum`` of a whole tensor (any shape)."""
+    total = L1Sum()
+    total.add(t.reshape(-1))
+    return total.total
+
+
 def report_norm(t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
     """The L2 norm of ``t`` (or of ``t - minus``) for reports: squares summed in float32 chunks
     of 2^18 entries (torch's cascade sum: relative error ~1e-9 here) and the chunks in float64.

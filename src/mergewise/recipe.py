@@ -48,6 +48,17 @@ class Calibration(BaseModel):
     text_field: str = Field("text", description="the text key of each .jsonl line")
     factory: str | None = Field(None, description="'module:function' building the torch module "
                                 "of a plain (non Hugging Face) checkpoint")
+    labels: Literal["auto", "expected", "sample", "argmax"] = Field(
+        "auto", description="fisher only: the model's own labels its Fisher is computed with "
+        "(expected: every class weighted by its probability; sample: one drawn; argmax)")
+    pack: bool = Field(False, description="texts packed into full max_length rows (causal LMs) "
+                       "instead of one padded, truncated row each")
+    accumulate: Literal["float64", "float32"] = Field(
+        "float64", description="dtype of the Gram sums (float32 halves memory and stats files; "
+                               "solves stay float64)")
+    blocks_per_pass: Int | None = Field(
+        None, ge=1, description="stream the capture: this many blocks' Grams in memory at a "
+                                "time (one pass over the data per group), written to the stats file")
 
 
 class ModelEntry(BaseModel):

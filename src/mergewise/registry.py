@@ -246,6 +246,9 @@ class MergeMethod:
     # True when the statistics depend on every expert jointly (RegMean++: block l captured on the
     # merged blocks < l): a merge captures them itself, never from or into ``features:`` files
     sequential_features: bool = False
+    # What the statistics are: "inputs" (layer-input Grams and norm energies, features.statsfile:
+    # LOT, RegMean) or "fisher" (per-parameter diagonal Fisher, features.fisherfile)
+    feature_stats: Literal["inputs", "fisher"] = "inputs"
     # True when ``func`` also takes ``name`` (the tensor's name), e.g. to tell a block's linear
     # weights from embeddings and heads (WUDI); data-aware methods get it anyway
     takes_name: bool = False

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
-from .engine import compute_device
 from .errors import ModulatorError, OutputError
 from .modulators import FILE_NAME, Modulators
 from .outputs import CONFIG, HF_TAGALONG_FILES, OutputDirectory, task_card
+from .readers import compute_device
 from .version import __version__
 from .writer import DEFAULT_SHARD_SIZE, parse_size
 

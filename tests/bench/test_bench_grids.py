@@ -6,7 +6,17 @@ import pytest
 
 import mergewise  # noqa: F401  (fills the registries)
 from mergewise.bench.report import selected_text
-from mergewise.bench.runner import CORE_METHODS, TADROP, Grids, RunConfig, variant
+from mergewise.bench.runner import (
+    CORE_METHODS,
+    OPTIONAL_ROWS,
+    RECENT_DATA_AWARE,
+    RECENT_METHODS,
+    TADROP,
+    Grids,
+    RunConfig,
+    available_rows,
+    variant,
+)
 from mergewise.errors import RecipeError
 from mergewise.registry import METHODS
 
@@ -45,7 +55,8 @@ def test_tadrop_rows_replace_the_trim_step():
 def test_every_default_row_is_valid_for_the_registry():
     from mergewise.recipe import parse_recipe
 
-    for name in RunConfig().methods:
+    names, _ = available_rows(RunConfig().methods)
+    for name in names:
         v = variant(name, G)
         for c in v.candidates():
             models = [{"model": f"<{t}>", "name": t} for t in "ac"]
@@ -93,3 +104,30 @@ def test_a_methods_own_choices_keep_the_default_candidates_unchanged():
     assert len(rows) == len(equal) == len(G.lambda_mean)
     assert rows[0]["parameters"] == {"lambda": G.lambda_mean[0]}
     assert len(variant("lot+tadrop", G).candidates()) == len(G.lambda_mean) * 2 * len(G.drop_rate)
+
+
+def test_issue16_rows_and_their_grids():
+    rows = RunConfig().methods
+    for m in RECENT_METHODS:  # every one takes a sparsify block: a TADrop row each
+        assert METHODS.get(m).accepts_sparsify and m in rows and m + TADROP in rows
+    assert set(RECENT_DATA_AWARE) <= set(rows)
+    assert variant("tsv", G).grid == (("lambda", (0.7, 1.0, 1.4)),)
+    assert variant("iso_cts", G).grid == (("lambda", (1.0, 1.5, 2.0)),)
+    assert variant("wudi", G).candidates() == [{"parameters": {"lambda": 1.0}, "sparsify": None}]
+    assert variant("tall_masks", G).grid == (("mask_lambda", (0.6, 0.4, 0.2)),)
+    assert variant("consensus+tadrop", G).grid == (("lambda", (0.3, 0.5, 0.7, 1.0)),
+                                                     ("sparsify.drop_rate", (0.7, 0.9)))
+    assert variant("regmean_plusplus", G).candidates() == [{"parameters": {}, "sparsify": None}]
+    with pytest.raises(ValueError, match="no TADrop row"):
+        variant("regmean_plusplus" + TADROP, G)
+
+
+def test_an_unregistered_optional_row_is_skipped_with_a_note():
+    assert OPTIONAL_ROWS == ("fisher",)
+    run, notes = available_rows(["ties", "fisher"])
+    if "fisher" in METHODS:  # the fisher branch has landed: a row like any other
+        assert run == ["ties", "fisher"] and notes == []
+        variant("fisher", G)
+    else:
+        assert run == ["ties"] and notes == ["fisher: skipped, method 'fisher' is not registered in this build"]
+    assert available_rows(["tiez"]) == (["tiez"], [])  # a typo is not optional: variant refuses it

@@ -77,7 +77,9 @@ def test_outputs_and_rows(smoke):
     for r in doc["rows"]:
         if r["kind"] in ("merge", "tadrop"):
             assert r["candidates"] and all("val" in c for c in r["candidates"])
-            assert r["val_average"] == max(c["val_average"] for c in r["candidates"])
+            scored = [c["val_average"] for c in r["candidates"] if not c.get("stopped")]
+            assert r["val_average"] == max(scored)  # stopped candidates' bounds are below it
+            assert all(c["val_upper_bound"] < r["val_average"] for c in r["candidates"] if c.get("stopped"))
 
 
 def test_a_merged_model_beats_the_pretrained_encoder(smoke):

@@ -128,7 +128,13 @@ def test_a_shared_input_gram_is_computed_once(monkeypatch: pytest.MonkeyPatch) -
     for name in ("q", "k", "v"):
         torch.testing.assert_close(stats.gram(name), 2 * rows.T @ rows)
         assert stats.rows(name) == 30
-    assert stats.gram("q").data_ptr() != stats.gram("k").data_ptr()  # sums never alias
+    # stored once: k and v read q's Gram (the very same tensor), each layer keeps its rows
+    assert stats.shared == {"k": "q", "v": "q"}
+    assert stats.keys() == ["rows:q", "gram:q", "rows:k", "rows:v"]
+    assert stats.gram("q") is stats.gram("k") is stats.gram("v")
+    unshared = capture(SharedInput(), [x, x.clone()], share_grams=False)
+    assert unshared.shared == {} and unshared.gram("q") is not unshared.gram("k")
+    assert all(torch.equal(unshared.gram(n), stats.gram(n)) for n in ("q", "k", "v"))
 
 
 class TinyEncoder(nn.Module):

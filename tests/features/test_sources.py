@@ -126,3 +126,24 @@ def test_a_capture_without_a_features_path_goes_to_the_workdir(project: Path) ->
     assert report.path == work / "sub_a.features.safetensors" and report.path.is_file()
     with pytest.raises(FeatureError, match="t: no stats file to read and no calibration block"):
         obtain([FeatureSource("t", project / "a.safetensors", None, None)], seed=0)
+
+
+def test_streamed_and_float32_captures_from_the_recipe(project: Path) -> None:
+    (plain,), _ = obtain(plan(project, entries("a")), seed=0, root=project)
+    want = contents(plain)
+    (streamed,), (report,) = obtain(plan(project, entries("a", blocks_per_pass=1), overwrite=True),
+                                    seed=0, root=project, overwrite=True)
+    assert report.path == project / "stats" / "a.safetensors" and report.examples == 8
+    assert contents(streamed).keys() == want.keys()
+    assert all(torch.equal(streamed.tensor(k), v) for k, v in want.items())
+    # accumulate is part of the settings a stats file is reused with; float64 files still match
+    with pytest.raises(FeatureError, match=r"\(accumulate differ\)"):
+        obtain(plan(project, entries("a", accumulate="float32")), seed=0, root=project)
+    (f32,), _ = obtain(plan(project, entries("a", accumulate="float32"), overwrite=True), seed=0,
+                       root=project, overwrite=True)
+    assert f32.gram("0").dtype == torch.float32 and f32.metadata["accumulate"] == "float32"
+    with pytest.raises(FeatureError, match=r"\(accumulate differ\)"):
+        obtain(plan(project, entries("a")), seed=0, root=project)
+    with pytest.raises(FeatureError, match="tensor calibration data is already in rows"):
+        obtain(plan(project, entries("a", pack=True), overwrite=True), seed=0, root=project,
+               overwrite=True)

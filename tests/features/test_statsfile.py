@@ -30,7 +30,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert all(torch.equal(loaded.tensor(k), stats.tensor(k)) for k in stats.keys())
     assert all(loaded.tensor(k).dtype == torch.float64 for k in loaded.keys())
     assert loaded.layers == stats.layers == {"0": LayerInfo("linear"), "2": LayerInfo("norm")}
-    assert loaded.metadata["mergewise_features"] == FORMAT_VERSION == "1"
+    assert loaded.metadata["mergewise_features"] == FORMAT_VERSION == "2"
     assert json.loads(loaded.metadata["calibration"]) == {"seed": 0}
     assert loaded.metadata["probe"] == stats.metadata["probe"]
     assert loaded.total_rows == stats.total_rows == 6
@@ -112,10 +112,10 @@ def test_an_incomplete_stats_file_is_said_so() -> None:
 def test_a_file_of_another_format_is_refused(tmp_path: Path) -> None:
     save_file({"gram:0": torch.eye(2, dtype=torch.float64)}, str(tmp_path / "old.safetensors"),
               metadata={"mergewise_features": "0"})
-    with pytest.raises(FeatureError, match=r"not a mergewise stats file of format 1 \(found '0'\)"):
+    with pytest.raises(FeatureError, match=r"not a mergewise stats file of format 1 or 2 \(found '0'\)"):
         load_stats(tmp_path / "old.safetensors")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(FeatureError, match=r"format 1 \(found None\); recompute it with `mergewise features`"):
+    with pytest.raises(FeatureError, match=r"format 1 or 2 \(found None\); recompute it with `mergewise features`"):
         load_stats(tmp_path / "plain.safetensors")
     with pytest.raises(FeatureError, match=r"^stats file .*nowhere\.safetensors: cannot read"):
         load_stats(tmp_path / "nowhere.safetensors")

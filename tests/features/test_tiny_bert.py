@@ -169,7 +169,7 @@ def test_saved_stats_give_the_identical_merge(zoo, tmp_path: Path) -> None:
     base, experts, stats = zoo
     paths = {t: stats[t].save(tmp_path / f"{t}.safetensors") for t in TASKS}
     meta = load_stats(paths["alpha"]).metadata
-    assert meta["mergewise_features"] == "1" and int(meta["rows"]) > 0
+    assert meta["mergewise_features"] == "2" and int(meta["rows"]) > 0
     for method in ("lot", "regmean"):
         mem = merge_state_dicts(base.state_dict(), experts, method, features=stats)
         disk = merge_state_dicts(base.state_dict(), experts, method,
@@ -196,7 +196,8 @@ def test_statistics_that_do_not_fit_a_tensor_fail_before_merging(zoo) -> None:
     q = "encoder.layer.1.attention.self.query"
     bad = FeatureStats(stats["gamma"].layers, {**{k: stats["gamma"].tensor(k)
                                                   for k in stats["gamma"].keys()},
-                                               f"gram:{q}": torch.eye(5, dtype=torch.float64)})
+                                               f"gram:{q}": torch.eye(5, dtype=torch.float64)},
+                       shared=stats["gamma"].shared)  # key and value read query's Gram
     with pytest.raises(FeatureError, match=f"'{q}' has a 5-wide Gram but tensor '{q}.weight'"):
         merge_state_dicts(base.state_dict(), experts, "lot",
                           features=[stats["alpha"], stats["beta"], bad])

@@ -1,5 +1,5 @@
 """Hostile ``--device`` values: only ``cpu``, ``cuda`` and ``cuda:N`` of a GPU torch sees; anything
-else is one line saying what torch sees, checked once (``engine.compute_device``) before any
+else is one line saying what torch sees, checked once (``readers.compute_device``) before any
 tensor is read, by merge (also --dry-run), inspect and materialize."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from ckpt_helpers import Family, recipe_for, write_recipe
 from cli_helpers import assert_one_line_error, run_cli
 
 from mergewise import MergewiseError
-from mergewise.engine import compute_device
+from mergewise.readers import compute_device
 
 CUDA = torch.cuda.device_count() if torch.cuda.is_available() else 0
 BAD = ["foo", "meta", "mps", "CPU", "cuda:", "cuda:-1", "cuda:0:1", " cpu", "cpu:0", "cuda:1x",

@@ -116,3 +116,39 @@ def test_property_mask_and_rescale(values: list[float], density: float, seed: in
     assert torch.equal(l1 != 0, keep)
     if keep.any():  # the L1 norm is kept (to float32 rounding)
         assert float(l1.abs().sum()) == pytest.approx(float(delta.abs().sum()), rel=1e-5)
+
+
+def test_l1_sum_is_the_same_whole_or_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces of REPORT_CHUNK summed in float64, in order: a tensor fed chunk by chunk (the
+    streamed DARE) gets the bits of the whole tensor's sum, close to the exact float64 sum."""
+    from mergewise import numerics
+
+    monkeypatch.setattr(numerics, "REPORT_CHUNK", 64)
+    t = torch.randn(1000, generator=_gen(5)) * 1e-3
+    whole = numerics.l1_sum(t.reshape(10, 100))
+    parts = numerics.L1Sum()
+    for i in range(0, 1000, 128):  # chunks that are multiples of the piece
+        parts.add(t[i:i + 128])
+    assert parts.total == whole
+    assert whole == pytest.approx(float(t.double().abs().sum()), rel=1e-15)
+    keep = torch.rand(1000, generator=_gen(6)) < 0.5
+    masked = numerics.L1Sum()
+    masked.add(t.abs(), keep)
+    assert masked.total == numerics.l1_sum(t * keep)
+
+
+def test_streamed_step_equals_whole_drop() -> None:
+    """RandomStep fed chunk by chunk = random_drop on the whole tensor, bit for bit."""
+    from mergewise.sparsify.random import RandomStep
+
+    delta = torch.randn(3000, generator=_gen(8))
+    for rule, rescale in (("l1", True), ("density", True), ("l1", False)):
+        want = random_drop(delta, density=0.3, rescale=rescale, rescale_rule=rule,
+                           generator=_gen(9))
+        step = RandomStep(3000, _gen(9), 0.3, rescale, rule)
+        parts = [slice(i, min(3000, i + 700)) for i in range(0, 3000, 700)]
+        for part in parts:
+            step.feed(part, delta[part].abs())
+        assert step.ready()
+        got = torch.cat([step.apply(delta[p], delta[p].abs(), p) for p in parts])
+        assert torch.equal(got, want), rule

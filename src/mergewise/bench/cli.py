@@ -28,6 +28,11 @@ TasksOpt = Annotated[str | None, typer.Option(
     "--tasks", help="comma-separated task names (default: all six; --smoke: two)")]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="the tiny CI recipe: 2 tasks, 40 steps, small eval subsets")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress")]
+SeedOpt = Annotated[int | None, typer.Option(
+    "--seed", help="the zoo's training seed (data order, head init, dropout); 0 = the default zoo")]
+ZooSeedsOpt = Annotated[str | None, typer.Option(
+    "--zoo-seeds", help="comma-separated training seeds, one zoo each (e.g. 0,1,2); run: mean ± s.d. "
+                        "over zoos and paired gains")]
 
 SMOKE_TASKS = ("convention_party", "gi_word_polarity")
 
@@ -54,6 +59,27 @@ def _tasks(tasks: str | None, smoke: bool) -> list[str]:
     return names
 
 
+def _zoo_seeds(seed: int | None, zoo_seeds: str | None) -> list[int] | None:
+    """The zoo seeds asked for (None: the default single zoo); bad input is one line."""
+    if seed is not None and zoo_seeds is not None:
+        _fail("give --seed or --zoo-seeds, not both")
+    text = str(seed) if seed is not None else zoo_seeds
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--zoo-seeds: comma-separated non-negative integers, got {text!r}")
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        _fail(f"--zoo-seeds: distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
 def _cache(cache: Path | None) -> Path:
     from .zoo import default_cache
 
@@ -62,9 +88,11 @@ def _cache(cache: Path | None) -> Path:
 
 def _guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run an evaluation command: a missing zoo is one line; Ctrl-C keeps the cached results."""
+    from ..errors import MergewiseError
+
     try:
         return run()
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, MergewiseError) as exc:  # no zoo; no ray package; a bad address
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -89,17 +117,24 @@ def build(
     steps: Annotated[int | None, typer.Option("--steps", help="fine-tuning steps per expert")] = None,
     smoke: SmokeOpt = False,
     progress: ProgressOpt = True,
+    seed: SeedOpt = None,
+    zoo_seeds: ZooSeedsOpt = None,
 ) -> None:
     """Fine-tune (or find cached) one expert per task, and a linear probe on the base encoder."""
     _require()
-    from .zoo import FULL, SMOKE, build_zoo, with_steps
+    from .zoo import FULL, SMOKE, build_zoo, with_seed, with_steps
 
     config = with_steps(SMOKE if smoke else FULL, steps)
+    seeds = _zoo_seeds(seed, zoo_seeds) or [config.train.seed]
     where = _cache(cache)
+    names = _tasks(tasks, smoke)
     t0 = time.perf_counter()
     try:
-        build_zoo(_tasks(tasks, smoke), where, config, progress=progress,
-                  log=lambda s: out.print(s, highlight=False))
+        for s in seeds:
+            if len(seeds) > 1:
+                out.print(f"zoo seed {s}", highlight=False)
+            build_zoo(names, where, with_seed(config, s), progress=progress,
+                      log=lambda s: out.print(s, highlight=False))
     except KeyboardInterrupt:
         err.print("interrupted: finished experts and the last training checkpoint are kept; "
                   "run the same command again to resume")
@@ -111,8 +146,8 @@ def build(
 def run(
     methods: Annotated[str | None, typer.Option(
         "--methods", help="comma-separated registry methods; NAME+tadrop for the TADrop row "
-                          "(default: linear, task_arithmetic, ties, dare_ties, breadcrumbs, each "
-                          "with and without +tadrop)")] = None,
+                          "(default: the core methods and issue 16's, each with and without "
+                          "+tadrop where it plugs in, plus the data-aware rows; see runner.py)")] = None,
     cache: CacheOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="results directory (also the resume cache)")] = Path(
         "bench-results"),
@@ -120,16 +155,34 @@ def run(
     steps: Annotated[int | None, typer.Option("--steps", help="the experts' steps (as given to build)")] = None,
     smoke: SmokeOpt = False,
     progress: ProgressOpt = True,
+    seed: SeedOpt = None,
+    zoo_seeds: ZooSeedsOpt = None,
+    ray: Annotated[bool, typer.Option("--ray", help="merge and score candidates on Ray workers "
+                                      "(a local cluster on this machine's cores unless --ray-address)")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="a running Ray cluster "
+                                                    "(implies --ray)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Ray workers (default: the local "
+                                                "cores; 1 on a cluster)")] = None,
 ) -> None:
     """Merge the experts with each method, tune on validation, report test accuracy."""
     _require()
     from dataclasses import replace
 
+    from ..errors import MergewiseError
     from .runner import SMOKE_RUN, RunConfig, variant
     from .zoo import with_steps
 
     config = SMOKE_RUN if smoke else RunConfig()
     config = replace(config, zoo=with_steps(config.zoo, steps))
+    seeds = _zoo_seeds(seed, zoo_seeds)
+    settings = None
+    if ray or ray_address or workers is not None:
+        from .dispatch import RaySettings
+
+        try:
+            settings = RaySettings(address=ray_address, workers=workers)
+        except MergewiseError as exc:
+            _fail(str(exc))
     if methods:
         names = tuple(m.strip() for m in methods.split(",") if m.strip())
         try:
@@ -142,7 +195,8 @@ def run(
     from .runner import run_benchmark
 
     doc = _guarded(lambda: run_benchmark(_tasks(tasks, smoke), _cache(cache), out_dir, config,
-                                         progress=progress, log=lambda s: out.print(s, highlight=False)))
+                                         progress=progress, log=lambda s: out.print(s, highlight=False),
+                                         zoo_seeds=seeds, ray=settings))
     out.print((out_dir / "results.md").read_text(), highlight=False)
     out.print(f"wrote {out_dir / 'results.md'}, results.json, results.png ({doc['seconds']:.0f} s)",
               highlight=False)

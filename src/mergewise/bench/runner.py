@@ -19,61 +19,56 @@ Protocol (why each choice):
   Weight averaging (``linear``) takes no sparsify block, so its TADrop row is the identical
   merge written as ``task_arithmetic`` with ``normalize: true, lambda: 1`` (= mean of task
   vectors) plus TADrop.
+- Issue 16's methods (``RECENT_METHODS``, each with its ``+tadrop`` row, and ``RECENT_DATA_AWARE``)
+  take their grids from the papers' defaults, kept small for the run's cost: ``Grids.lambdas``
+  (TSV λ 0.7/1/1.4 around FusionBench's 1; Iso-C/Iso-CTS 1/1.5/2 around the official 1.3-1.9;
+  WUDI λ = 1 only, its Adam result used as is; Consensus 0.3-1.0 of the official 0.1-1.0), TALL
+  masks' one λ_t for all tasks 0.6/0.4/0.2 (``Grids.method``), their TADrop rows p̄ 0.7/0.9
+  (``Grids.drop_rate_recent``), RegMean++ its registry alpha 0.95 (statistics captured through
+  the merged blocks, once per alpha). TALL masks are scored task-aware like EMR. ``fisher`` is in
+  the default rows but skipped with a note while no ``fisher`` method is registered.
+- Validation scoring stops a candidate as soon as it provably cannot be selected (``selection``);
+  the selected candidate and every reported test number are those of full scoring.
 - Every evaluation is cached as one JSON file in ``OUT/cache`` keyed by a hash of everything it
-  depends on, so an interrupted run resumes where it stopped and a re-run is instant.
+  depends on, so an interrupted run resumes where it stopped and a re-run is instant; results do
+  not depend on where they were computed (``--ray`` fills the same cache, ``dispatch``).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..registry import METHODS, SPARSIFIERS, MergeMethod
+from ..registry import METHODS, MergeMethod
 from ..version import __version__
 from .data import load_task_data
 from .evaluate import Evaluator, summarize
 from .keys import key_hash
 from .model import Head, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
 from .report import selected_text, write_outputs
+from .rows import (  # noqa: F401  (re-exported: the rows' public names, as before the split)
+    CORE_METHODS,
+    DATA_AWARE_METHODS,
+    OPTIONAL_ROWS,
+    RECENT_DATA_AWARE,
+    RECENT_METHODS,
+    SAME_AS,
+    TADROP,
+    Grids,
+    Variant,
+    available_rows,
+    paper_settings,
+    variant,
+)
+from .selection import MARGIN, bounded_accuracies
+from .spread import bits
 from .zoo import FULL, SMOKE, Expert, ZooConfig, find_expert, find_probe, probe_key
-
-TADROP = "+tadrop"
-CORE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "emr", "lot")
-DATA_AWARE_METHODS = ("regmean",)  # no sparsify block: no TADrop row
-# Rows that are the very same merges as another row, left out of the default run: TADrop replaces
-# Breadcrumbs' whole trim step and Breadcrumbs then sums like Task Arithmetic.
-SAME_AS = {"breadcrumbs" + TADROP: "task_arithmetic" + TADROP}
-
-
-@dataclass(frozen=True)
-class Grids:
-    """The documented hyperparameter grids (searched on validation only)."""
-
-    lambda_sum: tuple[float, ...] = (0.2, 0.3, 0.5, 0.7, 1.0)
-    lambda_mean: tuple[float, ...] = (0.4, 0.6, 1.0, 1.4, 1.8)
-    density: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
-        "magnitude": (0.05, 0.1, 0.2, 0.4),  # TIES: fraction kept by |tau|
-        "random": (0.2, 0.4, 0.6),  # DARE: keep probability
-        "breadcrumbs": (0.7, 0.9),  # kept after dropping the top 1 % outliers
-    })
-    drop_rate: tuple[float, ...] = (0.5, 0.7, 0.9, 0.95)  # TADrop target p̄
-    untrimmed: tuple[str, ...] = ("task_arithmetic",)
-    # the papers' variants, where the defaults follow mergekit (measured as published)
-    paper: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "dare_ties": {"aggregate": "mean", "rescale_rule": "density"},
-        "dare_linear": {"rescale_rule": "density"},
-    })
-    # A method's own choices searched too (default value first): LOT's Gram weighting
-    method: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = field(default_factory=lambda: {
-        "lot": (("tasks", ("rows", "equal")),),  # raw token sums (paper) | each task weighs the same
-    })
 
 
 @dataclass(frozen=True)
@@ -83,8 +78,10 @@ class RunConfig:
     val_limit: int | None = None  # None: the whole split
     test_limit: int | None = None
     seed: int = 0  # DARE / random TADrop masks
+    stop_early: bool = True  # stop scoring a candidate once it cannot be selected (exact)
     methods: tuple[str, ...] = (*(m for c in CORE_METHODS for m in (c, c + TADROP) if m not in SAME_AS),
-                                *DATA_AWARE_METHODS)
+                                *DATA_AWARE_METHODS, *(m for c in RECENT_METHODS for m in (c, c + TADROP)),
+                                *RECENT_DATA_AWARE)
 
 
 SMOKE_RUN = RunConfig(zoo=SMOKE, grids=Grids(lambda_sum=(0.5, 1.0), lambda_mean=(1.0,),
@@ -93,77 +90,6 @@ SMOKE_RUN = RunConfig(zoo=SMOKE, grids=Grids(lambda_sum=(0.5, 1.0), lambda_mean=
                                              drop_rate=(0.8,)),
                       val_limit=64, test_limit=128,
                       methods=("linear", "task_arithmetic", "ties", "ties" + TADROP, "emr", "lot"))
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One table row: a registry method, fixed settings, and the grid searched on validation."""
-
-    label: str
-    method: str
-    parameters: dict[str, Any]
-    sparsify: dict[str, Any] | None
-    grid: tuple[tuple[str, tuple[Any, ...]], ...]  # ("lambda", ...), ("sparsify.drop_rate", ...)
-    # grid parameters left out of a candidate when at this (registry default) value, so adding a
-    # choice to the grid keeps every cached evaluation of the default
-    omit_defaults: tuple[tuple[str, Any], ...] = ()
-
-    def candidates(self) -> list[dict[str, Any]]:
-        names = [n for n, _ in self.grid]
-        out = []
-        for values in itertools.product(*(v for _, v in self.grid)):
-            params, sparsify = dict(self.parameters), dict(self.sparsify) if self.sparsify else None
-            for name, value in zip(names, values, strict=True):
-                if name.startswith("sparsify."):
-                    assert sparsify is not None
-                    sparsify[name.removeprefix("sparsify.")] = value
-                elif (name, value) not in self.omit_defaults:
-                    params[name] = value
-            out.append({"parameters": params, "sparsify": sparsify})
-        return out
-
-
-def paper_settings(method: str, grids: Grids, sparsify: bool) -> dict[str, Any]:
-    """The settings that make ``method`` its paper's variant; a ``sparsify`` block replaces the
-    trim step, so the trim's own rescale rule is left out then."""
-    fixed = dict(grids.paper.get(method, {}))
-    return {k: v for k, v in fixed.items() if k != "rescale_rule"} if sparsify else fixed
-
-
-def _trim_step(method: MergeMethod, grids: Grids) -> str | None:
-    """The sparsifier of the method's own trim step, if its paper form trims."""
-    if not method.sparsifier or method.name in grids.untrimmed:
-        return None
-    sp = SPARSIFIERS.get(method.sparsifier)
-    return sp.name if any(p.name == "density" for p in sp.params) else None
-
-
-def variant(name: str, grids: Grids) -> Variant:
-    """The row for ``name`` (a registry method, optionally with the ``+tadrop`` suffix)."""
-    tadrop = name.endswith(TADROP)
-    method = METHODS.get(name.removesuffix(TADROP))
-    fixed = paper_settings(method.name, grids, sparsify=tadrop)
-    grid: list[tuple[str, tuple[Any, ...]]] = []
-    param_names = {p.name for p in method.params}
-    if tadrop and not method.accepts_sparsify:
-        if method.name != "linear":
-            raise ValueError(f"'{method.name}' takes no sparsify block, so it has no TADrop row")
-        return Variant(name, "task_arithmetic", {"normalize": True, "lambda": 1.0},
-                       {"method": "tadrop"}, (("sparsify.drop_rate", grids.drop_rate),))
-    if "lambda" in param_names:  # mean-like merged vectors (TIES-style, data-aware solves): λ ≈ 1
-        mean_like = "aggregate" in param_names or method.features
-        grid.append(("lambda", grids.lambda_mean if mean_like else grids.lambda_sum))
-    own = grids.method.get(method.name, ())
-    grid.extend(own)
-    defaults = {p.name: p.default for p in method.params}
-    omit = tuple((n, defaults[n]) for n, _ in own if n in defaults)
-    if tadrop:
-        grid.append(("sparsify.drop_rate", grids.drop_rate))
-        return Variant(name, method.name, fixed, {"method": "tadrop"}, tuple(grid), omit)
-    trim = _trim_step(method, grids)
-    if trim is not None and trim in grids.density:
-        grid.append(("density", grids.density[trim]))
-    return Variant(name, method.name, fixed, None, tuple(grid), omit)
 
 
 # ---------------------------------------------------------------- the run
@@ -206,7 +132,9 @@ class Zoo:
     val: Evaluator
     test: Evaluator
     calibration: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    probe_keys: dict[str, str] = field(default_factory=dict)  # part of every cache key
     _features: dict[str, Any] | None = None
+    _sequential: dict[float, dict[str, Any]] = field(default_factory=dict)
 
     def features(self) -> dict[str, Any]:
         """Each expert's layer statistics on its own calibration batches (LOT, RegMean);
@@ -216,6 +144,49 @@ class Zoo:
 
             self._features = capture_experts(self.val.model, self.expert_sd, self.calibration)
         return self._features
+
+    def fisher_features(self) -> dict[str, Any]:
+        """Each expert's diagonal Fisher (label-free, the registry's defaults) of its encoder +
+        its own head on its calibration batches; captured once per run."""
+        if "fisher" not in self._sequential:
+            from ..features.fisher import fisher_capture
+
+            self._sequential["fisher"] = {  # type: ignore[index]
+                t: fisher_capture(_classifier(self.val.model, self.expert_sd[t], self.heads[t]),
+                                  self.calibration[t], label=t) for t in self.tasks}
+        return self._sequential["fisher"]  # type: ignore[index]
+
+    def sequential_features(self, alpha: float) -> dict[str, Any]:
+        """RegMean++'s statistics (block l on the merged blocks < l), captured once per alpha."""
+        if alpha not in self._sequential:
+            import copy
+
+            from ..features.sequential import capture_sequential
+
+            experts = {}
+            for t in self.tasks:
+                experts[t] = copy.deepcopy(self.val.model)
+                experts[t].load_state_dict(self.expert_sd[t], strict=True)
+            self._sequential[alpha] = capture_sequential(experts, self.calibration, alpha=alpha)
+        return self._sequential[alpha]
+
+
+def _classifier(encoder: torch.nn.Module, state: dict[str, torch.Tensor], head: Head) -> torch.nn.Module:
+    """A copy of ``encoder`` holding ``state`` whose forward returns ``head`` logits of the
+    pooled features: the parameter names stay the encoder's (what the merge looks up)."""
+    import copy
+
+    from .model import mean_pool
+
+    module = copy.deepcopy(encoder)
+    module.load_state_dict(state, strict=True)
+    encode_only = module.forward
+
+    def logits(**batch: torch.Tensor) -> torch.Tensor:
+        return head(mean_pool(encode_only(**batch).last_hidden_state, batch["attention_mask"]))
+
+    module.forward = logits  # type: ignore[method-assign]
+    return module
 
 
 CALIBRATION = {"examples": 64, "split": "train", "seed": 0, "batch_size": 16}
@@ -246,11 +217,13 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
     missing = [t.name for t in loaded if find_expert(cache, t, config.zoo.train) is None
                or find_probe(cache, t, config.zoo.probe) is None]
     if missing:
-        smoke = " --smoke" if config.zoo == SMOKE else ""
+        smoke = " --smoke" if replace(config.zoo, train=replace(config.zoo.train, seed=0)) == SMOKE else ""
+        smoke += f" --seed {config.zoo.train.seed}" if config.zoo.train.seed else ""
         raise FileNotFoundError(
             f"no cached expert/probe for {', '.join(missing)} in {cache} with this recipe; run "
             f"`mergewise bench build --cache {cache} --tasks {' '.join(tasks)}{smoke}` first")
     experts = {t.name: find_expert(cache, t, config.zoo.train) for t in loaded}
+    probe_keys = {t.name: probe_key(t, config.zoo.probe) for t in loaded}
     tokenizer = load_minilm_tokenizer()
     cap = config.zoo.train.max_len_cap
     model = load_encoder()  # one module for both evaluators; the base weights are cloned first
@@ -261,7 +234,33 @@ def load_zoo(tasks: list[str], cache: Path, config: RunConfig) -> Zoo:
                probes={t.name: find_probe(cache, t, config.zoo.probe) for t in loaded},  # type: ignore[misc]
                val=Evaluator(loaded, "val", config.val_limit, cap, tokenizer=tokenizer, model=model),
                test=Evaluator(loaded, "test", config.test_limit, cap, tokenizer=tokenizer, model=model),
-               calibration={t.name: task_calibration_batches(t, tokenizer, cap) for t in loaded})
+               calibration={t.name: task_calibration_batches(t, tokenizer, cap) for t in loaded},
+               probe_keys=probe_keys)
+
+
+@dataclass(frozen=True)
+class CachedZoo:
+    """Picklable recipe of the zoo built by ``mergewise bench build`` (what Ray workers load)."""
+
+    tasks: tuple[str, ...]
+    cache: Path
+    config: RunConfig
+
+    def load(self) -> Zoo:
+        return load_zoo(list(self.tasks), self.cache, self.config)
+
+
+def method_features(zoo: Zoo, method: MergeMethod, cand: dict[str, Any]) -> Any:
+    """The statistics a data-aware merge reads: RegMean++'s are captured through the merged
+    blocks with the candidate's alpha (once per alpha); Fisher's (``feature_stats: fisher``) are
+    each expert's diagonal Fisher through its own head; LOT's and RegMean's each expert's own
+    activation Grams. Each is captured once per run, on the same calibration batches."""
+    if method.sequential_features:
+        alpha = cand["parameters"].get("alpha", next(p.default for p in method.params if p.name == "alpha"))
+        return zoo.sequential_features(float(alpha))
+    if getattr(method, "feature_stats", "inputs") == "fisher":
+        return zoo.fisher_features()
+    return zoo.features()
 
 
 def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,
@@ -272,7 +271,7 @@ def merge(zoo: Zoo, v: Variant, cand: dict[str, Any], seed: int,
 
     method = METHODS.get(v.method)
     run = merge_task_state_dicts if method.task_specific else merge_state_dicts
-    extra = {"features": zoo.features()} if method.features else {}  # captured once, not timed
+    extra = {"features": method_features(zoo, method, cand)} if method.features else {}  # not timed
     t0 = time.perf_counter()
     merged = run(zoo.base, {t: zoo.expert_sd[t] for t in zoo.tasks}, v.method,
                  parameters=cand["parameters"], sparsify=cand["sparsify"], seed=seed, records=records,
@@ -290,6 +289,24 @@ def realised_drop_rate(records: list[dict[str, Any]]) -> float | None:
     return None if numel == 0 else 1.0 - kept / numel
 
 
+def score_merge(zoo: Zoo, merged: Any, split: str, best: float | None = None) -> dict[str, Any]:
+    """Validation: accuracies (or a stop once ``best`` cannot be beaten, see ``selection``);
+    test: accuracies and per-example correctness (``test_bits``, for paired statistics)."""
+    if split == "val":
+        return bounded_accuracies(zoo.val, merged, zoo.heads, best)
+    correct = zoo.test.correct(merged, zoo.heads)
+    return {"test": {t: float(c.float().mean()) for t, c in correct.items()}, "test_bits": bits(correct)}
+
+
+def evaluate_candidate(zoo: Zoo, v: Variant, cand: dict[str, Any], split: str, seed: int,
+                       best: float | None = None) -> tuple[dict[str, Any], Any]:
+    """One cached evaluation's result (merge + score, with timings) and the merged model."""
+    merged, secs = merge(zoo, v, cand, seed)
+    t0 = time.perf_counter()
+    r = score_merge(zoo, merged, split, best)
+    return {**r, "merge_seconds": secs, "eval_seconds": time.perf_counter() - t0}, merged
+
+
 class _Session:
     """One run: the loaded zoo, the result cache and the progress bar, shared by every row."""
 
@@ -297,25 +314,31 @@ class _Session:
                  advance: Callable[[], None]):
         self.zoo, self.results, self.config, self.advance = zoo, results, config, advance
 
-    def cached(self, label: str, spec: dict[str, Any],
-               compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        hit = self.results.get(label, spec)
+    def cached(self, label: str, spec: dict[str, Any], compute: Callable[[], dict[str, Any]],
+               force: bool = False) -> dict[str, Any]:
+        """The cached result of ``spec``, computed (and stored) if absent or ``force``."""
+        hit = None if force else self.results.get(label, spec)
         if hit is None:
             hit = compute()
             self.results.put(label, spec, hit)
-        self.advance()
+        if not force:
+            self.advance()
         return hit
 
     def reference_rows(self) -> list[dict[str, Any]]:
         """Pretrained encoder (probe heads, then expert heads), each expert, experts on own task."""
         zoo = self.zoo
+        feats: dict[str, torch.Tensor] = {}  # the base's test features: one pass, two head sets
+
+        def base_scores(heads: dict[str, Head]) -> dict[str, Any]:
+            feats.update(feats or zoo.test.features(zoo.base))
+            return {"test": {t: zoo.test.score(heads[t], t, f) for t, f in feats.items()}}
+
         rows = [
             {"label": "pretrained + probe", "kind": "pretrained", **self.cached(
-                "pretrained+probe", {"row": "pretrained"},
-                lambda: {"test": zoo.test.accuracies(zoo.base, zoo.probes)})},
+                "pretrained+probe", {"row": "pretrained"}, lambda: base_scores(zoo.probes))},
             {"label": "pretrained + expert heads", "kind": "pretrained", **self.cached(
-                "pretrained+heads", {"row": "pretrained"},
-                lambda: {"test": zoo.test.accuracies(zoo.base, zoo.heads)})},
+                "pretrained+heads", {"row": "pretrained"}, lambda: base_scores(zoo.heads))},
         ]
         for t in zoo.tasks:
             sd = zoo.expert_sd[t]
@@ -327,66 +350,111 @@ class _Session:
         return rows
 
     def variant_row(self, v: Variant) -> dict[str, Any]:
-        """Score every candidate on val, then the best one (first of equals) once on test."""
+        """Score every candidate on val (stopping those that can no longer win), then the best
+        one (first of equals) once on test."""
         zoo, seed = self.zoo, self.config.seed
         kept: dict[str, Any] = {}  # the best merge computed in this run, reused for test
 
-        def score(cand: dict[str, Any]) -> dict[str, Any]:
-            merged, secs = merge(zoo, v, cand, seed)
-            t0 = time.perf_counter()
-            val = zoo.val.accuracies(merged, zoo.heads)
-            if not kept or sum(val.values()) > kept["score"]:
-                kept.update(cand=cand, merged=merged, secs=secs, score=sum(val.values()))
-            return {"val": val, "merge_seconds": secs, "eval_seconds": time.perf_counter() - t0}
+        def score(cand: dict[str, Any], best: float | None) -> dict[str, Any]:
+            r, merged = evaluate_candidate(zoo, v, cand, "val", seed,
+                                           best if self.config.stop_early else None)
+            if "val" in r and (not kept or sum(r["val"].values()) > kept["score"]):
+                kept.update(cand=cand, merged=merged, secs=r["merge_seconds"], score=sum(r["val"].values()))
+            return r
 
-        cands = []
-        for cand in v.candidates():
-            r = self.cached(v.label, merge_spec(v, cand, "val"),
-                            lambda cand=cand: score(cand))
-            cands.append({**cand, "val": r["val"], "merge_seconds": r["merge_seconds"],
-                          "val_average": sum(r["val"].values()) / len(zoo.tasks)})
-        best = max(cands, key=lambda c: c["val_average"])
-        chosen = {"parameters": best["parameters"], "sparsify": best["sparsify"]}
+        cands = v.candidates()
+        results: list[dict[str, Any]] = []
+        for c in cands:  # the bound of each candidate: the best full score before it
+            results.append(self.cached(v.label, merge_spec(v, c, "val"),
+                                       lambda c=c, b=_best_sum(results): score(c, b)))
+        for i in _unsafe_stops(results):  # bounds from another grid's cache: score them in full
+            results[i] = self.cached(v.label, merge_spec(v, cands[i], "val"),
+                                     lambda c=cands[i]: score(c, None), force=True)
+        listed = [_candidate_entry(c, r, len(zoo.tasks)) for c, r in zip(cands, results, strict=True)]
+        chosen = select_best(listed)
+        assert chosen is not None  # the best candidate is never stopped (nothing beats it)
+        best = next(c for c in listed if c["parameters"] == chosen["parameters"]
+                    and c["sparsify"] == chosen["sparsify"])
 
         def final() -> dict[str, Any]:
-            if kept.get("cand") == chosen:  # merges are deterministic: reuse, don't redo
-                merged, secs = kept["merged"], kept["secs"]
-            else:
-                merged, secs = merge(zoo, v, chosen, seed)
-            t0 = time.perf_counter()
-            return {"test": zoo.test.accuracies(merged, zoo.heads), "merge_seconds": secs,
+            if kept.get("cand") != chosen:
+                return evaluate_candidate(zoo, v, chosen, "test", seed)[0]
+            t0 = time.perf_counter()  # merges are deterministic: reuse the kept one, don't redo
+            return {**score_merge(zoo, kept["merged"], "test"), "merge_seconds": kept["secs"],
                     "eval_seconds": time.perf_counter() - t0}
 
-        r = self.cached(v.label, merge_spec(v, chosen, "test"), final)
+        spec = merge_spec(v, chosen, "test")
+        r = self.cached(v.label, spec, final)
+        if "test_bits" not in r:  # cached before per-example results were kept: one re-score
+            r = self.cached(v.label, spec, final, force=True)
         return {"label": v.label, "kind": "tadrop" if v.label.endswith(TADROP) else "merge",
                 "method": v.method, "selected": chosen, "val_average": best["val_average"],
-                "candidates": cands, **r}
+                "candidates": listed, **r}
+
+
+def select_best(listed: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The selected candidate: best validation average among fully scored ones, first of
+    equals (None when none is fully scored)."""
+    scored = [c for c in listed if c["val_average"] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda c: c["val_average"])
+    return {"parameters": best["parameters"], "sparsify": best["sparsify"]}
+
+
+def _best_sum(results: list[dict[str, Any]]) -> float | None:
+    """The largest validation sum among fully scored results (None before the first)."""
+    sums = [sum(r["val"].values()) for r in results if "val" in r]
+    return max(sums) if sums else None
+
+
+def _unsafe_stops(results: list[dict[str, Any]]) -> list[int]:
+    """Stopped candidates whose bound does not prove they lose to the final best."""
+    best = _best_sum(results)
+    return [i for i, r in enumerate(results) if r.get("stopped")
+            and not (best is not None and r["val_upper_bound_sum"] < best - MARGIN)]
+
+
+def _candidate_entry(cand: dict[str, Any], r: dict[str, Any], n_tasks: int) -> dict[str, Any]:
+    val = r.get("val")
+    return {**cand, "val": val, "merge_seconds": r["merge_seconds"],
+            "val_average": None if val is None else sum(val.values()) / n_tasks,
+            **({"stopped": True, "val_upper_bound": r["val_upper_bound"]} if val is None else {})}
 
 
 def run_context(zoo: Zoo, config: RunConfig) -> dict[str, Any]:
     """Everything a cached evaluation depends on besides its own merge spec."""
     return {"tasks": zoo.tasks, "experts": {t: e.key for t, e in zoo.experts.items()},
-            "probes": {t: probe_key(load_task_data(t), config.zoo.probe) for t in zoo.tasks},
+            "probes": {t: zoo.probe_keys[t] for t in zoo.tasks},
             "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
             "mergewise": __version__}
 
 
-def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfig = RunConfig(),
-                  *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every row, write results.{json,md,png} into ``out``; returns the JSON document."""
+def run_zoo(source: Any, out: Path, config: RunConfig = RunConfig(), *, progress: bool = True,
+            log: Callable[[str], None] = print, ray: Any = None) -> dict[str, Any]:
+    """Every row on the zoo ``source.load()`` builds; evaluations cached in ``out/cache``.
+    ``ray`` (a ``dispatch.RaySettings``): candidates are first merged and scored on Ray
+    workers into the same cache, then the rows are assembled from it exactly as serially."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     t_start = time.perf_counter()
-    tasks = list(tasks)
-    variants = [variant(m, config.grids) for m in config.methods]
-    zoo = load_zoo(tasks, cache, config)
-    context = run_context(zoo, config)
+    names, skipped = available_rows(config.methods)
+    for note in skipped:
+        log(note)
+    variants = [variant(m, config.grids) for m in names]
+    zoo = source.load()
+    tasks = list(zoo.tasks)
+    results = ResultCache(out, run_context(zoo, config))
+    if ray is not None:
+        from .dispatch import prefill
+
+        prefill(ray, source, results, config, variants, len(tasks), log)
     total = 2 + len(tasks) + sum(len(v.candidates()) + 1 for v in variants)
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         job = bar.add_task("reference rows", total=total)
-        session = _Session(zoo, ResultCache(out, context), config, lambda: bar.advance(job))
+        session = _Session(zoo, results, config, lambda: bar.advance(job))
         rows = session.reference_rows()
         own = rows[2]["test"]
         for v in variants:
@@ -397,10 +465,38 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
                 f"test avg {sum(row['test'].values()) / len(tasks):.4f}")
     for r in rows:
         r.update(summarize(r["test"], own))
-    doc = {"mergewise_version": __version__, "tasks": tasks,
-           "test_sizes": zoo.test.sizes(), "val_sizes": zoo.val.sizes(),
-           "config": {"run": asdict(config), "experts": {t: e.key for t, e in zoo.experts.items()}},
-           "rows": rows, "seconds": round(time.perf_counter() - t_start, 1)}
-    write_outputs(out, doc)
-    return doc
+    return {"mergewise_version": __version__, "tasks": tasks,
+            "test_sizes": zoo.test.sizes(), "val_sizes": zoo.val.sizes(),
+            "config": {"run": asdict(config), "experts": {t: e.key for t, e in zoo.experts.items()}},
+            "rows": rows, "skipped": skipped, "seconds": round(time.perf_counter() - t_start, 1)}
 
+
+def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfig = RunConfig(),
+                  *, progress: bool = True, log: Callable[[str], None] = print,
+                  zoo_seeds: Sequence[int] | None = None, ray: Any = None) -> dict[str, Any]:
+    """Run every row, write results.{json,md,png} into ``out``; returns the JSON document.
+
+    ``zoo_seeds``: one zoo per training seed (built by ``bench build --zoo-seeds``); each zoo's
+    own outputs go to ``out/zoo-S/`` and ``out/results.*`` holds mean ± s.d. over zoos and the
+    paired gains (``zoos.combine``). Without it: the one zoo of ``config`` (seed 0 by default).
+    """
+    from .zoo import with_seed
+
+    if not zoo_seeds or len(zoo_seeds) == 1:  # one zoo: its own table, as always
+        config = replace(config, zoo=with_seed(config.zoo, zoo_seeds[0] if zoo_seeds else None))
+        doc = run_zoo(CachedZoo(tuple(tasks), cache, config), out, config, progress=progress,
+                      log=log, ray=ray)
+        write_outputs(out, doc)
+        return doc
+    from .zoos import combine, write_combined
+
+    docs = []
+    for s in zoo_seeds:
+        cfg = replace(config, zoo=with_seed(config.zoo, s))
+        log(f"zoo seed {s}")
+        d = run_zoo(CachedZoo(tuple(tasks), cache, cfg), out, cfg, progress=progress, log=log, ray=ray)
+        write_outputs(out / f"zoo-{s}", d)
+        docs.append(d)
+    doc = combine(docs, list(zoo_seeds))
+    write_combined(out, doc)
+    return doc

@@ -50,6 +50,8 @@ from .runner import (
     run_context,
     variant,
 )
+from .spread import bits as _bits
+from .spread import unbits as _unbits
 
 STUDIES = ("matched", "ablation", "tasks")
 SEEDS = (0, 1, 2)
@@ -119,14 +121,6 @@ def is_random(v: Variant) -> bool:
 
 
 # ---------------------------------------------------------------- per-example evaluations
-def _bits(correct: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {t: "".join("1" if b else "0" for b in c.tolist()) for t, c in correct.items()}
-
-
-def _unbits(bits: dict[str, str]) -> dict[str, torch.Tensor]:
-    return {t: torch.tensor([c == "1" for c in s]) for t, s in bits.items()}
-
-
 def val_redraw(sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
     """Seed s's validation split: each task's examples resampled with replacement."""
     g = torch.Generator().manual_seed(7919 + seed)

@@ -415,5 +415,15 @@ def with_steps(config: ZooConfig, steps: int | None) -> ZooConfig:
     return config if steps is None else replace(config, train=replace(config.train, steps=steps))
 
 
+def with_seed(config: ZooConfig, seed: int | None) -> ZooConfig:
+    """The zoo of training seed ``seed`` (data order, head init, dropout): the same recipe
+    otherwise. Seed 0 is the default recipe itself, so its experts keep their cache keys."""
+    if seed is None:
+        return config
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"zoo seed must be a non-negative integer, got {seed!r}")
+    return replace(config, train=replace(config.train, seed=seed))
+
+
 __all__ = ["FULL", "SMOKE", "Expert", "ProbeConfig", "TrainConfig", "ZooConfig", "base_model_dir",
-           "build_zoo", "default_cache", "find_expert", "find_probe"]
+           "build_zoo", "default_cache", "find_expert", "find_probe", "with_seed", "with_steps"]

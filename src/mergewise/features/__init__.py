@@ -1,4 +1,4 @@
-"""Calibration features for data-aware merging (LOT, RegMean): layer inputs -> float64 statistics.
+"""Calibration features for data-aware merging (LOT, RegMean): layer inputs -> Gram statistics.
 
 - ``statsfile``: the stats file format and what a merge reads (``FeatureStats``, ``load_stats``,
   ``TensorFeature``); it imports none of the other three.
@@ -8,6 +8,11 @@
   torch module (``load_module``; transformers is optional).
 - ``sources``: which model gets which stats file, and when an existing one is reused
   (``plan_sources``, ``obtain``).
+- ``fisher`` and ``fisherfile``: the per-parameter diagonal Fisher (Fisher merging) and its own
+  stats file kind (``fisher_capture``, ``load_fisher``; ``fisher.FISHER`` is its ``StatsKind``).
+- ``packing``: short texts packed into full ``max_length`` rows (``pack: true``, causal LMs).
+- ``streaming``: the capture of a few blocks at a time into one stats file
+  (``blocks_per_pass``), for models whose Grams do not fit in memory at once.
 
 Merge-time code (the engine, the LOT and RegMean methods) imports ``statsfile`` alone; the names
 below are re-exported for ``from mergewise.features import ...``.

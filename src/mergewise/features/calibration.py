@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checkpoint import open_checkpoint
 from ..errors import FeatureError, first_line
+from .packing import packed_batches
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
 # What text calibration data is tokenized with: a transformers tokenizer, called as
@@ -98,18 +99,20 @@ def read_tensor_inputs(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
 
 def calibration_batches(path: Path, *, num_examples: int = 64, batch_size: int = 8,
                         max_length: int = 128, seed: int = 0, tokenizer: Tokenizer | None = None,
-                        text_field: str = "text") -> list[Batch]:
+                        text_field: str = "text", pack: bool = False) -> list[Batch]:
     """The seeded draw of ``num_examples`` examples, cut into batches of model inputs."""
     return calibration_draw(path, num_examples=num_examples, batch_size=batch_size,
                             max_length=max_length, seed=seed, tokenizer=tokenizer,
-                            text_field=text_field)[0]
+                            text_field=text_field, pack=pack)[0]
 
 
 def calibration_draw(path: Path, *, num_examples: int = 64, batch_size: int = 8,
                      max_length: int = 128, seed: int = 0, tokenizer: Tokenizer | None = None,
-                     text_field: str = "text") -> tuple[list[Batch], list[list[int]]]:
+                     text_field: str = "text", pack: bool = False
+                     ) -> tuple[list[Batch], list[list[int]]]:
     """``calibration_batches`` and, per batch, the index of each row's example in the data
-    file (so a bad example can be named)."""
+    file (so a bad example can be named). ``pack``: texts packed into full ``max_length``
+    rows (``packing``) instead of one padded, truncated row each."""
     if num_examples < 1:
         raise FeatureError(f"{path}: num_examples is {num_examples}; a capture needs at least one "
                            "calibration example")
@@ -120,11 +123,18 @@ def calibration_draw(path: Path, *, num_examples: int = 64, batch_size: int = 8,
         if tokenizer is None:
             raise FeatureError(f"{path}: text calibration data needs a tokenizer (the base "
                                "model directory, or tokenizer_source, must hold one)")
+        _pad_with_eos(tokenizer)
+        if pack:
+            return packed_batches(tokenizer, picked, drawn, max_length=max_length,  # type: ignore[return-value]
+                                  batch_size=batch_size)
         return ([dict(tokenizer(picked[s:s + batch_size], truncation=True, max_length=max_length,
                                 padding=True, return_tensors="pt"))
                  for s in range(0, len(picked), batch_size)],
                 [drawn[s:s + batch_size] for s in range(0, len(drawn), batch_size)])
     if path.suffix in TENSOR_SUFFIXES:
+        if pack:
+            raise FeatureError(f"{path}: pack: true packs texts; tensor calibration data is "
+                               "already in rows (drop pack)")
         data = read_tensor_inputs(path)
         n = data.shape[0] if isinstance(data, torch.Tensor) else next(iter(data.values())).shape[0]
         if n == 0:
@@ -138,6 +148,13 @@ def calibration_draw(path: Path, *, num_examples: int = 64, batch_size: int = 8,
         return out, [idx[s:s + batch_size].tolist() for s in range(0, len(idx), batch_size)]
     raise FeatureError(f"{path}: unknown calibration data format; use "
                        f"{', '.join(TEXT_SUFFIXES + TENSOR_SUFFIXES)}")
+
+
+def _pad_with_eos(tokenizer: Tokenizer) -> None:
+    """A causal LM's tokenizer often has no pad token (Llama, SmolLM2): pad with its
+    end-of-sequence token, as is usual; padded positions are masked out of every statistic."""
+    if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None):
+        tokenizer.pad_token = tokenizer.eos_token  # type: ignore[attr-defined]
 
 
 # --- token ids the model can embed -----------------------------------------------------------
@@ -262,10 +279,12 @@ def load_tokenizer(path: Path | None) -> Tokenizer | None:
 
 
 def calibration_settings(data_path: Path, num_examples: int, batch_size: int, max_length: int,
-                         seed: int, text_field: str) -> dict[str, str | int | None]:
+                         seed: int, text_field: str, *, pack: bool = False,
+                         accumulate: str = "float64") -> dict[str, str | int | None]:
     """What the statistics depend on besides the model (recorded in the stats file). The data
     is identified by its content (``data_sha256``), so a moved project keeps its stats files;
-    ``data`` (the path) is informative only."""
+    ``data`` (the path) is informative only. ``pack`` and ``accumulate`` are recorded only
+    when not their defaults (so files written before they existed still match)."""
     digest = None
     if data_path.is_file():
         h = hashlib.sha256()
@@ -275,4 +294,6 @@ def calibration_settings(data_path: Path, num_examples: int, batch_size: int, ma
         digest = h.hexdigest()
     return {"data": str(data_path.resolve()), "data_sha256": digest,
             "num_examples": num_examples, "batch_size": batch_size, "max_length": max_length,
-            "seed": seed, "text_field": text_field}
+            "seed": seed, "text_field": text_field,
+            **({"pack": True} if pack else {}),
+            **({"accumulate": accumulate} if accumulate != "float64" else {})}

@@ -103,6 +103,7 @@ def capture_sequential(experts: Mapping[str, nn.Module], batches: Mapping[str, S
     _solve_into(merged, [experts[t] for t in tasks], plain, alpha,
                 lambda n: not any(_inside(b)(n) for b in blocks))
     tensors = [dict(p._tensors) for p in plain]  # fresh in-memory captures
+    shared = [dict(p.shared) for p in plain]
     for i, block in enumerate(blocks):
         parent_name, _, index = block.rpartition(".")
         parent = merged.get_submodule(parent_name)
@@ -117,6 +118,8 @@ def capture_sequential(experts: Mapping[str, nn.Module], batches: Mapping[str, S
             finally:
                 parent[int(index)] = held
             tensors[k].update(st._tensors)  # this block's layers, on the merged prefix
+            shared[k] = {m: o for m, o in shared[k].items() if not _inside(block)(m)}
+            shared[k].update(st.shared)
             seq.append(st)
         _solve_into(merged, [experts[t] for t in tasks], seq, alpha, _inside(block))
     out = {}
@@ -124,7 +127,7 @@ def capture_sequential(experts: Mapping[str, nn.Module], batches: Mapping[str, S
         meta = {**plain[k].metadata, "capture": "sequential (regmean_plusplus)",
                 "alpha": repr(alpha)}
         out[t] = FeatureStats(plain[k].layers, tensors[k], metadata=meta,
-                              label=f"regmean_plusplus features of {t}")
+                              label=f"regmean_plusplus features of {t}", shared=shared[k])
     return out
 
 
@@ -147,7 +150,7 @@ def obtain_sequential(sources: Sequence[FeatureSource], *, seed: int, alpha: flo
             src.model, data, num_examples=cal.num_examples,
             batch_size=cal.batch_size, max_length=cal.max_length, seed=seed,
             text_field=cal.text_field, tokenizer_paths=tokenizer_paths, factory=cal.factory,
-            root=root, device=device)
+            root=root, device=device, pack=cal.pack)
     stats = capture_sequential(experts, batches, alpha=alpha, calibration=settings,
                                probe_from=held)
     return [stats[src.task] for src in sources]

@@ -13,12 +13,42 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import FeatureError
 from ..recipe import Calibration, Recipe
 from .calibration import calibration_settings
 from .capture import CaptureReport, capture_expert
 from .statsfile import FeatureStats, load_stats
+
+
+@dataclass(frozen=True)
+class StatsKind:
+    """What a method's statistics are: how one model's are captured (``capture`` takes
+    ``capture_expert``'s arguments plus ``capture_args(calibration)``) and read back, which
+    calibration settings beyond ``calibration_settings`` they depend on (compared on reuse),
+    and the file name of a capture without a ``features:`` path (``TASK.<name>.safetensors``)."""
+
+    name: str
+    capture: Callable[..., tuple[FeatureStats, CaptureReport]]
+    load: Callable[[Path], FeatureStats]
+    capture_args: Callable[[Calibration], dict[str, Any]] = lambda cal: {}
+    settings: Callable[[Calibration], dict[str, Any]] = lambda cal: {}
+
+
+def _gram_args(cal: Calibration) -> dict[str, Any]:
+    return {"pack": cal.pack, "accumulate": cal.accumulate}
+
+
+def _gram_settings(cal: Calibration) -> dict[str, Any]:
+    """``pack`` and ``accumulate`` as ``calibration_settings`` records them: only when not
+    the default, so stats files written before these options existed still match."""
+    return ({"pack": True} if cal.pack else {}) | (
+        {"accumulate": cal.accumulate} if cal.accumulate != "float64" else {})
+
+
+# layer inputs: LOT, RegMean
+GRAMS = StatsKind("features", capture_expert, load_stats, _gram_args, _gram_settings)
 
 
 @dataclass
@@ -68,8 +98,8 @@ def _anchored(path: str, anchor: Path) -> Path:
 
 def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequence[Path] = (),
            root: Path | None = None, workdir: Path | None = None, overwrite: bool = False,
-           device: str = "cpu", progress: Callable[[CaptureReport], None] | None = None
-           ) -> tuple[list[FeatureStats], list[CaptureReport]]:
+           device: str = "cpu", progress: Callable[[CaptureReport], None] | None = None,
+           kind: StatsKind = GRAMS) -> tuple[list[FeatureStats], list[CaptureReport]]:
     """Every model's statistics, file-backed (read lazily): existing stats files are reused
     (their calibration settings must match the block), the others captured and written to the
     model's ``features:`` path, or to ``workdir``."""
@@ -78,36 +108,43 @@ def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequ
     for src in sources:
         existing = src.stats_path if src.cached and not overwrite else None
         if existing is not None:
-            out.append(_reuse(src, existing, seed))
+            out.append(_reuse(src, existing, seed, kind))
             continue
         cal, data = _calibration_of(src)
-        stats, report = capture_expert(
-            src.model, data, num_examples=cal.num_examples,
-            batch_size=cal.batch_size, max_length=cal.max_length, seed=seed,
-            text_field=cal.text_field, tokenizer_paths=tokenizer_paths, factory=cal.factory,
-            root=root, task=src.task, device=device)
-        target = src.stats_path or (workdir or Path.cwd()) / f"{src.task.replace(os.sep, '_')}.features.safetensors"
-        report.path = stats.save(target)
-        del stats
-        out.append(load_stats(target))
+        target = src.stats_path or (workdir or Path.cwd()) / f"{src.task.replace(os.sep, '_')}.{kind.name}.safetensors"
+        settings = dict(num_examples=cal.num_examples, batch_size=cal.batch_size,
+                        max_length=cal.max_length, seed=seed, text_field=cal.text_field,
+                        tokenizer_paths=tokenizer_paths, factory=cal.factory, root=root,
+                        device=device, **kind.capture_args(cal))
+        if cal.blocks_per_pass is not None and kind is GRAMS:  # a few blocks' Grams at a time
+            from .streaming import stream_expert  # it imports sequential, which imports us
+
+            report = stream_expert(src.model, data, target, blocks_per_pass=cal.blocks_per_pass,
+                                   task=src.task, **settings)
+        else:
+            stats, report = kind.capture(src.model, data, task=src.task, **settings)
+            report.path = stats.save(target)
+            del stats
+        out.append(kind.load(target))
         reports.append(report)
         if progress is not None:
             progress(report)
     return out, reports
 
 
-def _reuse(src: FeatureSource, path: Path, seed: int) -> FeatureStats:
+def _reuse(src: FeatureSource, path: Path, seed: int, kind: StatsKind = GRAMS) -> FeatureStats:
     """The existing stats file of ``src``, refused when it was computed with other calibration
     settings than the model's block asks for (the data compared by content, not by path)."""
-    stats = load_stats(path)
+    stats = kind.load(path)
     if src.calibration is None:
         return stats
     cal, data = _calibration_of(src)
     want = calibration_settings(data, cal.num_examples, cal.batch_size, cal.max_length, seed,
-                                cal.text_field)
+                                cal.text_field) | kind.settings(cal)
     have = json.loads(stats.metadata.get("calibration", "{}"))
     skip = {"data"} | ({"data_sha256"} if want["data_sha256"] is None else set())
-    diff = sorted(k for k in want if k not in skip and have.get(k) != want[k])
+    keys = set(want) | ({"pack", "accumulate"} & set(have))  # recorded when not the default
+    diff = sorted(k for k in keys if k not in skip and have.get(k) != want.get(k))
     if diff:
         stats.close()
         raise FeatureError(f"{path}: was computed with other calibration settings "

@@ -15,6 +15,10 @@ by ``capture``), keyed by module name (``encoder.layer.0.attention.self.query``)
   module -> kind/layout), ``calibration`` (JSON settings), ``model``, ``examples``, ``rows``,
   ``probe_tensors`` and ``probe`` (a hash of those few small parameter tensors, checked against
   the expert at merge time). A merge reads it lazily, one layer's accumulators at a time.
+- Format 2 (format 1 files are still read): layers that read the very same input tensor (q/k/v,
+  gate/up of Hugging Face attention and MLPs) share one Gram, stored once under the first
+  layer's key; metadata ``shared_grams`` (JSON: layer -> that layer) says which. Grams may be
+  float32 (``accumulate: float32``, metadata ``accumulate``); solves promote them to float64.
 - ``FeatureStats`` holds the accumulators in memory (fresh from a capture) or reads them from the
   file; ``for_tensor`` maps a parameter of the expert's state dict to its ``TensorFeature``.
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +42,10 @@ from ..checkpoint import Checkpoint, SafetensorsFile
 from ..errors import CheckpointError, FeatureError
 from ..writer import atomic_file
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # format 1: one Gram entry per layer, float64 only
+GRAM_DTYPES = (torch.float64, torch.float32)  # float32 with ``accumulate: float32`` (format 2)
+SHARED_READS = 2  # shared Grams a file-backed FeatureStats keeps after reading: q/k/v's and gate/up's
 RECOMPUTE = "recompute it with `mergewise features --overwrite`"
 KINDS = {"linear": ("out_in", "in_out"), "norm": ("out_in",)}  # kind -> layouts
 
@@ -58,6 +66,10 @@ class TensorFeature:
     gram: torch.Tensor | None = None
     energy: torch.Tensor | None = None
     in_out: bool = False
+    # set when the Gram is stored once for several layers that read the same input (q/k/v,
+    # gate/up): its key, and every such layer gets the very same tensor object, so a solver may
+    # reuse a factorisation of it (``methods.lot.SharedSolves``)
+    shared_gram: str | None = None
 
 
 # --- the statistics of one expert ----------------------------------------------------------
@@ -77,10 +89,16 @@ class FeatureStats:
 
     def __init__(self, layers: Mapping[str, LayerInfo], tensors: Mapping[str, torch.Tensor] | None
                  = None, *, source: SafetensorsFile | None = None,
-                 metadata: Mapping[str, Any] | None = None, label: str = "features"):
+                 metadata: Mapping[str, Any] | None = None, label: str = "features",
+                 shared: Mapping[str, str] | None = None):
+        """``shared``: {layer: layer whose Gram it reads} for the layers that read the very same
+        input as another (their Gram is stored once, under the other's key)."""
         self.layers = dict(layers)
         self._tensors = dict(tensors or {})
         self._source = source
+        self.shared = dict(shared or {})
+        self._owners = set(self.shared.values())  # layers whose Gram others read too
+        self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
         # a stats file's metadata is str -> str; in memory a value may be any JSON value, which
         # save() writes as JSON: hence Any, not str
         self.metadata = dict(metadata or {})
@@ -89,12 +107,34 @@ class FeatureStats:
 
     # accumulators, read one at a time from the file when file-backed
     def tensor(self, key: str) -> torch.Tensor:
+        key = self.stored_key(key)
         if key in self._tensors:
             return self._tensors[key]
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
         if self._source is None or key not in self._source.names():
             raise FeatureError(f"{self.label}: no statistics '{key}'; the stats file is "
                                "incomplete, recompute it with `mergewise features`")
-        return _checked_values(self._source.read(key), key, self.label)
+        value = _checked_values(self._source.read(key), key, self.label)
+        if key.startswith("gram:") and key[5:] in self._owners:
+            # q, k and v read one Gram: one read, and one object (a solver keys on it)
+            self._recent[key] = value
+            while len(self._recent) > SHARED_READS:
+                self._recent.popitem(last=False)
+        return value
+
+    def stored_key(self, key: str) -> str:
+        """The entry a key is stored under: ``gram:k_proj`` -> ``gram:q_proj`` when k_proj reads
+        q_proj's input (a shared Gram); any other key is itself."""
+        if key.startswith("gram:") and key[5:] in self.shared:
+            return f"gram:{self.shared[key[5:]]}"
+        return key
+
+    def shared_key(self, module: str) -> str | None:
+        """The stored Gram key of a layer whose Gram other layers read too, else None."""
+        owner = self.shared.get(module, module)
+        return f"gram:{owner}" if owner in self._owners else None
 
     def rows(self, module: str) -> float:
         return float(self.tensor(f"rows:{module}"))
@@ -130,9 +170,12 @@ class FeatureStats:
         return found
 
     def shape(self, key: str) -> tuple[int, ...]:
+        key = self.stored_key(key)
         if key in self._tensors:
             return tuple(self._tensors[key].shape)
-        return self._source.info(key).shape if self._source is not None else ()
+        if self._source is None or key not in self._source.names():
+            self.tensor(key)  # the one-line "no statistics" error
+        return self._source.info(key).shape  # type: ignore[union-attr]
 
     def kind_of(self, name: str, shape: Sequence[int]) -> tuple[str, str] | None:
         """(unit kind, layer) of a parameter, checked against the statistics' shapes (headers
@@ -170,7 +213,8 @@ class FeatureStats:
             return TensorFeature(kind, rows, energy=self.energy(module))
         if kind == "matmul":
             return TensorFeature(kind, rows, gram=self.gram(module),
-                                 in_out=self.layers[module].layout == "in_out")
+                                 in_out=self.layers[module].layout == "in_out",
+                                 shared_gram=self.shared_key(module))
         return TensorFeature(kind, rows)
 
     # identity of the expert the statistics came from
@@ -200,19 +244,33 @@ class FeatureStats:
 
         path = Path(path)
         tensors = {k: self.tensor(k).contiguous() for k in self.keys()}
-        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
-        meta["mergewise_features"] = FORMAT_VERSION
-        meta["layers"] = json.dumps({m: {"kind": i.kind, "layout": i.layout}
-                                     for m, i in self.layers.items()})
+        meta = file_metadata(self.metadata, self.layers, self.shared)
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return path
 
     def keys(self) -> list[str]:
+        """The stored entries: a shared Gram once, under its first layer's key."""
         out = []
         for m, info in self.layers.items():
-            out += [f"rows:{m}", f"gram:{m}" if info.kind == "linear" else f"energy:{m}"]
+            out.append(f"rows:{m}")
+            if info.kind == "norm":
+                out.append(f"energy:{m}")
+            elif m not in self.shared:
+                out.append(f"gram:{m}")
         return out
+
+
+def file_metadata(metadata: Mapping[str, Any], layers: Mapping[str, LayerInfo],
+                  shared: Mapping[str, str]) -> dict[str, str]:
+    """A stats file's header metadata: ``metadata`` as strings (JSON for other values), the
+    format version, the layers and the shared-Gram map."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta["mergewise_features"] = FORMAT_VERSION
+    meta["layers"] = json.dumps({m: {"kind": i.kind, "layout": i.layout}
+                                 for m, i in layers.items()})
+    meta["shared_grams"] = json.dumps(dict(shared), sort_keys=True)
+    return meta
 
 
 def load_stats(path: str | Path) -> FeatureStats:
@@ -226,12 +284,14 @@ def load_stats(path: str | Path) -> FeatureStats:
     try:
         meta = _checked_metadata(source.metadata, p)
         layers = _layers(meta, p)
+        shared = _shared(meta, layers, p)
         for module, info in layers.items():
-            _check_entries(source, module, info, p)
+            _check_entries(source, module, info, p, shared.get(module, module),
+                           _gram_dtype(meta, p))
     except BaseException:
         source.close()
         raise
-    return FeatureStats(layers, source=source, metadata=meta, label=str(p))
+    return FeatureStats(layers, source=source, metadata=meta, label=str(p), shared=shared)
 
 
 def _checked_metadata(meta: object, p: Path) -> dict[str, str]:
@@ -239,9 +299,10 @@ def _checked_metadata(meta: object, p: Path) -> dict[str, str]:
     if not isinstance(meta, Mapping) or not all(isinstance(v, str) for v in meta.values()):
         raise FeatureError(f"{p}: header metadata is not a map of strings; the stats file is "
                            f"corrupt: {RECOMPUTE}")
-    if meta.get("mergewise_features") != FORMAT_VERSION:
-        raise FeatureError(f"{p}: not a mergewise stats file of format {FORMAT_VERSION} "
-                           f"(found {meta.get('mergewise_features')!r}); recompute it with "
+    if meta.get("mergewise_features") not in READABLE_VERSIONS:
+        raise FeatureError(f"{p}: not a mergewise stats file of format "
+                           f"{' or '.join(READABLE_VERSIONS)} (found "
+                           f"{meta.get('mergewise_features')!r}); recompute it with "
                            "`mergewise features`")
     for key, kind in (("probe_tensors", list), ("calibration", dict)):
         if key in meta and not isinstance(_json_value(meta, key, p), kind):
@@ -285,10 +346,38 @@ def _layers(meta: Mapping[str, str], p: Path) -> dict[str, LayerInfo]:
     return layers
 
 
-def _check_entries(source: SafetensorsFile, module: str, info: LayerInfo, p: Path) -> None:
+def _shared(meta: Mapping[str, str], layers: Mapping[str, LayerInfo], p: Path) -> dict[str, str]:
+    """{layer: layer whose Gram it reads} (format 2; format 1 shares nothing), every name a
+    linear layer that is not itself shared."""
+    if "shared_grams" not in meta:
+        return {}
+    raw = _json_value(meta, "shared_grams", p)
+    linear = {m for m, i in layers.items() if i.kind == "linear"}
+    bad = ([f"{k!r}: {v!r}" for k, v in raw.items()
+            if k not in linear or v not in linear or v in raw or k == v]
+           if isinstance(raw, dict) else [repr(raw)])
+    if bad:
+        raise FeatureError(f"{p}: metadata 'shared_grams' maps {bad[0]}, not one linear layer to "
+                           f"another that owns its Gram; the stats file is corrupt: {RECOMPUTE}")
+    return dict(raw)
+
+
+def _gram_dtype(meta: Mapping[str, str], p: Path) -> torch.dtype:
+    """The dtype the file's Grams were accumulated in (metadata ``accumulate``, format 2)."""
+    name = meta.get("accumulate", "float64")
+    dtype = {str(d).removeprefix("torch."): d for d in GRAM_DTYPES}.get(name)
+    if dtype is None or (dtype != torch.float64 and meta["mergewise_features"] == "1"):
+        raise FeatureError(f"{p}: metadata 'accumulate' = {name!r} is not float64 or float32 "
+                           f"(float32 from format 2 on); the stats file is corrupt: {RECOMPUTE}")
+    return dtype
+
+
+def _check_entries(source: SafetensorsFile, module: str, info: LayerInfo, p: Path,
+                   owner: str, gram_dtype: torch.dtype) -> None:
     """A layer's accumulators exist as float64 of the right rank (header only, nothing read):
-    ``rows`` a scalar, a Gram square, an energy at least 1-D."""
-    key = f"gram:{module}" if info.kind == "linear" else f"energy:{module}"
+    ``rows`` a scalar, a Gram square (its ``owner``'s when shared; in the file's ``accumulate``
+    dtype), an energy at least 1-D."""
+    key = f"gram:{owner}" if info.kind == "linear" else f"energy:{module}"
     names = set(source.names())
     for name in (f"rows:{module}", key):
         if name not in names:
@@ -298,9 +387,11 @@ def _check_entries(source: SafetensorsFile, module: str, info: LayerInfo, p: Pat
         ok = (shape == () if name.startswith("rows:") else
               len(shape) == 2 and shape[0] == shape[1] > 0 if info.kind == "linear" else
               len(shape) >= 1 and math.prod(shape) > 0)
-        if dtype != torch.float64 or not ok:
+        allowed = gram_dtype if name.startswith("gram:") else torch.float64
+        if dtype != allowed or not ok:
+            kind = str(allowed).removeprefix("torch.")
             want = ("a float64 scalar" if name.startswith("rows:") else
-                    "float64 (n, n), n > 0" if info.kind == "linear" else "float64, 1-D or more")
+                    f"{kind} (n, n), n > 0" if info.kind == "linear" else "float64, 1-D or more")
             raise FeatureError(f"{p}: tensor '{name}' is {str(dtype).removeprefix('torch.')} "
                                f"{list(shape)}, expected {want}; the stats file is corrupt: "
                                f"{RECOMPUTE}")

@@ -8,7 +8,9 @@ input as computed by expert k on its own calibration data (``mergewise features`
   (out, in) layout, G_k = Σ xᵀx (raw sums: tasks weigh by their row count, as in the paper).
   † is the Hermitian pseudo-inverse: eigen-directions of Σ G_k below ``rtol`` × the largest
   eigenvalue count as null, and there the base is kept. A fused projection (one Linear feeding
-  Q, K and V) is one unit with one Gram: no special case.
+  Q, K and V) is one unit with one Gram: no special case. Separate projections of one input
+  (q/k/v, gate/up) share one stored Gram, so (Σ_k G_k)^† is computed once for all of them
+  (``SharedSolves``): the same numbers as one solve each.
 - scale (LayerNorm/RMSNorm weight): T*[d] = Σ_k s_k[d] T_k[d] / Σ_k s_k[d], s_k = Σ x̂² of the
   normalized input; dimensions with Σ_k s_k[d] = 0 take the mean of the T_k.
 - shift (Linear/conv bias, norm bias): T* = Σ_k n_k T_k / Σ_k n_k (n_k rows).
@@ -24,6 +26,8 @@ ablation does for units it does not merge). The solve runs in float64.
 | question            | mergewise                                                      |
 |---------------------|----------------------------------------------------------------|
 | data                | per task: ``calibration:`` block (64 examples) or ``features:`` file |
+| LLM-scale capture   | ``pack: true``, ``accumulate: float32``, ``blocks_per_pass: N``  |
+| shared inputs       | q/k/v and gate/up: one stored Gram, one pseudo-inverse              |
 | features from       | each expert on its own task's data (never the merged model)     |
 | rows                | every token; padded tokens excluded via ``attention_mask``      |
 | Gram normalisation  | none (raw Σ xᵀx per task); ``tasks: equal`` divides by n_k      |
@@ -36,7 +40,10 @@ ablation does for units it does not merge). The solve runs in float64.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -101,6 +108,46 @@ def accumulate(total: torch.Tensor | None, term: torch.Tensor, fresh: bool = Fal
     return total.add_(term)
 
 
+class SharedSolves:
+    """Factorisations of a summed Gram that several tensors share (q/k/v, gate/up): built for
+    the first such tensor, reused by the others, so a layer needs 2 solves instead of 5.
+
+    Keyed by the solve settings and the experts' Gram objects (a ``FeatureStats`` hands every
+    layer of a group the very same tensor, ``TensorFeature.shared_gram``) held weakly: an entry
+    goes when its first Gram is freed, and at most ``size`` are kept. Unshared Grams are never
+    cached."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[Any, ...], tuple[list[weakref.ref[torch.Tensor]], Any]] \
+            = OrderedDict()
+
+    def get(self, pairs: Sequence[tuple[torch.Tensor, TensorFeature, float]],
+            tag: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        grams = [f.gram for _, f, _ in pairs]
+        if any(f.shared_gram is None or g is None
+               for (_, f, _), g in zip(pairs, grams, strict=True)):
+            return build()
+        key = (tag, str(pairs[0][0].device), tuple(id(g) for g in grams),
+               tuple(w for _, _, w in pairs))
+        hit = self._entries.get(key)
+        if hit is not None and all(r() is g for r, g in zip(hit[0], grams, strict=True)):
+            self._entries.move_to_end(key)
+            return hit[1]
+        value = build()
+        self._entries[key] = ([weakref.ref(g) for g in grams if g is not None], value)
+        weakref.finalize(grams[0], self._entries.pop, key, None)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+SOLVES = SharedSolves()
+
+
 def lot_delta(tensors: Sequence[torch.Tensor], features: Sequence[TensorFeature | None], *,
               rtol: float = 1e-6, fallback: str = "mean", tasks: str = "rows",
               name: str = "tensor") -> torch.Tensor:
@@ -112,13 +159,12 @@ def lot_delta(tensors: Sequence[torch.Tensor], features: Sequence[TensorFeature 
         return mean_of(tensors) if fallback == "mean" else torch.zeros_like(tensors[0])
     like = tensors[0]
     if kind == "matmul":
-        gram = cross = None
+        cross = None
         for t, f, w in pairs:
-            g = stat(f.gram, t, w)  # type: ignore[arg-type]
-            gram = accumulate(gram, g)
-            cross = accumulate(cross, as_matrix(t, f) @ g, fresh=True)
-        solved = cross @ torch.linalg.pinv(gram, rtol=rtol, hermitian=True)  # type: ignore[operator]
-        return from_matrix(solved, like, pairs[0][1])
+            cross = accumulate(cross, as_matrix(t, f) @ stat(f.gram, t, w),  # type: ignore[arg-type]
+                               fresh=True)
+        inverse = SOLVES.get(pairs, ("lot", rtol), lambda: _pinv_of_sum(pairs, rtol))
+        return from_matrix(cross @ inverse, like, pairs[0][1])  # type: ignore[operator]
     if kind == "scale":
         energy = num = None
         for t, f, w in pairs:
@@ -134,6 +180,15 @@ def lot_delta(tensors: Sequence[torch.Tensor], features: Sequence[TensorFeature 
     for t, f, w in pairs:
         out.add_(t.to(torch.float64), alpha=f.rows * w / rows)
     return out.to(like.dtype)
+
+
+def _pinv_of_sum(pairs: Sequence[tuple[torch.Tensor, TensorFeature, float]], rtol: float
+                 ) -> torch.Tensor:
+    """(Σ_k w_k G_k)^†, Hermitian, eigenvalues below rtol × the largest dropped."""
+    gram = None
+    for t, f, w in pairs:
+        gram = accumulate(gram, stat(f.gram, t, w))  # type: ignore[arg-type]
+    return torch.linalg.pinv(gram, rtol=rtol, hermitian=True)  # type: ignore[arg-type]
 
 
 def lot_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], *,

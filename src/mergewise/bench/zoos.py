@@ -1,0 +1,112 @@
+"""One table over several expert zoos: every row as mean ± s.d., every claimed gain paired.
+
+Why: a row's test average moves by about a point between fine-tuning seeds, as much as the
+differences between methods, so a single zoo cannot tell methods apart. Each zoo is run with
+the one-zoo protocol (hyperparameters selected on that zoo's validation splits); this module
+only combines the per-zoo documents. The claims checked are the papers': "X + TADrop beats X"
+for every X with a TADrop row, and "LOT beats the best data-free method", where the best
+data-free row is chosen by mean *validation* average over zoos (a single-encoder, data-free
+merge: no feature statistics, not task-specific), never by test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..registry import METHODS
+from .spread import mean_sd, paired_gain, unbits
+
+TADROP = "+tadrop"
+LOT_ROWS = ("lot", "lot" + TADROP)
+
+
+def _labels(docs: list[dict[str, Any]]) -> list[str]:
+    labels = [r["label"] for r in docs[0]["rows"]]
+    for d in docs[1:]:
+        if [r["label"] for r in d["rows"]] != labels:
+            raise ValueError("the zoos' documents have different rows; run the same methods on each")
+    return labels
+
+
+def _data_free(row: dict[str, Any]) -> bool:
+    if row["kind"] not in ("merge", "tadrop") or row.get("method") not in METHODS:
+        return False
+    m = METHODS.get(row["method"])
+    return not m.features and not m.task_specific
+
+
+def claims(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(row, baseline) pairs: X+tadrop vs X; each LOT row vs the best data-free row on val."""
+    labels = _labels(docs)
+    out = [(lab, lab.removesuffix(TADROP)) for lab in labels
+           if lab.endswith(TADROP) and lab.removesuffix(TADROP) in labels]
+    rows = [{r["label"]: r for r in d["rows"]} for d in docs]
+    free = [lab for lab in labels if all(_data_free(z[lab]) for z in rows)]
+    if free:
+        best = max(free, key=lambda lab: sum(z[lab]["val_average"] for z in rows))  # first of equals
+        out += [(lab, best) for lab in LOT_ROWS if lab in labels]
+    return out
+
+
+def combine(docs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """The combined document: per-row spreads and per-claim paired statistics."""
+    labels = _labels(docs)
+    tasks = docs[0]["tasks"]
+    by_label = [{r["label"]: r for r in d["rows"]} for d in docs]
+    rows = []
+    for lab in labels:
+        zs = [z[lab] for z in by_label]
+        row: dict[str, Any] = {"label": lab, "kind": zs[0]["kind"],
+                               "selected": [z.get("selected") for z in zs]}
+        for key in ("average", "normalized"):
+            row[key], row[key + "_sd"] = mean_sd([z[key] for z in zs])
+        row["test"] = {t: mean_sd([z["test"][t] for z in zs]) for t in tasks}
+        rows.append(row)
+    gains = []
+    for lab, base in claims(docs):
+        a = [unbits(z[lab]["test_bits"]) for z in by_label]
+        b = [unbits(z[base]["test_bits"]) for z in by_label]
+        gains.append({"row": lab, "baseline": base, **paired_gain(a, b, seed=0)})
+    return {"zoo_seeds": seeds, "tasks": tasks, "test_sizes": docs[0]["test_sizes"],
+            "rows": rows, "gains": gains, "seconds": round(sum(d["seconds"] for d in docs), 1)}
+
+
+def _pm(mean: float, sd: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    tasks = doc["tasks"]
+    head = ["row", *tasks, "avg", "norm"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in doc["rows"]:
+        cells = [r["label"], *(_pm(*r["test"][t]) for t in tasks), _pm(r["average"], r["average_sd"]),
+                 _pm(r["normalized"], r["normalized_sd"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = len(doc["zoo_seeds"])
+    lines += ["", f"Test accuracy in %, mean ± s.d. over {n} zoos (seeds "
+              f"{', '.join(map(str, doc['zoo_seeds']))}); hyperparameters selected on each zoo's "
+              "validation splits (per zoo: zoo-S/results.md).", "",
+              "| claim | gain (mean ± s.d. over zoos) | per zoo | zoos > 0 | bootstrap s.d. | "
+              "bootstrap 95 % | P(gain <= 0) |", "|---|---:|---|---:|---:|---|---:|"]
+    for g in doc["gains"]:
+        lo, hi = g["bootstrap_ci95"]
+        lines.append(f"| {g['row']} vs {g['baseline']} | {100 * g['gain']:+.2f} ± {100 * g['gain_sd_zoos']:.2f} | "
+                     + ", ".join(f"{100 * x:+.2f}" for x in g["per_zoo"])
+                     + f" | {g['zoos_positive']}/{g['zoos']} | {100 * g['bootstrap_sd']:.2f} | "
+                     f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {g['bootstrap_p_le_0']:.3f} |")
+    lines += ["", "Gains in points of test average. Bootstrap: each task's test examples resampled "
+              f"({doc['gains'][0]['bootstrap_reps'] if doc['gains'] else 0} draws, seed 0), the same "
+              "draw for both rows and every zoo; the mean over zoos of the gain per draw."]
+    return "\n".join(lines) + "\n"
+
+
+def write_combined(out: Path, doc: dict[str, Any]) -> None:
+    """``results.json`` and ``results.md`` of the combined zoos, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(doc, indent=1) + "\n"), ("results.md", markdown(doc))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
