@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -238,12 +239,58 @@ def quantiles(x: torch.Tensor, qs: list[float] | tuple[float, ...]) -> list[floa
     if flat.device.type == "cpu":
         import numpy as np
 
-        part = np.partition(flat.numpy(), needed)
-        values = {k: float(part[k]) for k in needed}
+        values = _bracketed_order_stats(flat.numpy(), needed) if n >= SELECT_DIRECT else None
+        if values is None:
+            part = np.partition(flat.numpy(), needed)
+            values = {k: float(part[k]) for k in needed}
     else:
         values = {k: float(torch.kthvalue(flat, k + 1).values) for k in needed}
     return [values[lo] + frac * (values[lo + 1] - values[lo]) if frac > 0 else values[lo]
             for lo, frac in ranks]
+
+
+def _bracketed_order_stats(v: Any, ranks: list[int]) -> dict[int, float] | None:
+    """The ``ranks``-th smallest values (0-based, as ``np.partition`` places them) of a large
+    numpy array without partitioning all of it; None when a sampled bracket misses.
+
+    Each group of neighbouring ranks gets a bracket [lo, hi] from a strided sample; one pass
+    counts the values below lo and gathers those inside; rank r lies in the bracket iff
+    below <= r < below + inside, and is then the (r - below)-th smallest inside. NaNs (ordered
+    last by ``partition``) are in neither, so a rank among them misses. Exact: the same values.
+    """
+    import numpy as np
+
+    n = v.size
+    lo_m, hi_m = SELECT_SAMPLE
+    ordered = np.sort(v[:: max(1, n // min(hi_m, max(lo_m, int(8 * math.sqrt(n)))))])
+    m = ordered.size
+    margin = 3.0 * math.sqrt(m) + 2
+    out: dict[int, float] = {}
+    for group in _neighbours(ranks):
+        first, last = (group[0] / (n - 1) * (m - 1), group[-1] / (n - 1) * (m - 1))
+        lo, hi = ordered[max(0, int(first - margin))], ordered[min(m - 1, int(last + margin) + 1)]
+        below = int(np.count_nonzero(v < lo))
+        band = v[(v >= lo) & (v <= hi)]
+        if not below <= group[0] <= group[-1] < below + band.size:
+            return None
+        if lo == hi:  # a mass of ties (the exact zeros of an embedding): all equal lo
+            out.update({r: float(lo) for r in group})
+            continue
+        part = np.partition(band, [r - below for r in group])
+        out.update({r: float(part[r - below]) for r in group})
+    return out
+
+
+def _neighbours(ranks: list[int]) -> list[list[int]]:
+    """Sorted ranks split where they are more than one apart (an interpolation's two ranks stay
+    in one group)."""
+    groups: list[list[int]] = []
+    for r in sorted(ranks):
+        if groups and r - groups[-1][-1] <= 1:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def quantile_ratio(delta: torch.Tensor, low: float = 0.5, high: float = 0.95) -> float | None:
