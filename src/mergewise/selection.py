@@ -7,7 +7,9 @@ instead of a full sort: it is a linear-time selection and has no size limit. On 
 the selection first brackets the answer between two order statistics of a strided sample and runs
 ``kthvalue`` only on the few values inside the bracket (single-threaded ``kthvalue`` over a whole
 32M-entry tensor takes most of a second); the result is the same value, and when the sample
-misses, the whole tensor is searched as before.
+misses, the whole tensor is searched as before. Quantiles of large CPU tensors (TADrop's stats
+pass) are found the same way: a bracket per rank, the values below it counted, only the band
+partitioned.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ when either norm is below 1e-12). γ = 0 gives the uniform sparsifier exactly (s
 as ``magnitude``/``random`` at density 1 - p̄). Tensors matching ``skip`` globs, and tensors with
 Q_high = 0 (all zero or mostly zero), are kept as they are.
 
+Large CPU tensors (``chunked``) take the magnitude mode without ever making tau whole
+(``TADropStep``): the same kept set from a streamed top-k, ||kept|| from one more pass over the
+chunks in ``Float64Norm``'s bits (``streamnorm``), and ||tau|| from the stats pass, which computes
+it beside d (and caches both). The random mode is drawn on the whole tensor.
+
 The mapping from d to p is the paper's open point (its formula is not public); it lives in
 ``drop_rate_for`` alone so another mapping can be dropped in.
 """
@@ -36,7 +41,7 @@ from ..numerics import Float64Norm
 from ..registry import SPARSIFIERS, Param, Sparsifier
 from ..selection import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles, topk_mask
 from ..statspass import UNCACHED, StatsPass
-from ..streamnorm import StreamedNorm
+from ..streamnorm import StreamedNorm, float64_norm
 from ..streamselect import BandStep
 
 NORM_EPS = 1e-12
@@ -91,7 +96,7 @@ class TADropStats(StatsPass):
         skipped = _skip(name, params.get("skip") or [])
         d = None if skipped or delta.numel() == 0 else quantile_ratio(delta, *params["quantiles"])
         # ||tau|| as l2_rescale computes it, so the chunked path never needs tau whole
-        norm = None if skipped else Float64Norm()(delta.contiguous())
+        norm = None if skipped else float64_norm(delta.contiguous())
         self.entries[name] = (delta.numel(), d, skipped, params, norm)
 
     def cache_tag(self, params: dict[str, Any]) -> str | None:
