@@ -272,7 +272,7 @@ def _bracketed_order_stats(v: Any, ranks: list[int]) -> dict[int, float] | None:
         first, last = (group[0] / (n - 1) * (m - 1), group[-1] / (n - 1) * (m - 1))
         lo, hi = ordered[max(0, int(first - margin))], ordered[min(m - 1, int(last + margin) + 1)]
         below = int(np.count_nonzero(v < lo))
-        band = v[(v >= lo) & (v <= hi)]
+        band = np.compress((v >= lo) & (v <= hi), v)
         if not below <= group[0] <= group[-1] < below + band.size:
             return None
         if lo == hi:  # a mass of ties (the exact zeros of an embedding): all equal lo
@@ -301,7 +301,14 @@ def quantile_ratio(delta: torch.Tensor, low: float = 0.5, high: float = 0.95) ->
     Near 0 for heavy-tailed (sparse, critical) tensors, higher for flat (dense, redundant) ones:
     Gaussian 0.344, Laplace 0.231, uniform 0.526. None when Q_high = 0 (the tensor is kept as is).
     """
-    q_low, q_high = quantiles(delta.abs(), [low, high])
+    flat = delta.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.numel() >= SELECT_DIRECT:
+        from .scratch import scratch  # |tau| in a reused buffer: no page faults per tensor
+
+        magnitude = torch.abs(flat, out=scratch(flat.numel(), torch.float32))
+    else:
+        magnitude = flat.abs()
+    q_low, q_high = quantiles(magnitude, [low, high])
     if q_high <= 0.0:
         return None
     return q_low / q_high

@@ -15,13 +15,14 @@ kernel).
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from .numerics import Float64Norm
+from .scratch import scratch
 
 GROUPS = (4, 8)  # the float64 lanes of AVX2 (and of torch's scalar fallback), of AVX-512
 
@@ -39,38 +40,28 @@ def _from_bits(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(bits).view(_BITS[bits.itemsize][0]).view(dtype)
 
 
-class _Pool(threading.local):
-    """One float64 buffer per thread, grown to the largest tensor normed: a fresh one per call
-    costs its page faults, several times the norm itself."""
-
-    buf: torch.Tensor | None = None
-
-
-_POOL = _Pool()
-
-
 def float64_norm(t: torch.Tensor) -> float:
     """``Float64Norm()(t)``, the same bits (the same float64 values, contiguous, the same
-    kernel), through this thread's reused buffer for contiguous CPU tensors."""
+    kernel), through this thread's ``scratch`` buffer for contiguous CPU tensors."""
     if t.device.type != "cpu" or t.dtype == torch.float64 or not t.is_contiguous():
         return Float64Norm()(t)
-    n = t.numel()
-    if _POOL.buf is None or _POOL.buf.numel() < n:
-        _POOL.buf = None  # the old one is freed before the new one is touched
-        _POOL.buf = torch.empty(n, dtype=torch.float64)
-    return float(torch.linalg.vector_norm(_POOL.buf[:n].copy_(t.reshape(-1))))
+    buf = scratch(t.numel(), torch.float64)
+    return float(torch.linalg.vector_norm(buf.copy_(t.reshape(-1))))
 
 
 class StreamedNorm:
     """``Float64Norm()(t)`` for a flat tensor of ``n`` entries fed chunk by chunk in order
     (chunks start at multiples of the group size, as ``chunked``'s do). The values fed must
-    have no -0.0 (magnitudes, or magnitudes times a 0/1 mask): +0 groups are the ones dropped."""
+    have no -0.0 (magnitudes, or magnitudes times a 0/1 mask): +0 groups are the ones dropped.
+    ``value(keep)`` may zero more of what was stored first (TADrop stores every candidate for
+    the kept set while its threshold is still unknown)."""
 
     def __init__(self, n: int, dtype: torch.dtype, group: int | None = None):
         self.n, self.dtype = n, dtype
         self.group = exact_group() if group is None else group
         self.main = n - n % self.group
-        self.kept: list[np.ndarray] = []
+        # (chunk, flat index of the piece's first entry, bits, which groups were kept or None)
+        self.pieces: list[tuple[slice, int, np.ndarray, np.ndarray | None]] = []
 
     def add(self, part: slice, values: torch.Tensor) -> None:
         assert part.start % self.group == 0 and values.dtype == self.dtype
@@ -78,18 +69,32 @@ class StreamedNorm:
         end = max(0, min(part.stop, self.main) - part.start)
         if end:
             groups = bits[:end].reshape(-1, self.group)
-            if self.group == 1:
-                self.kept.append(groups.reshape(-1))
-            else:
-                self.kept.append(np.compress(_nonzero_rows(groups), groups, axis=0).reshape(-1))
+            rows = _nonzero_rows(groups) if self.group > 1 else None
+            kept = groups if rows is None else np.compress(rows, groups, axis=0)
+            self.pieces.append((part, part.start, kept.reshape(-1), rows))
         if end < bits.size:  # the tensor's tail, kept as it is
-            self.kept.append(bits[end:])
+            self.pieces.append((part, part.start + end, bits[end:], None))
 
-    def value(self) -> float:
-        kept, self.kept = self.kept, []
-        if not kept or sum(k.size for k in kept) == 0:
+    def value(self, keep: Callable[[slice, torch.Tensor, Callable[[], torch.Tensor]],
+                                   torch.Tensor] | None = None) -> float:
+        """The norm of what was fed, after ``keep(chunk, values, indices)`` where given."""
+        pieces, self.pieces = self.pieces, []
+        out = []
+        for part, first, bits, rows in pieces:
+            if keep is not None and bits.size:
+                values = keep(part, _from_bits(bits, self.dtype),
+                              lambda f=first, b=bits, r=rows: self._indices(f, b.size, r))
+                bits = _as_bits(values)
+            out.append(bits)
+        if sum(b.size for b in out) == 0:
             return 0.0  # every group was zero: the whole tensor's norm is sqrt(0.0)
-        return float64_norm(_from_bits(np.concatenate(kept), self.dtype))
+        return float64_norm(_from_bits(np.concatenate(out), self.dtype))
+
+    def _indices(self, first: int, size: int, rows: np.ndarray | None) -> torch.Tensor:
+        if rows is None:
+            return torch.arange(first, first + size)
+        starts = torch.from_numpy(np.flatnonzero(rows)) * self.group + first
+        return (starts[:, None] + torch.arange(self.group)).reshape(-1)
 
 
 def _nonzero_rows(groups: np.ndarray) -> np.ndarray:

@@ -119,3 +119,17 @@ def test_a_bad_cached_value_is_refused(bad: Any) -> None:
 
 def test_cached_ok_takes_a_zero_tensor() -> None:
     assert TADropStats().cached_ok([None, 0.0])
+
+
+def test_ties_cut_inside_a_chunk() -> None:
+    """40 equal magnitudes at drop rate 0.5: the first 20 are kept, the cut falls inside the
+    second chunk of 16, and the factor is sqrt(40 / 20)."""
+    signs = torch.tensor([(-1.0) ** (i % 3) for i in range(40)])
+    delta = 0.5 * signs
+    stats = _stats_of(delta, 0.5)
+    got = _streamed_out(delta, stats, "l2", 16)
+    assert got is not None
+    want = tadrop(delta.clone(), stats=stats, rescale="l2")
+    assert torch.equal(got[0], want)
+    assert torch.equal(got[0][:20], delta[:20] * 2.0 ** 0.5) and not got[0][20:].any()
+    assert got[1]["rescale"] == 2.0 ** 0.5

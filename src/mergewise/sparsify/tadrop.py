@@ -210,33 +210,40 @@ def tadrop(delta: torch.Tensor, *, drop_rate: float = 0.8, strength: float = 1.0
 
 class TADropStep:
     """TADrop's streamed form (``mode: magnitude``) for ``chunked``: the stats pass' keep count
-    as a top-k ``BandStep`` (the set of ``topk_mask``), then one more pass for ||kept|| in
-    ``Float64Norm``'s bits (``StreamedNorm``) beside ||tau|| from the stats pass, so the rescale
-    factor, and every kept value, are the whole-tensor path's."""
+    as a top-k ``BandStep`` (the set of ``topk_mask``), ||kept|| in ``Float64Norm``'s bits
+    (``StreamedNorm``) and ||tau|| from the stats pass, so the rescale factor, and every kept
+    value, are the whole-tensor path's. While the threshold is unknown, every |tau| at or above
+    its sampled bracket (a superset of the kept set) is stored for the norm, and the rule
+    zeroes the rest once known: no second pass over the chunks."""
 
     def __init__(self, n: int, sample_of: Any, stats: TensorDrop, rescale: str):
         self.stats, self.rescale = stats, rescale
-        self.band = BandStep(n, sample_of, keep_count_from_drop(stats.drop_rate, n))
+        keep = keep_count_from_drop(stats.drop_rate, n)
+        self.band = BandStep(n, sample_of, keep)
+        rank = self.band.search.ranks.get(keep)
+        self.floor = rank.lo if rank is not None else -math.inf  # T >= floor if the bracket hits
         self.n = n
-        self.parts: list[slice] = []
+        self.norm: StreamedNorm | None = None
         self.factor: float | None = None
 
     def feed(self, part: slice, magnitude: torch.Tensor) -> None:
-        self.parts.append(part)
         self.band.feed(part, magnitude)
+        if self.rescale == "l2":
+            if self.norm is None:
+                self.norm = StreamedNorm(self.n, magnitude.dtype)
+            candidates = torch.ge(magnitude, self.floor, out=torch.empty_like(magnitude))
+            self.norm.add(part, candidates.mul_(magnitude))
 
     def ready(self, magnitude_at: Any) -> bool:
         if not self.band.ready(magnitude_at):
             return False
         if self.rescale == "l2":
-            assert self.stats.norm is not None
-            rule, kept = self.band.rules[0], None
-            for part in self.parts:
-                m = magnitude_at(part)
-                if kept is None:
-                    kept = StreamedNorm(self.n, m.dtype)
-                kept.add(part, rule.mask(m, part, out=torch.empty_like(m)).mul_(m))
-            self.factor = rescale_factor(self.stats.norm, kept.value() if kept else 0.0)
+            assert self.stats.norm is not None and self.norm is not None
+            rule = self.band.rules[0]
+            if rule.threshold < self.floor:  # never when the bracket hit; then no streamed form
+                return False
+            self.factor = rescale_factor(self.stats.norm, self.norm.value(
+                lambda part, v, at: v.mul_(_rule_on(rule, part, v, at))))
         return True
 
     def apply(self, delta: torch.Tensor, magnitude: torch.Tensor, part: slice) -> torch.Tensor:
@@ -247,6 +254,17 @@ class TADropStep:
         """What ``tadrop`` puts in ``info``."""
         factor = 1.0 if self.factor is None else self.factor
         return {"d": self.stats.d, "drop_rate": self.stats.drop_rate, "rescale": factor}
+
+
+def _rule_on(rule: Any, part: slice, values: torch.Tensor, indices: Any) -> torch.Tensor:
+    """``KeepRule.mask`` on values stored from chunk ``part`` (not all of it, so the tie cut
+    goes by their flat ``indices()``), as the same ``ge`` / ``gt`` comparisons."""
+    if part.stop <= rule.cut:
+        return torch.ge(values, rule.threshold)
+    if part.start >= rule.cut:
+        return torch.gt(values, rule.threshold)
+    return torch.where(indices() < rule.cut, torch.ge(values, rule.threshold),
+                       torch.gt(values, rule.threshold))
 
 
 def _streamed(n: int, sample_of: Any, *, mode: str = "magnitude", rescale: str = "l2",
