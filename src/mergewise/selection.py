@@ -255,10 +255,11 @@ def _bracketed_order_stats(v: Any, ranks: list[int]) -> dict[int, float] | None:
     """The ``ranks``-th smallest values (0-based, as ``np.partition`` places them) of a large
     numpy array without partitioning all of it; None when a sampled bracket misses.
 
-    Each group of neighbouring ranks gets a bracket [lo, hi] from a strided sample; one pass
-    counts the values below lo and gathers those inside; rank r lies in the bracket iff
-    below <= r < below + inside, and is then the (r - below)-th smallest inside. NaNs (ordered
-    last by ``partition``) are in neither, so a rank among them misses. Exact: the same values.
+    Each group of neighbouring ranks gets a bracket [lo, hi] from a strided sample; the values
+    below lo and equal to lo are counted, those in (lo, hi] gathered; rank r lies in the
+    bracket iff below <= r < below + at_lo + inside, and is then lo, or the
+    (r - below - at_lo)-th smallest inside. NaNs (ordered last by ``partition``) are in none,
+    so a rank among them misses. Exact: the same values.
     """
     import numpy as np
 
@@ -272,14 +273,14 @@ def _bracketed_order_stats(v: Any, ranks: list[int]) -> dict[int, float] | None:
         first, last = (group[0] / (n - 1) * (m - 1), group[-1] / (n - 1) * (m - 1))
         lo, hi = ordered[max(0, int(first - margin))], ordered[min(m - 1, int(last + margin) + 1)]
         below = int(np.count_nonzero(v < lo))
-        band = np.compress((v >= lo) & (v <= hi), v)
-        if not below <= group[0] <= group[-1] < below + band.size:
+        at_lo = int(np.count_nonzero(v == lo))  # counted, not gathered: often a mass (zeros)
+        band = np.compress((v > lo) & (v <= hi), v)
+        if not below <= group[0] <= group[-1] < below + at_lo + band.size:
             return None
-        if lo == hi:  # a mass of ties (the exact zeros of an embedding): all equal lo
-            out.update({r: float(lo) for r in group})
-            continue
-        part = np.partition(band, [r - below for r in group])
-        out.update({r: float(part[r - below]) for r in group})
+        start = below + at_lo  # rank of the band's smallest value
+        inside = [r - start for r in group if r >= start]
+        part = np.partition(band, inside) if inside else band
+        out.update({r: float(lo) if r < start else float(part[r - start]) for r in group})
     return out
 
 
