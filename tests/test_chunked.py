@@ -239,14 +239,7 @@ def test_overflowing_out_dtype_is_the_whole_paths_error(small_chunks: None,
 def test_dare_is_streamed_not_made_whole(small_chunks: None,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """DARE's mask and L1 sums are drawn chunk by chunk: no task vector is made whole."""
-    made: list[str] = []
-    real = chunked._Whole.make
-
-    def spy(self: Any, base: torch.Tensor, record: bool) -> bool:
-        made.append(self.plan.name)
-        return real(self, base, record)
-
-    monkeypatch.setattr(chunked._Whole, "make", spy)
+    made = _whole_made(monkeypatch)
     base, models = _family()
     _run("dare_ties", {"density": 0.5}, None, base, models)
     assert made == []
