@@ -58,6 +58,10 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
     ("dare_linear", {"density": 0.3, "rescale_rule": "density"}, None),
     ("della", {"density": 0.4, "epsilon": 0.1}, None),
     ("ties", {}, {"method": "tadrop", "drop_rate": 0.7}),
+    ("ties", {}, {"method": "tadrop", "drop_rate": 0.7, "rescale": "none"}),
+    ("task_arithmetic", {}, {"method": "tadrop", "drop_rate": 0.9, "strength": 3.0}),
+    ("ties", {"aggregate": "mean"}, {"method": "tadrop", "drop_rate": 0.5, "budget": "elements",
+                                     "skip": ["b.*"], "max_drop": 0.999}),
     ("dare_ties", {}, {"method": "tadrop", "drop_rate": 0.6, "mode": "random"}),
 ]
 
@@ -114,15 +118,93 @@ def test_chunked_path_is_taken(small_chunks: None, monkeypatch: pytest.MonkeyPat
     assert set(calls) == {"a.weight", "b.weight", "zeros.weight", "still.weight"}
 
 
+def _whole_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the tensors whose task vectors ``chunked`` made whole."""
+    made: list[str] = []
+    real = chunked._Whole.make
+
+    def spy(self: Any, base: torch.Tensor, record: bool) -> bool:
+        made.append(self.plan.name)
+        return real(self, base, record)
+
+    monkeypatch.setattr(chunked._Whole, "make", spy)
+    return made
+
+
+def test_tadrop_magnitude_is_streamed(small_chunks: None, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
+    """Only the tensors TADrop keeps as they are (d = 0 or none: drop rate 0) are made whole;
+    random mode stays whole."""
+    made = _whole_made(monkeypatch)
+    base, models = _family()
+    _run("ties", {}, {"method": "tadrop", "drop_rate": 0.7}, base, models)
+    assert set(made) == {"zeros.weight", "still.weight"}
+    made.clear()
+    _run("ties", {}, {"method": "tadrop", "drop_rate": 0.7, "mode": "random"}, base, models)
+    assert {"a.weight", "b.weight"} <= set(made)
+
+
+NORMS = {"norm_before", "norm_after"}
+
+
+@pytest.mark.parametrize("sparsify", [{"method": "tadrop", "drop_rate": 0.8},
+                                      {"method": "tadrop", "drop_rate": 0.99, "strength": 0.0}])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tadrop_at_the_real_chunk_size(sparsify: dict[str, Any], threads: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors of 2.5 chunks of 2^18 (bf16 task vectors: ties at the threshold), streamed,
+    against the whole-tensor path bit for bit, report rows included. The report's norms are
+    compared on one thread only: a float32 sum of 2^18 entries depends on torch's thread count,
+    and the chunked path runs on one thread fewer (``threads_beside_io``); TADrop's own figures
+    (d, drop rate, rescale factor, kept counts) and the merged tensors never do."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _real_chunk_case(sparsify, monkeypatch, compare_norms=threads == 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _real_chunk_case(sparsify: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                     compare_norms: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    n = 5 * chunked.CHUNK // 2 + 3
+    base = {"big.weight": (torch.randn(n, generator=g) * 0.02).bfloat16(),
+            "other.weight": (torch.randn(n - 1000, generator=g) * 0.02).bfloat16()}
+    models = [{k: (v.float() + torch.randn(v.shape, generator=g).pow(3) * 1e-3 * (j + 1))
+               .bfloat16() for k, v in base.items()} for j in range(3)]
+    made = _whole_made(monkeypatch)
+    got, got_rows = _run("ties", {}, sparsify, base, models, out_dtype="bfloat16")
+    assert made == []
+    with monkeypatch.context() as m:
+        _whole(m)
+        want, want_rows = _run("ties", {}, sparsify, base, models, out_dtype="bfloat16")
+    for name in want:
+        assert torch.equal(got[name].view(torch.int16), want[name].view(torch.int16)), name
+
+    def rows(records: list[dict[str, Any]]) -> list[Any]:
+        drop = {"seconds"} | (set() if compare_norms else NORMS | {"merged_delta_norm"})
+        return [{k: ([{f: x for f, x in m.items() if f not in drop} for m in v]
+                     if k == "models" else v) for k, v in r.items() if k not in drop}
+                for r in records]
+
+    assert rows(got_rows) == rows(want_rows)
+    assert all(m["rescale"] != 1.0 and m["kept"] < m_n for r in rows(got_rows)
+               for m, m_n in zip(r["models"], [r["numel"]] * 3, strict=True))
+
+
 def test_float32_inputs_and_half_precision_compute(small_chunks: None,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     base, models = _family(torch.float32, seed=1)
     for dtype in ("float32", "bfloat16", "float16"):
-        got, _ = _run("ties", {"density": 0.3}, None, base, models, dtype=dtype)
-        with monkeypatch.context() as m:
-            _whole(m)
-            want, _ = _run("ties", {"density": 0.3}, None, base, models, dtype=dtype)
-        assert all(torch.equal(got[n], want[n]) for n in want), dtype
+        for sparsify in (None, {"method": "tadrop", "drop_rate": 0.6}):
+            density = {"density": 0.3} if sparsify is None else {}
+            got, got_rows = _run("ties", density, sparsify, base, models, dtype=dtype)
+            with monkeypatch.context() as m:
+                _whole(m)
+                want, want_rows = _run("ties", density, sparsify, base, models, dtype=dtype)
+            assert all(torch.equal(got[n], want[n]) for n in want), dtype
+            assert [r["models"] for r in got_rows] == [r["models"] for r in want_rows]
 
 
 @pytest.mark.parametrize("where", ["base", "expert"])
@@ -157,14 +239,7 @@ def test_overflowing_out_dtype_is_the_whole_paths_error(small_chunks: None,
 def test_dare_is_streamed_not_made_whole(small_chunks: None,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """DARE's mask and L1 sums are drawn chunk by chunk: no task vector is made whole."""
-    made: list[str] = []
-    real = chunked._Whole.make
-
-    def spy(self: Any, base: torch.Tensor, record: bool) -> bool:
-        made.append(self.plan.name)
-        return real(self, base, record)
-
-    monkeypatch.setattr(chunked._Whole, "make", spy)
+    made = _whole_made(monkeypatch)
     base, models = _family()
     _run("dare_ties", {"density": 0.5}, None, base, models)
     assert made == []

@@ -83,3 +83,48 @@ def test_drop_rate_to_keep_count_is_exact():
     assert keep_count_from_drop(0.9999, 10) == 1  # at least one
     assert keep_count_from_drop(1.0, 10) == 0
     assert keep_fraction_from_drop(0.8) == 0.2
+
+
+def _partitioned(x: torch.Tensor, levels: list[float]) -> list[float]:
+    """The quantiles from one ``np.partition`` of the whole array (the plain path)."""
+    v = x.reshape(-1).float().numpy()
+    n = v.size
+    ranks = [(int(q * (n - 1)), q * (n - 1) - int(q * (n - 1))) for q in levels]
+    needed = sorted({k for lo, f in ranks for k in ((lo, lo + 1) if f > 0 else (lo,))})
+    part = np.partition(v, needed)
+    return [float(part[lo]) + f * (float(part[lo + 1]) - float(part[lo])) if f > 0
+            else float(part[lo]) for lo, f in ranks]
+
+
+def _large(kind: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g).pow(3).abs()
+    if kind == "bf16":  # a few thousand distinct magnitudes: ties at every quantile
+        return (x * 1e-3).bfloat16().float()
+    if kind == "zeros":  # an embedding's task vector: 93% exact zeros
+        return x * (torch.rand(n, generator=g) < 0.07)
+    if kind == "few":
+        return torch.randint(0, 3, (n,), generator=g).float()
+    if kind == "inf":
+        x[torch.randint(0, n, (50,), generator=g)] = float("inf")
+    if kind == "nan":  # partition orders NaN last; a rank among them takes the plain path
+        x[torch.rand(n, generator=g) < 0.1] = float("nan")
+    return x
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["normal", "bf16", "zeros", "few", "inf", "nan"]),
+       extra=st.integers(0, 5000), seed=st.integers(0, 10**6),
+       levels=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3))
+def test_bracketed_quantiles_equal_one_partition(kind, extra, seed, levels):
+    x = _large(kind, (1 << 18) + extra, seed)
+    got, want = quantiles(x, levels), _partitioned(x, levels)
+    assert np.array_equal(np.array(got), np.array(want), equal_nan=True)
+
+
+def test_bracketed_quantiles_at_the_ends_and_ratio():
+    x = _large("bf16", 3 << 18, 1)
+    levels = [0.0, 0.5, 0.95, 1.0]
+    assert quantiles(x, levels) == _partitioned(x, levels)
+    q = _partitioned(x, [0.5, 0.95])
+    assert quantile_ratio(x) == q[0] / q[1]

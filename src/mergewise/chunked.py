@@ -8,10 +8,11 @@ written once, straight into the dtype it is stored in.
 
 Task vectors are never whole when their sparsification allows it: one that is kept as it is
 (no sparsifier, density 1) is upcast and subtracted chunk by chunk; a top-k one (TIES'
-magnitude, breadcrumbs) first streams its |tau| through ``streamselect`` for the exact keep
-rule, then applies it chunk by chunk; DARE's random one draws its mask and L1 sums chunk by
-chunk in that pass. The others (TADrop, global scope...) are sparsified whole, as before, and
-sliced.
+magnitude, breadcrumbs, TADrop's magnitude mode at the stats pass' rate) first streams its
+|tau| through ``streamselect`` for the exact keep rule, then applies it chunk by chunk (TADrop's
+L2 rescale also needs ||kept||, see ``TADropStep``); DARE's random one draws its mask and L1
+sums chunk by chunk in that pass. The others (TADrop's random mode, global scope...) are
+sparsified whole, as before, and sliced.
 
 Everything the whole-tensor path reports and decides is the same: norms from the same partial
 sums (``ReportNorm``), kept counts, the all-zero rule (the base written bit for bit). Any NaN or
@@ -140,7 +141,9 @@ class _Source:
 
     def info(self) -> dict[str, Any]:
         after = self.before if self.step is None else self.after
-        return {"norm_before": self.before.value, "kept": self.kept, "norm_after": after.value}
+        report = getattr(self.step, "report", None)  # a sparsifier's own figures (TADrop's)
+        return {"norm_before": self.before.value, **(report() if report else {}),
+                "kept": self.kept, "norm_after": after.value}
 
 
 class _Whole(_Source):
@@ -205,8 +208,10 @@ def _sources(job: MergeJob, plan: TensorPlan, read: TensorReader, base: torch.Te
             out.append(_Source(raw, dtype))
             continue
         streamed = step.sparsifier.streamed
+        stats = slot.stats.for_tensor(plan.name) if slot.stats is not None else None
         band = (streamed(plan.numel, lambda s, r=raw: _strided(r, base, s, dtype),
-                         generator=job.generator_for(slot, plan), **step.params(source, plan.t))
+                         generator=job.generator_for(slot, plan), stats=stats,
+                         **step.params(source, plan.t))
                 if streamed is not None else None)
         out.append(_Source(raw, dtype, band) if band is not None
                    else _Whole(job, plan, slot, source, raw))

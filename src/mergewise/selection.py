@@ -7,13 +7,16 @@ instead of a full sort: it is a linear-time selection and has no size limit. On 
 the selection first brackets the answer between two order statistics of a strided sample and runs
 ``kthvalue`` only on the few values inside the bracket (single-threaded ``kthvalue`` over a whole
 32M-entry tensor takes most of a second); the result is the same value, and when the sample
-misses, the whole tensor is searched as before.
+misses, the whole tensor is searched as before. Quantiles of large CPU tensors (TADrop's stats
+pass) are found the same way: a bracket per rank, the values below it counted, only the band
+partitioned.
 """
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -238,12 +241,59 @@ def quantiles(x: torch.Tensor, qs: list[float] | tuple[float, ...]) -> list[floa
     if flat.device.type == "cpu":
         import numpy as np
 
-        part = np.partition(flat.numpy(), needed)
-        values = {k: float(part[k]) for k in needed}
+        values = _bracketed_order_stats(flat.numpy(), needed) if n >= SELECT_DIRECT else None
+        if values is None:
+            part = np.partition(flat.numpy(), needed)
+            values = {k: float(part[k]) for k in needed}
     else:
         values = {k: float(torch.kthvalue(flat, k + 1).values) for k in needed}
     return [values[lo] + frac * (values[lo + 1] - values[lo]) if frac > 0 else values[lo]
             for lo, frac in ranks]
+
+
+def _bracketed_order_stats(v: Any, ranks: list[int]) -> dict[int, float] | None:
+    """The ``ranks``-th smallest values (0-based, as ``np.partition`` places them) of a large
+    numpy array without partitioning all of it; None when a sampled bracket misses.
+
+    Each group of neighbouring ranks gets a bracket [lo, hi] from a strided sample; the values
+    below lo and equal to lo are counted, those in (lo, hi] gathered; rank r lies in the
+    bracket iff below <= r < below + at_lo + inside, and is then lo, or the
+    (r - below - at_lo)-th smallest inside. NaNs (ordered last by ``partition``) are in none,
+    so a rank among them misses. Exact: the same values.
+    """
+    import numpy as np
+
+    n = v.size
+    lo_m, hi_m = SELECT_SAMPLE
+    ordered = np.sort(v[:: max(1, n // min(hi_m, max(lo_m, int(8 * math.sqrt(n)))))])
+    m = ordered.size
+    margin = 3.0 * math.sqrt(m) + 2
+    out: dict[int, float] = {}
+    for group in _neighbours(ranks):
+        first, last = (group[0] / (n - 1) * (m - 1), group[-1] / (n - 1) * (m - 1))
+        lo, hi = ordered[max(0, int(first - margin))], ordered[min(m - 1, int(last + margin) + 1)]
+        below = int(np.count_nonzero(v < lo))
+        at_lo = int(np.count_nonzero(v == lo))  # counted, not gathered: often a mass (zeros)
+        band = np.compress((v > lo) & (v <= hi), v)
+        if not below <= group[0] <= group[-1] < below + at_lo + band.size:
+            return None
+        start = below + at_lo  # rank of the band's smallest value
+        inside = [r - start for r in group if r >= start]
+        part = np.partition(band, inside) if inside else band
+        out.update({r: float(lo) if r < start else float(part[r - start]) for r in group})
+    return out
+
+
+def _neighbours(ranks: list[int]) -> list[list[int]]:
+    """Sorted ranks split where they are more than one apart (an interpolation's two ranks stay
+    in one group)."""
+    groups: list[list[int]] = []
+    for r in sorted(ranks):
+        if groups and r - groups[-1][-1] <= 1:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def quantile_ratio(delta: torch.Tensor, low: float = 0.5, high: float = 0.95) -> float | None:
@@ -252,7 +302,14 @@ def quantile_ratio(delta: torch.Tensor, low: float = 0.5, high: float = 0.95) ->
     Near 0 for heavy-tailed (sparse, critical) tensors, higher for flat (dense, redundant) ones:
     Gaussian 0.344, Laplace 0.231, uniform 0.526. None when Q_high = 0 (the tensor is kept as is).
     """
-    q_low, q_high = quantiles(delta.abs(), [low, high])
+    flat = delta.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.numel() >= SELECT_DIRECT:
+        from .scratch import scratch  # |tau| in a reused buffer: no page faults per tensor
+
+        magnitude = torch.abs(flat, out=scratch(flat.numel(), torch.float32))
+    else:
+        magnitude = flat.abs()
+    q_low, q_high = quantiles(magnitude, [low, high])
     if q_high <= 0.0:
         return None
     return q_low / q_high

@@ -18,6 +18,11 @@ when either norm is below 1e-12). γ = 0 gives the uniform sparsifier exactly (s
 as ``magnitude``/``random`` at density 1 - p̄). Tensors matching ``skip`` globs, and tensors with
 Q_high = 0 (all zero or mostly zero), are kept as they are.
 
+Large CPU tensors (``chunked``) take the magnitude mode without ever making tau whole
+(``TADropStep``): the same kept set from a streamed top-k, ||kept|| from one more pass over the
+chunks in ``Float64Norm``'s bits (``streamnorm``), and ||tau|| from the stats pass, which computes
+it beside d (and caches both). The random mode is drawn on the whole tensor.
+
 The mapping from d to p is the paper's open point (its formula is not public); it lives in
 ``drop_rate_for`` alone so another mapping can be dropped in.
 """
@@ -36,6 +41,8 @@ from ..numerics import Float64Norm
 from ..registry import SPARSIFIERS, Param, Sparsifier
 from ..selection import keep_count_from_drop, keep_fraction_from_drop, quantile_ratio, quantiles, topk_mask
 from ..statspass import UNCACHED, StatsPass
+from ..streamnorm import StreamedNorm, float64_norm
+from ..streamselect import BandStep
 
 NORM_EPS = 1e-12
 
@@ -60,6 +67,7 @@ class TensorDrop:
     d: float | None
     drop_rate: float
     skipped: bool
+    norm: float | None = None  # ||tau||, Float64Norm of the whole task vector (l2 rescale)
 
 
 def _skip(name: str, patterns: list[str]) -> bool:
@@ -78,7 +86,8 @@ class TADropStats(StatsPass):
 
     def __init__(self, budget: str = "median"):
         self.budget = budget
-        self.entries: dict[str, tuple[int, float | None, bool, dict[str, Any]]] = {}
+        # name -> (numel, d, skipped, params, ||tau|| or None when skipped)
+        self.entries: dict[str, tuple[int, float | None, bool, dict[str, Any], float | None]] = {}
         self.result: dict[str, TensorDrop] = {}
         self.d_ref: float | None = None
 
@@ -86,40 +95,48 @@ class TADropStats(StatsPass):
                 params: dict[str, Any]) -> None:
         skipped = _skip(name, params.get("skip") or [])
         d = None if skipped or delta.numel() == 0 else quantile_ratio(delta, *params["quantiles"])
-        self.entries[name] = (delta.numel(), d, skipped, params)
+        # ||tau|| as l2_rescale computes it, so the chunked path never needs tau whole
+        norm = None if skipped else float64_norm(delta.contiguous())
+        self.entries[name] = (delta.numel(), d, skipped, params, norm)
 
     def cache_tag(self, params: dict[str, Any]) -> str | None:
-        """d depends on the task vector and the quantile levels only (a skipped tensor's on
-        nothing), so a sweep over drop_rate, strength, budget or clipping reuses it."""
-        return f"tadrop-d:{list(params['quantiles'])!r}"
+        """d and ||tau|| depend on the task vector and the quantile levels only (a skipped
+        tensor's on nothing), so a sweep over drop_rate, strength, budget or clipping reuses
+        them."""
+        return f"tadrop-d-norm:{list(params['quantiles'])!r}"
 
     def observed(self, name: str) -> Any:
-        _, d, skipped, _ = self.entries[name]
-        return UNCACHED if skipped else d  # a skipped tensor's d was never computed
+        _, d, skipped, _, norm = self.entries[name]
+        return UNCACHED if skipped else [d, norm]  # a skipped tensor's were never computed
+
+    def cached_ok(self, value: Any) -> bool:
+        """[d, ||tau||]: d a finite number or None, the norm a finite number >= 0."""
+        return (isinstance(value, list) and len(value) == 2 and super().cached_ok(value[0])
+                and value[1] is not None and super().cached_ok(value[1]) and value[1] >= 0)
 
     def observe_cached(self, pass_index: int, name: str, value: Any, numel: int,
                        params: dict[str, Any]) -> None:
         skipped = _skip(name, params.get("skip") or [])
-        self.entries[name] = (numel, None if skipped else value, skipped, params)
+        d, norm = (None, None) if skipped else value
+        self.entries[name] = (numel, d, skipped, params, norm)
 
     def _rates(self, d_ref: float) -> dict[str, float]:
         return {name: drop_rate_for(d, d_ref, p["drop_rate"], p["strength"], p["min_drop"],
                                     p["max_drop"])
-                for name, (_, d, _, p) in self.entries.items() if d is not None}
+                for name, (_, d, _, p, _) in self.entries.items() if d is not None}
 
     def end_pass(self, pass_index: int) -> None:
-        ds = [d for _, d, _, _ in self.entries.values() if d is not None]
-        if not ds:
-            self.result = {n: TensorDrop(k, d, 0.0, s) for n, (k, d, s, _) in self.entries.items()}
-            return
-        self.d_ref = median(ds) if self.budget == "median" else self._solve_elements()
-        rates = self._rates(self.d_ref)
-        self.result = {n: TensorDrop(k, d, rates.get(n, 0.0), s)
-                       for n, (k, d, s, _) in self.entries.items()}
+        ds = [d for _, d, _, _, _ in self.entries.values() if d is not None]
+        rates: dict[str, float] = {}
+        if ds:
+            self.d_ref = median(ds) if self.budget == "median" else self._solve_elements()
+            rates = self._rates(self.d_ref)
+        self.result = {n: TensorDrop(k, d, rates.get(n, 0.0), s, norm)
+                       for n, (k, d, s, _, norm) in self.entries.items()}
 
     def _solve_elements(self) -> float:
         """d_ref such that the element-weighted mean drop rate equals the target (bisection)."""
-        rated = [(k, d, p) for k, d, _, p in self.entries.values() if d is not None]
+        rated = [(k, d, p) for k, d, _, p, _ in self.entries.values() if d is not None]
         total = sum(k for k, _, _ in rated)
         target = sum(k * p["drop_rate"] for k, _, p in rated) / total
 
@@ -147,13 +164,19 @@ class TADropStats(StatsPass):
         return sum(r.numel * r.drop_rate for r in self.result.values()) / max(total, 1)
 
 
+def rescale_factor(before: float, after: float) -> float | None:
+    """||tau|| / ||kept||, or None (no scaling) when either norm is below ``NORM_EPS``."""
+    if before < NORM_EPS or after < NORM_EPS:
+        return None
+    return before / after
+
+
 def l2_rescale(delta: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Scale ``kept`` so its L2 norm equals ``delta``'s; returns the tensor and the factor."""
     norm = Float64Norm()  # the same float64 norms, through one reused buffer
-    before, after = norm(delta), norm(kept)
-    if before < NORM_EPS or after < NORM_EPS:
+    factor = rescale_factor(norm(delta), norm(kept))
+    if factor is None:
         return kept, 1.0
-    factor = before / after
     return kept * factor, factor
 
 
@@ -183,6 +206,75 @@ def tadrop(delta: torch.Tensor, *, drop_rate: float = 0.8, strength: float = 1.0
     if info is not None:
         info.update(d=stats.d, drop_rate=p, rescale=factor)
     return kept
+
+
+class TADropStep:
+    """TADrop's streamed form (``mode: magnitude``) for ``chunked``: the stats pass' keep count
+    as a top-k ``BandStep`` (the set of ``topk_mask``), ||kept|| in ``Float64Norm``'s bits
+    (``StreamedNorm``) and ||tau|| from the stats pass, so the rescale factor, and every kept
+    value, are the whole-tensor path's. While the threshold is unknown, every |tau| at or above
+    its sampled bracket (a superset of the kept set) is stored for the norm, and the rule
+    zeroes the rest once known: no second pass over the chunks."""
+
+    def __init__(self, n: int, sample_of: Any, stats: TensorDrop, rescale: str):
+        self.stats, self.rescale = stats, rescale
+        keep = keep_count_from_drop(stats.drop_rate, n)
+        self.band = BandStep(n, sample_of, keep)
+        rank = self.band.search.ranks.get(keep)
+        self.floor = rank.lo if rank is not None else -math.inf  # T >= floor if the bracket hits
+        self.n = n
+        self.norm: StreamedNorm | None = None
+        self.factor: float | None = None
+
+    def feed(self, part: slice, magnitude: torch.Tensor) -> None:
+        self.band.feed(part, magnitude)
+        if self.rescale == "l2":
+            if self.norm is None:
+                self.norm = StreamedNorm(self.n, magnitude.dtype)
+            candidates = torch.ge(magnitude, self.floor, out=torch.empty_like(magnitude))
+            self.norm.add(part, candidates.mul_(magnitude))
+
+    def ready(self, magnitude_at: Any) -> bool:
+        if not self.band.ready(magnitude_at):
+            return False
+        if self.rescale == "l2":
+            assert self.stats.norm is not None and self.norm is not None
+            rule = self.band.rules[0]
+            if rule.threshold < self.floor:  # never when the bracket hit; then no streamed form
+                return False
+            self.factor = rescale_factor(self.stats.norm, self.norm.value(
+                lambda part, v, at: v.mul_(_rule_on(rule, part, v, at))))
+        return True
+
+    def apply(self, delta: torch.Tensor, magnitude: torch.Tensor, part: slice) -> torch.Tensor:
+        kept = self.band.apply(delta, magnitude, part)
+        return kept if self.factor is None else kept.mul_(self.factor)
+
+    def report(self) -> dict[str, Any]:
+        """What ``tadrop`` puts in ``info``."""
+        factor = 1.0 if self.factor is None else self.factor
+        return {"d": self.stats.d, "drop_rate": self.stats.drop_rate, "rescale": factor}
+
+
+def _rule_on(rule: Any, part: slice, values: torch.Tensor, indices: Any) -> torch.Tensor:
+    """``KeepRule.mask`` on values stored from chunk ``part`` (not all of it, so the tie cut
+    goes by their flat ``indices()``), as the same ``ge`` / ``gt`` comparisons."""
+    if part.stop <= rule.cut:
+        return torch.ge(values, rule.threshold)
+    if part.start >= rule.cut:
+        return torch.gt(values, rule.threshold)
+    return torch.where(indices() < rule.cut, torch.ge(values, rule.threshold),
+                       torch.gt(values, rule.threshold))
+
+
+def _streamed(n: int, sample_of: Any, *, mode: str = "magnitude", rescale: str = "l2",
+              stats: TensorDrop | None = None, **_: Any) -> TADropStep | None:
+    """The streamed form where one exists: a magnitude mask at a positive drop rate (a random
+    one, and a tensor kept as it is, take the whole-tensor path)."""
+    if (mode != "magnitude" or stats is None or stats.skipped or stats.d is None
+            or stats.drop_rate <= 0.0 or (rescale == "l2" and stats.norm is None)):
+        return None
+    return TADropStep(n, sample_of, stats, rescale)
 
 
 def _check_quantiles(value: list[float]) -> str | None:
@@ -224,4 +316,5 @@ SPARSIFIERS.register(Sparsifier(
     random=True,
     reports=True,
     stats=_stats,
+    streamed=_streamed,
 ))
