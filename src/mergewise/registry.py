@@ -202,8 +202,11 @@ class Sparsifier:
     # (density 1): such a task vector need never exist whole (``chunked`` streams it)
     keeps_all: Callable[..., bool] | None = None
     # The chunked form, for a task vector that is never whole: ``streamed(n, sample_of,
-    # **params)`` (``sample_of(step)`` gives |tau|[::step]) returns a ``streamselect.BandStep``,
-    # or None when these parameters need the whole tensor
+    # generator=..., stats=..., **params)`` (``sample_of(step)`` gives |tau|[::step]; the
+    # tensor's generator and stats-pass result, as ``func`` gets them) returns a step with
+    # ``feed(part, |tau|)`` (chunks in order), ``ready(|tau|_at)`` and ``apply(tau, |tau|,
+    # part)`` (``streamselect.BandStep``, ``random.RandomStep``, ``tadrop.TADropStep``), or
+    # None when these parameters need the whole tensor
     streamed: Callable[..., Any] | None = None
 
 
