@@ -117,7 +117,8 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
     if rec.method.sequential_features:
         _refuse_stats_files(rec)
         _one_alpha(rec)  # checked before any model is loaded
-    sources = plan_sources(rec, root, paths.models) if rec.method.features else None
+    sources = (plan_sources(rec, root, paths.models, adapter_bases=paths.adapter_targets())
+               if rec.method.features else None)
     with open_inputs(paths.base, paths.models, paths.adapter_bases) as (base, models), \
             contextlib.ExitStack() as stack:
         inputs = [*models, *([base] if base is not None else [])]
@@ -353,7 +354,8 @@ def compute_features(recipe: Recipe | Mapping[str, Any] | str | Path,
         raise RecipeError(f"{', '.join(nowhere)} name no 'features:' stats file; give --out-dir")
     sub = rec.model_copy(update={"models": [rec.models[i] for i in todo]})
     paths = resolve_inputs(sub, root)
-    sources: list[FeatureSource] = plan_sources(sub, root, paths.models, overwrite=True)
+    sources: list[FeatureSource] = plan_sources(sub, root, paths.models, overwrite=True,
+                                                adapter_bases=paths.adapter_targets())
     if not overwrite:
         sources = [s for s in sources if not s.cached]
     workdir = Path(out_dir).expanduser() if out_dir is not None else None

@@ -43,6 +43,13 @@ class InputPaths:
     # per model: the model a mergekit 'model+adapter' entry's adapter applies to (else None)
     adapter_bases: tuple[Path | None, ...] = ()
 
+    def adapter_targets(self) -> list[Path | None]:
+        """Per model, the model a LoRA adapter applies to (its ``model+adapter`` model, else
+        the base); None for a model that is no adapter."""
+        over = list(self.adapter_bases) or [None] * len(self.models)
+        return [(o or self.base) if is_adapter_dir(Path(m)) else None
+                for m, o in zip(self.models, over, strict=True)]
+
     def tokenizer_candidates(self) -> list[Path]:
         """Where a tokenizer is looked for, in order: the explicit ``tokenizer_source``, then
         the base (text calibration data, and the tokenizer files of the output)."""

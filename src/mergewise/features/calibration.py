@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checkpoint import open_checkpoint
 from ..errors import FeatureError, first_line
+from ..lora import LoraCheckpoint, is_adapter_dir
 from .packing import packed_batches
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
@@ -219,10 +220,14 @@ def load_factory(spec: str, root: Path | None = None) -> Callable[[], nn.Module]
     return func
 
 
-def load_module(path: Path, factory: str | None = None, root: Path | None = None) -> nn.Module:
+def load_module(path: Path, factory: str | None = None, root: Path | None = None,
+                adapter_base: Path | None = None) -> nn.Module:
     """An expert as a float32 module: ``factory()`` with the checkpoint's tensors loaded
     (strict names), or a Hugging Face directory through transformers (its ``architectures``
-    class, so parameter names match the checkpoint)."""
+    class, so parameter names match the checkpoint). A PEFT LoRA adapter directory is the
+    module of ``adapter_base`` (the model it applies to) with the adapter applied."""
+    if is_adapter_dir(path):
+        return _with_adapter(path, adapter_base, factory, root)
     if factory is not None:
         module = load_factory(factory, root)()
         if not isinstance(module, nn.Module):
@@ -253,6 +258,35 @@ def load_module(path: Path, factory: str | None = None, root: Path | None = None
     except (OSError, ValueError, KeyError) as exc:
         raise FeatureError(f"{path}: transformers cannot load it as a model "
                            f"({first_line(exc)})") from None
+
+
+def _with_adapter(adapter: Path, base: Path | None, factory: str | None,
+                  root: Path | None) -> nn.Module:
+    """``base``'s module with every tensor the adapter changes set to base + scale * B @ A
+    (or its ``modules_to_save`` copy), exactly as the merge reads them (``LoraCheckpoint``)."""
+    if base is None:
+        raise FeatureError(f"{adapter}: is a LoRA adapter; its features need the model it "
+                           "applies to: give the recipe a base_model, or write 'model+adapter'")
+    module = load_module(base, factory, root)
+    state = module.state_dict()  # views of the module's own tensors
+    with open_checkpoint(base) as base_ckpt, LoraCheckpoint(adapter, base_ckpt) as ckpt:
+        for name in sorted({*ckpt.low_rank, *ckpt.full}):
+            if name not in state:
+                raise FeatureError(f"{adapter}: the adapter changes '{name}', which the module "
+                                   f"loaded from {base} ({type(module).__name__}) does not have")
+            with torch.no_grad():
+                state[name].copy_(ckpt.read(name))
+    return module
+
+
+def adapted_names(model: Path, adapter_base: Path | None) -> list[str]:
+    """The tensor names an expert's checkpoint holds (an adapter: its base's)."""
+    if is_adapter_dir(model) and adapter_base is not None:
+        with open_checkpoint(adapter_base) as base_ckpt, \
+                LoraCheckpoint(model, base_ckpt) as ckpt:
+            return ckpt.names()
+    with open_checkpoint(model) as ckpt:
+        return ckpt.names()
 
 
 def _transformers(path: Path) -> ModuleType:

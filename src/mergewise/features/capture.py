@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import open_checkpoint
 from ..errors import FeatureError
 from .calibration import (
     TEXT_SUFFIXES,
     Batch,
     Tokenizer,
+    adapted_names,
     calibration_draw,
     calibration_settings,
     check_token_ids,
@@ -354,8 +354,8 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
                    batch_size: int = 8, max_length: int = 128, seed: int = 0,
                    text_field: str = "text", tokenizer_paths: Sequence[Path] = (),
                    factory: str | None = None, root: Path | None = None, task: str = "",
-                   device: str = "cpu", pack: bool = False, accumulate: str = "float64"
-                   ) -> tuple[FeatureStats, CaptureReport]:
+                   device: str = "cpu", pack: bool = False, accumulate: str = "float64",
+                   adapter_base: Path | None = None) -> tuple[FeatureStats, CaptureReport]:
     """Load one expert, run it on its seeded calibration draw, return its statistics.
 
     Text data is tokenized with the first of ``tokenizer_paths`` (the base's) that holds a
@@ -365,7 +365,7 @@ def capture_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
         model_path, data_path, num_examples=num_examples, batch_size=batch_size,
         max_length=max_length, seed=seed, text_field=text_field,
         tokenizer_paths=tokenizer_paths, factory=factory, root=root, device=device, pack=pack,
-        accumulate=accumulate)
+        accumulate=accumulate, adapter_base=adapter_base)
     start = time.perf_counter()
     stats = capture(module, batches, label=str(model_path), calibration=settings,
                     probe_from=held, accumulate=accumulate)
@@ -380,25 +380,26 @@ def prepare_expert(model_path: Path, data_path: Path, *, num_examples: int = 64,
                    batch_size: int = 8, max_length: int = 128, seed: int = 0,
                    text_field: str = "text", tokenizer_paths: Sequence[Path] = (),
                    factory: str | None = None, root: Path | None = None, device: str = "cpu",
-                   pack: bool = False, accumulate: str = "float64"
+                   pack: bool = False, accumulate: str = "float64",
+                   adapter_base: Path | None = None
                    ) -> tuple[nn.Module, list[Batch], dict[str, Any], set[str]]:
     """An expert as a module on ``device``, its seeded calibration batches (token ids checked),
-    its calibration settings and the tensor names its checkpoint holds."""
+    its calibration settings and the tensor names its checkpoint holds (a LoRA adapter: the
+    model ``adapter_base`` with the adapter applied, tokenized as that model)."""
     check_device(device)
     settings = calibration_settings(data_path, num_examples, batch_size, max_length, seed,
                                     text_field, pack=pack, accumulate=accumulate)
     tokenizer: Tokenizer | None = None
     if data_path.suffix in TEXT_SUFFIXES:
-        for candidate in (*tokenizer_paths, model_path):
+        for candidate in (*tokenizer_paths, model_path, *([adapter_base] if adapter_base else [])):
             tokenizer = load_tokenizer(candidate)
             if tokenizer is not None:
                 break
     batches, origins = calibration_draw(data_path, num_examples=num_examples,
                                         batch_size=batch_size, max_length=max_length, seed=seed,
                                         tokenizer=tokenizer, text_field=text_field, pack=pack)
-    module = load_module(model_path, factory, root)
+    module = load_module(model_path, factory, root, adapter_base)
     check_token_ids(batches, origins, token_vocabulary(module), data_path, str(model_path))
     module = module.to(device)
-    with open_checkpoint(model_path) as ckpt:
-        held = ckpt.names()  # a module may hold more (a freshly initialised pooler)
+    held = adapted_names(model_path, adapter_base)  # a module may hold more (a fresh pooler)
     return module, batches, settings, set(held)

@@ -193,14 +193,15 @@ def capture_fisher_expert(model_path: Path, data_path: Path, *, num_examples: in
                           batch_size: int = 8, max_length: int = 128, seed: int = 0,
                           text_field: str = "text", tokenizer_paths: Sequence[Path] = (),
                           factory: str | None = None, root: Path | None = None, task: str = "",
-                          device: str = "cpu", labels: str = "auto"
-                          ) -> tuple[FisherStats, CaptureReport]:
+                          device: str = "cpu", labels: str = "auto",
+                          adapter_base: Path | None = None) -> tuple[FisherStats, CaptureReport]:
     """Load one expert, compute its Fisher on its seeded calibration draw (``mergewise
     features`` with merge_method: fisher). ``seconds`` times the gradient passes alone."""
     module, batches, settings, held = prepare_expert(
         model_path, data_path, num_examples=num_examples, batch_size=batch_size,
         max_length=max_length, seed=seed, text_field=text_field,
-        tokenizer_paths=tokenizer_paths, factory=factory, root=root, device=device)
+        tokenizer_paths=tokenizer_paths, factory=factory, root=root, device=device,
+        adapter_base=adapter_base)
     start = time.perf_counter()
     stats = fisher_capture(module, batches, labels=labels, seed=seed, label=str(model_path),
                            calibration={**settings, **fisher_settings(labels)}, probe_from=held)

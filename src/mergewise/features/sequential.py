@@ -150,7 +150,7 @@ def obtain_sequential(sources: Sequence[FeatureSource], *, seed: int, alpha: flo
             src.model, data, num_examples=cal.num_examples,
             batch_size=cal.batch_size, max_length=cal.max_length, seed=seed,
             text_field=cal.text_field, tokenizer_paths=tokenizer_paths, factory=cal.factory,
-            root=root, device=device, pack=cal.pack)
+            root=root, device=device, pack=cal.pack, adapter_base=src.adapter_base)
     stats = capture_sequential(experts, batches, alpha=alpha, calibration=settings,
                                probe_from=held)
     return [stats[src.task] for src in sources]

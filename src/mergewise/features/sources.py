@@ -60,6 +60,7 @@ class FeatureSource:
     stats_path: Path | None  # read if it exists, else written by the capture
     data: Path | None  # the calibration data file; None without a calibration block
     calibration: Calibration | None = None
+    adapter_base: Path | None = None  # a LoRA adapter model: the model it applies to
 
     @property
     def cached(self) -> bool:
@@ -67,9 +68,11 @@ class FeatureSource:
 
 
 def plan_sources(recipe: Recipe, root: Path | None, model_paths: Sequence[Path],
-                 overwrite: bool = False) -> list[FeatureSource]:
+                 overwrite: bool = False, adapter_bases: Sequence[Path | None] = ()
+                 ) -> list[FeatureSource]:
     """Resolve every stats file and calibration data path of a recipe; report all that is
-    missing at once, before any model is loaded."""
+    missing at once, before any model is loaded. ``adapter_bases[i]``: the model that model
+    i, a LoRA adapter, applies to (``InputPaths.adapter_targets``)."""
     anchor = root if root is not None else Path.cwd()
     sources: list[FeatureSource] = []
     missing: list[str] = []
@@ -77,7 +80,8 @@ def plan_sources(recipe: Recipe, root: Path | None, model_paths: Sequence[Path],
         stats_path = _anchored(entry.features, anchor) if entry.features else None
         cal = entry.calibration
         data = _anchored(cal.data, anchor) if cal is not None else None
-        src = FeatureSource(entry.task_name, model, stats_path, data, cal)
+        over = adapter_bases[i] if adapter_bases else None
+        src = FeatureSource(entry.task_name, model, stats_path, data, cal, over)
         if overwrite or not src.cached:  # it needs a capture
             if data is None:
                 missing.append(f"models.{i}.features: stats file {stats_path} does not exist and "
@@ -115,7 +119,8 @@ def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequ
         settings = dict(num_examples=cal.num_examples, batch_size=cal.batch_size,
                         max_length=cal.max_length, seed=seed, text_field=cal.text_field,
                         tokenizer_paths=tokenizer_paths, factory=cal.factory, root=root,
-                        device=device, **kind.capture_args(cal))
+                        device=device, adapter_base=src.adapter_base,
+                        **kind.capture_args(cal))
         if cal.blocks_per_pass is not None and kind is GRAMS:  # a few blocks' Grams at a time
             from .streaming import stream_expert  # it imports sequential, which imports us
 
