@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from ..checkpoint import SafetensorsFile
-from ..errors import CheckpointError, FeatureError
+from ..errors import FeatureError
 from ..writer import atomic_file
-from .statsfile import FeatureStats, TensorFeature
+from .statsfile import FeatureStats, TensorFeature, open_stats_source
 
 FISHER_FORMAT = "1"
 PREFIX = "fisher:"
@@ -133,10 +133,7 @@ def load_fisher(path: str | Path) -> FisherStats:
     """Open a Fisher stats file lazily: its header is read now and checked whole (metadata,
     every entry's dtype and shape), so a garbled file fails here in one line."""
     p = Path(path)
-    try:
-        source = SafetensorsFile(p)
-    except CheckpointError as exc:
-        raise FeatureError(f"stats file {exc}") from None
+    source = open_stats_source(p)
     try:
         meta = _checked_metadata(source.metadata, p)
         shapes = {}

@@ -273,14 +273,19 @@ def file_metadata(metadata: Mapping[str, Any], layers: Mapping[str, LayerInfo],
     return meta
 
 
+def open_stats_source(p: Path) -> SafetensorsFile:
+    """A stats file's safetensors header (Gram or Fisher), or one line naming the file."""
+    try:
+        return SafetensorsFile(p)
+    except CheckpointError as exc:
+        raise FeatureError(f"stats file {exc}") from None
+
+
 def load_stats(path: str | Path) -> FeatureStats:
     """Open a stats file lazily: only its header is read now, and checked whole (metadata,
     every layer's entries, shapes and dtypes), so a garbled file fails here in one line."""
     p = Path(path)
-    try:
-        source = SafetensorsFile(p)
-    except CheckpointError as exc:
-        raise FeatureError(f"stats file {exc}") from None
+    source = open_stats_source(p)
     try:
         meta = _checked_metadata(source.metadata, p)
         layers = _layers(meta, p)
