@@ -19,8 +19,9 @@ from ckpt_helpers import Family, leftovers, load_dir, make_family, recipe_for, w
 
 from mergewise.synthetic import LlamaShape
 
-# ~17M parameters per model in float32 (68 MB): a merge takes about a second after start-up.
-MEDIUM = LlamaShape(vocab=4096, hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2)
+# ~38M parameters per model in float32 (152 MB): a merge takes a few seconds after start-up
+# (with 4 layers, ~1 s, an idle CI runner finished some merges before the signal landed).
+MEDIUM = LlamaShape(vocab=4096, hidden=512, intermediate=1408, layers=12, heads=8, kv_heads=2)
 KILLS = int(os.environ.get("MERGEWISE_HOSTILE_KILLS", "4"))
 SCRIPT = [sys.executable, "-c", "from mergewise.entry import main; main()"]
 
