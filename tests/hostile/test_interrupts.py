@@ -19,9 +19,8 @@ from ckpt_helpers import Family, leftovers, load_dir, make_family, recipe_for, w
 
 from mergewise.synthetic import LlamaShape
 
-# ~38M parameters per model in float32 (152 MB): a merge takes a few seconds after start-up
-# (with 4 layers, ~1 s, an idle CI runner finished some merges before the signal landed).
-MEDIUM = LlamaShape(vocab=4096, hidden=512, intermediate=1408, layers=12, heads=8, kv_heads=2)
+# ~17M parameters per model in float32 (68 MB): a merge takes about a second after start-up.
+MEDIUM = LlamaShape(vocab=4096, hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2)
 KILLS = int(os.environ.get("MERGEWISE_HOSTILE_KILLS", "4"))
 SCRIPT = [sys.executable, "-c", "from mergewise.entry import main; main()"]
 
@@ -35,11 +34,18 @@ def medium(tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, Path]:
     return fam, recipe
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """In the child, before exec: SIGINT back to its default. A test run started in the
+    background of a non-interactive shell (``.ci/run &``) inherits SIGINT ignored, and a
+    program started with it ignored rightly keeps ignoring it (so would mergewise)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
     return subprocess.Popen([*SCRIPT, "merge", str(recipe), "--out", str(out), "--no-progress",
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=_sigint_as_at_a_terminal)
 
 
 def _wait_for_temp(proc: subprocess.Popen[str], out: Path, timeout: float = 120.0) -> bool:
