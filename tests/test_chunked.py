@@ -84,10 +84,20 @@ def _whole(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chunked, "applies", lambda job, plan: False)
 
 
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def workers(request: pytest.FixtureRequest) -> Any:
+    """torch's thread count = the chunk workers (``chunkpool``): 1 is serial, 3 splits the
+    chunks (and the models of the selection pass) over threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(("method", "params", "sparsify"), CASES)
 def test_chunked_equals_whole_tensor_path(method: str, params: dict[str, Any],
                                           sparsify: dict[str, Any] | None, small_chunks: None,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                          monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
     base, models = _family()
     before = [{n: t.clone() for n, t in sd.items()} for sd in [base, *models]]
     got, got_rows = _run(method, params, sparsify, base, models)
@@ -155,7 +165,7 @@ def test_tadrop_at_the_real_chunk_size(sparsify: dict[str, Any], threads: int,
     """Tensors of 2.5 chunks of 2^18 (bf16 task vectors: ties at the threshold), streamed,
     against the whole-tensor path bit for bit, report rows included. The report's norms are
     compared on one thread only: a float32 sum of 2^18 entries depends on torch's thread count,
-    and the chunked path runs on one thread fewer (``threads_beside_io``); TADrop's own figures
+    and the chunked path runs torch on one thread (``chunkpool.cores``); TADrop's own figures
     (d, drop rate, rescale factor, kept counts) and the merged tensors never do."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-import torch
 
 from mergewise import runtime
 
@@ -21,18 +20,3 @@ def test_keep_freed_buffers_applies_on_linux(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert runtime.keep_freed_buffers() is True
-
-
-def test_threads_beside_io_restores_the_count() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(RuntimeError), runtime.threads_beside_io():
-            assert torch.get_num_threads() == 1
-            raise RuntimeError("boom")
-        assert torch.get_num_threads() == 2
-        torch.set_num_threads(1)
-        with runtime.threads_beside_io():
-            assert torch.get_num_threads() == 1  # never below one
-    finally:
-        torch.set_num_threads(before)

@@ -14,6 +14,10 @@ L2 rescale also needs ||kept||, see ``TADropStep``); DARE's random one draws its
 sums chunk by chunk in that pass. The others (TADrop's random mode, global scope...) are
 sparsified whole, as before, and sliced.
 
+Chunks are merged on every core (``chunkpool``: threads, torch on one intra-op thread each),
+each chunk's report figures added in chunk order, so the bits do not depend on the thread
+count; the selection pass runs one model per thread, in chunk order within each.
+
 Everything the whole-tensor path reports and decides is the same: norms from the same partial
 sums (``ReportNorm``), kept counts, the all-zero rule (the base written bit for bit). Any NaN or
 Inf seen on the way hands the tensor back to the whole-tensor path (``merge`` returns None),
@@ -23,13 +27,13 @@ which raises exactly its own error, naming the same input, or merges an overflow
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
+from .chunkpool import cores, each, ordered
 from .numerics import REPORT_CHUNK, ReportNorm, all_finite, report_norm
-from .runtime import threads_beside_io
 
 if TYPE_CHECKING:
     from .engine import MergeJob, ModelSlot
@@ -67,7 +71,7 @@ def merge(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
     """The merged tensor in ``plan.out_dtype`` (CPU), or None to take the whole-tensor path."""
     read = job.load.stored(plan.name)
     assert read is not None, "applies() admits only tensors read as stored"
-    with threads_beside_io():
+    with cores():
         if job.method.space == "weight":
             return _merge_weights(job, plan, params, read)
         return _merge_deltas(job, plan, params, record, read)
@@ -98,15 +102,26 @@ def _merge_weights(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
             if job.method.uses_base and job.base is not None else None)
     weights = job.params.weights(sources, plan.t)
     out = torch.empty(plan.numel, dtype=plan.out_dtype)
-    for part in chunks(plan.numel):
+
+    def one(part: slice) -> bool:
         inputs = [r[part].to(job.compute_dtype) for r in raws]
         base_part = base[part].to(job.compute_dtype) if base is not None else None
         if not all(all_finite(t) for t in inputs) or (base_part is not None
                                                       and not all_finite(base_part)):
-            return None
-        if not _store(out[part], job.method.func(base_part, inputs, weights, **params)):
-            return None
+            return False
+        return _store(out[part], job.method.func(base_part, inputs, weights, **params))
+
+    if not all(ordered(one, chunks(plan.numel))):
+        return None
     return out.reshape(plan.shape)
+
+
+class _Figures(NamedTuple):
+    """One chunk's report figures of one model, added in chunk order (``_Source.commit``)."""
+
+    before: list[float]
+    after: list[float]
+    kept: int
 
 
 class _Source:
@@ -122,22 +137,29 @@ class _Source:
         raw = self.raw[part]
         return raw.to(self.dtype).sub_(base) if raw.dtype != self.dtype else torch.sub(raw, base)
 
-    def chunk(self, part: slice, base: torch.Tensor, record: bool) -> torch.Tensor | None:
-        """This chunk of the (sparsified) task vector; None when it is not finite."""
+    def chunk(self, part: slice, base: torch.Tensor, record: bool
+              ) -> tuple[torch.Tensor | None, _Figures | None]:
+        """This chunk of the (sparsified) task vector (None when it is not finite) and, when
+        recording, its report figures; touches no state (chunks run on several threads)."""
         delta = self.delta(part, base)
         if not all_finite(delta):
-            return None
-        if record:
-            self.before.add(delta)
+            return None, None
+        before = ReportNorm.partials(delta) if record else []
         kept = delta if self.step is None else self.step.apply(delta, delta.abs(), part)
-        if record:
-            self.kept += _nonzero(kept)
-            if self.step is not None:
-                self.after.add(kept)
-        return kept
+        if not record:
+            return kept, None
+        after = ReportNorm.partials(kept) if self.step is not None else []
+        return kept, _Figures(before, after, _nonzero(kept))
 
-    def moved(self, kept: torch.Tensor, record: bool) -> bool:
-        return self.kept > 0 if record else bool(kept.any())
+    def commit(self, figures: _Figures | None) -> None:
+        """Add one chunk's figures (in chunk order)."""
+        if figures is not None:
+            self.before.extend(figures.before)
+            self.after.extend(figures.after)
+            self.kept += figures.kept
+
+    def moved(self, kept: torch.Tensor, figures: _Figures | None) -> bool:
+        return figures.kept > 0 if figures is not None else bool(kept.any())
 
     def info(self) -> dict[str, Any]:
         after = self.before if self.step is None else self.after
@@ -174,11 +196,12 @@ class _Whole(_Source):
         self.any = bool(kept.any())
         return True
 
-    def chunk(self, part: slice, base: torch.Tensor, record: bool) -> torch.Tensor | None:
+    def chunk(self, part: slice, base: torch.Tensor, record: bool
+              ) -> tuple[torch.Tensor | None, _Figures | None]:
         assert self.tensor is not None
-        return self.tensor[part]
+        return self.tensor[part], None
 
-    def moved(self, kept: torch.Tensor, record: bool) -> bool:
+    def moved(self, kept: torch.Tensor, figures: _Figures | None) -> bool:
         return self.any
 
     def info(self) -> dict[str, Any]:
@@ -226,13 +249,15 @@ def _select(job: MergeJob, plan: TensorPlan, sources: list[_Source], base: torch
     if not streamed:
         return
     dtype = job.compute_dtype
-    for part in chunks(plan.numel):
-        b = base[part].to(dtype)
-        for src in streamed:
-            src.step.feed(part, src.delta(part, b).abs_())
+
+    def select(src: _Source) -> bool:  # one model per thread, its chunks in order
+        for part in chunks(plan.numel):
+            src.step.feed(part, src.delta(part, base[part].to(dtype)).abs_())
+        return bool(src.step.ready(lambda part: src.delta(part, base[part].to(dtype)).abs_()))
+
+    found = dict(zip(map(id, streamed), each(select, streamed), strict=True))
     for i, src in enumerate(sources):
-        if src.step is not None and not src.step.ready(
-                lambda part, s=src: s.delta(part, base[part].to(dtype)).abs_()):
+        if src.step is not None and not found[id(src)]:
             slot = job.slots[i]
             sources[i] = _Whole(job, plan, slot, job.sources(plan)[i], src.raw)
 
@@ -255,23 +280,32 @@ def _merge_deltas(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
     weights = job.params.weights(job.sources(plan), plan.t)
     merged_norm = ReportNorm()
     out = torch.empty(plan.numel, dtype=plan.out_dtype)
-    moved = False
-    for part in chunks(plan.numel):
+
+    def one(part: slice) -> tuple[list[_Figures | None], list[float], bool] | None:
         b = base[part].to(dtype)
         if not all_finite(b):
             return None
-        deltas = []
+        deltas, figures, moved = [], [], False
         for src in sources:
-            kept = src.chunk(part, b, wanted)
+            kept, fig = src.chunk(part, b, wanted)
             if kept is None:
                 return None
-            moved = moved or src.moved(kept, wanted)
+            moved = moved or src.moved(kept, fig)
             deltas.append(kept)
+            figures.append(fig)
         merged = job.method.func(b, deltas, weights, **params)
-        if wanted:
-            merged_norm.add(merged.reshape(-1), b)
-        if not _store(out[part], merged):
+        norm = ReportNorm.partials(merged.reshape(-1), b) if wanted else []
+        return (figures, norm, moved) if _store(out[part], merged) else None
+
+    moved = False
+    for done in ordered(one, chunks(plan.numel)):
+        if done is None:
             return None
+        figures, norm, chunk_moved = done
+        for src, fig in zip(sources, figures, strict=True):
+            src.commit(fig)
+        merged_norm.extend(norm)
+        moved = moved or chunk_moved
     if record is not None:
         record["models"] = [s.info() for s in sources]
         record["merged_delta_norm"] = merged_norm.value if moved else 0.0

@@ -70,11 +70,23 @@ class ReportNorm:
         self.total = 0.0
 
     def add(self, flat: torch.Tensor, minus: torch.Tensor | None = None) -> None:
+        self.extend(self.partials(flat, minus))
+
+    @staticmethod
+    def partials(flat: torch.Tensor, minus: torch.Tensor | None = None) -> list[float]:
+        """The partial sums ``add`` would add (computed anywhere, added in order by ``extend``:
+        chunks merged on several threads give the serial bits)."""
+        out = []
         for i in range(0, flat.numel(), REPORT_CHUNK):
             part = flat[i:i + REPORT_CHUNK].float()
             if minus is not None:
                 part = part - minus[i:i + REPORT_CHUNK]
-            self.total += float((part * part).sum())
+            out.append(float((part * part).sum()))
+        return out
+
+    def extend(self, partials: list[float]) -> None:
+        for p in partials:
+            self.total += p
 
     @property
     def value(self) -> float:

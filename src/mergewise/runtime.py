@@ -8,9 +8,7 @@ of a linear merge. ``keep_freed_buffers`` makes blocks up to 32 MiB come from th
 up to 1 GiB of freed heap for reuse; peak memory is unchanged (the blocks are reused, not added).
 The command line calls it; library users may call it too (or set ``MALLOC_MMAP_THRESHOLD_``).
 
-``threads_beside_io`` leaves one core to the reader and writer threads while chunks are merged:
-on 2 cores torch's second intra-op thread otherwise spins against them (20-30% of all samples
-in a profile) and slows both.
+(The thread settings of chunked merges live in ``chunkpool``.)
 """
 
 from __future__ import annotations
@@ -19,8 +17,6 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value
@@ -41,18 +37,3 @@ def keep_freed_buffers() -> bool:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
-@contextmanager
-def threads_beside_io() -> Iterator[None]:
-    """torch's intra-op threads one fewer (at least one) inside the block, then as before."""
-    import torch
-
-    before = torch.get_num_threads()
-    if before > 1:
-        torch.set_num_threads(before - 1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
