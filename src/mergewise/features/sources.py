@@ -144,7 +144,8 @@ def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequ
                         tokenizer_paths=tokenizer_paths, factory=cal.factory, root=root,
                         device=device, adapter_base=src.adapter_base,
                         **kind.capture_args(cal))
-        if cal.blocks_per_pass is not None and kind is GRAMS:  # a few blocks' Grams at a time
+        # a few blocks' Grams at a time (other kinds refuse the option: check_options)
+        if cal.blocks_per_pass is not None and kind is GRAMS:
             from .streaming import stream_expert  # it imports sequential, which imports us
 
             report = stream_expert(src.model, data, target, blocks_per_pass=cal.blocks_per_pass,
