@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base = base_dir(args.cache)
-    doc: dict[str, Any] = {"budget": {**budget.__dict__, "name": args.budget}, "base_seconds": time.perf_counter() - t0,
+    doc: dict[str, Any] = {"budget": {**budget.as_dict(), "name": args.budget},
+                           "base_seconds": time.perf_counter() - t0,
                            "machine": {"cpus": os.cpu_count(), "threads": 2,
                                        "python": platform.python_version(),
                                        "torch": torch.__version__,

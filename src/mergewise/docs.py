@@ -33,6 +33,10 @@ def methods_markdown() -> str:
                  else f"{m.min_models} or more")
         out += [f"Space: {m.space}; base model: {needs}; models: {count}; "
                 f"`sparsify:` block: {'accepted' if m.accepts_sparsify else 'not accepted'}.", ""]
+        if m.features:
+            honoured = ", ".join(f"`{o}`" for o in m.calibration_options) or "none"
+            out += [f"Calibration options honoured: {honoured} (any other, set to a non-default "
+                    "value, is refused before any model is loaded).", ""]
         rows = [_row(p, "method") for p in m.params]
         rows += [_row(p, "per model") for p in m.model_params]
         if m.sparsifier:

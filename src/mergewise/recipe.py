@@ -38,7 +38,8 @@ MAX_EXPANDED = 2 * MAX_RECIPE_BYTES  # nodes + scalar characters once aliases ar
 
 
 class Calibration(BaseModel):
-    """A model's calibration data for data-aware methods (LOT, RegMean)."""
+    """A model's calibration data for data-aware methods (LOT, RegMean, RegMean++, Fisher);
+    which of the options (``CAPTURE_OPTIONS``) a method honours, its registry entry says."""
 
     model_config = ConfigDict(extra="forbid")
     data: str = Field(description="text (.txt, .jsonl) or tensor (.pt, .safetensors, .npy) file")
@@ -59,6 +60,17 @@ class Calibration(BaseModel):
     blocks_per_pass: Int | None = Field(
         None, ge=1, description="stream the capture: this many blocks' Grams in memory at a "
                                 "time (one pass over the data per group), written to the stats file")
+
+
+# The calibration options a data-aware method's capture may or may not honour (its registry
+# entry lists those it does: ``MergeMethod.calibration_options``), with what each is for; every
+# capture honours the other fields (the data and its seeded draw).
+CAPTURE_OPTIONS = {
+    "labels": "the model's own labels a Fisher is computed with",
+    "pack": "texts packed into full max_length rows",
+    "accumulate": "the dtype of the layer-input Gram sums",
+    "blocks_per_pass": "streams the Gram capture into the stats file a few blocks at a time",
+}
 
 
 class ModelEntry(BaseModel):

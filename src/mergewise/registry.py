@@ -252,6 +252,12 @@ class MergeMethod:
     # What the statistics are: "inputs" (layer-input Grams and norm energies, features.statsfile:
     # LOT, RegMean) or "fisher" (per-parameter diagonal Fisher, features.fisherfile)
     feature_stats: Literal["inputs", "fisher"] = "inputs"
+    # The optional calibration options (``recipe.CAPTURE_OPTIONS``: pack, accumulate...) the
+    # method's capture honours; a calibration block giving any other one a value other than its
+    # default is refused before any model is loaded (``features.sources.check_options``), never
+    # silently ignored. ``calibration_why``: why the method cannot honour an option (the refusal)
+    calibration_options: tuple[str, ...] = ()
+    calibration_why: dict[str, str] = field(default_factory=dict)
     # True when ``func`` also takes ``name`` (the tensor's name), e.g. to tell a block's linear
     # weights from embeddings and heads (WUDI); data-aware methods get it anyway
     takes_name: bool = False

@@ -67,8 +67,8 @@ def test_experts_are_peft_adapters_that_learnt_their_task(ci_run):
     _, experts, _, _, doc = ci_run
     for name, ft in experts.items():
         config = json.loads((ft.adapter / "adapter_config.json").read_text())
-        assert config["peft_type"] == "LORA" and config["r"] == CI_BUDGET.rank
-        assert sorted(config["target_modules"]) == sorted(CI_BUDGET.targets)
+        assert config["peft_type"] == "LORA" and config["r"] == CI_BUDGET.lora.rank
+        assert sorted(config["target_modules"]) == sorted(CI_BUDGET.lora.targets)
         assert (ft.adapter / "adapter_model.safetensors").is_file() and ft.full is None
         # each expert at least halves its own task's held-out loss
         assert ft.heldout[name] < 0.5 * doc["base"]["loss"][name], (name, ft.heldout)

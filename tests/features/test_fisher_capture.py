@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from cli_helpers import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 from torch import nn
 
@@ -215,3 +217,25 @@ def test_reuse_compares_the_label_mode(tmp_path: Path) -> None:
     assert reports == [] and torch.equal(again.tensor("fisher:2.bias"), stats.tensor("fisher:2.bias"))
     with pytest.raises(FeatureError, match=r"\(labels differ\)"):
         obtain(plan("expected"), seed=0, root=tmp_path, kind=FISHER)
+
+
+@pytest.mark.parametrize("command", ["features", "merge"])
+@pytest.mark.parametrize(("option", "value"), [("blocks_per_pass", 2), ("accumulate", "float32"),
+                                               ("pack", True)])
+def test_gram_capture_options_are_refused_by_both_commands(tmp_path: Path, command: str,
+                                                           option: str, value: object) -> None:
+    # `mergewise features` and `merge` alike: one line naming the entry, before any capture
+    # (no calibration data exists, so a capture would fail on that instead)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    save_file({n: v.detach() for n, v in net.state_dict().items()}, str(tmp_path / "a.safetensors"))
+    cal = {"data": "absent.pt", "factory": "fisher_test_factory:build"}
+    models = [{"model": "a.safetensors", "name": "a", "features": "stats/a.safetensors",
+               "calibration": dict(cal)},
+              {"model": "a.safetensors", "name": "b", "features": "stats/b.safetensors",
+               "calibration": {**cal, option: value}}]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"merge_method": "fisher", "models": models}))
+    args = ["--out", tmp_path / "out"] if command == "merge" else []
+    result = run_cli(command, tmp_path / "r.yaml", *args)
+    assert_one_line_error(result, f"models.1.calibration.{option}: merge_method fisher does not "
+                                  "honour it", "remove the option")
+    assert not (tmp_path / "stats").exists() and not (tmp_path / "out").exists()

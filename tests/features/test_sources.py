@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mergewise import FeatureError, parse_recipe
+from mergewise import METHODS, FeatureError, RecipeError, parse_recipe
 from mergewise.features import FeatureSource, FeatureStats, obtain, plan_sources
-from mergewise.recipe import Calibration
+from mergewise.recipe import CAPTURE_OPTIONS, Calibration
 
 FACTORY = '''
 from torch import nn
@@ -147,3 +147,60 @@ def test_streamed_and_float32_captures_from_the_recipe(project: Path) -> None:
     with pytest.raises(FeatureError, match="tensor calibration data is already in rows"):
         obtain(plan(project, entries("a", pack=True), overwrite=True), seed=0, root=project,
                overwrite=True)
+
+
+def test_every_calibration_field_is_a_draw_setting_or_a_capture_option() -> None:
+    # a new option must be classified: each method's registry entry then says if it honours it
+    draw = {"data", "num_examples", "max_length", "batch_size", "text_field", "factory"}
+    assert set(Calibration.model_fields) == draw | set(CAPTURE_OPTIONS)
+    for m in METHODS:
+        assert set(m.calibration_options) <= set(CAPTURE_OPTIONS), m.name
+        assert not set(m.calibration_why) & set(m.calibration_options), m.name
+    assert METHODS.get("fisher").calibration_options == ("labels",)
+    assert METHODS.get("regmean_plusplus").calibration_options == ("pack", "accumulate")
+    for name in ("lot", "regmean"):
+        assert METHODS.get(name).calibration_options == ("pack", "accumulate", "blocks_per_pass")
+
+
+def recipe_with(method: str, **calibration: Any):
+    models = [{"model": f"{t}.safetensors", "calibration": {"data": f"{t}.pt"}} for t in "ab"]
+    models[1]["calibration"].update(calibration)
+    return parse_recipe({"merge_method": method, "base_model": "base", "models": models})
+
+
+@pytest.mark.parametrize(("method", "option", "value", "why"), [
+    ("fisher", "blocks_per_pass", 2, "fisher has no Gram to stream"),
+    ("fisher", "accumulate", "float32", "fisher has no Gram: its per-parameter sums are always float64"),
+    ("fisher", "pack", True, "fisher runs each example alone"),
+    ("regmean_plusplus", "blocks_per_pass", 1, "regmean_plusplus holds every expert's Grams"),
+    ("regmean_plusplus", "labels", "sample", "regmean_plusplus captures layer-input Grams, not a Fisher"),
+    ("lot", "labels", "argmax", "lot captures layer-input Grams"),
+    ("regmean", "labels", "expected", "regmean captures layer-input Grams"),
+])
+def test_an_option_the_method_does_not_honour_is_refused_in_one_line(
+        tmp_path: Path, method: str, option: str, value: Any, why: str) -> None:
+    # refused by plan_sources before any data or model is looked at (neither exists here)
+    rec = recipe_with(method, **{option: value})
+    with pytest.raises(RecipeError) as err:
+        plan_sources(rec, tmp_path, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    message = str(err.value)
+    assert message.startswith(f"models.1.calibration.{option}: merge_method {method} does not "
+                              f"honour it ({option}: {CAPTURE_OPTIONS[option]}; {why}")
+    assert message.endswith("; remove the option") and "\n" not in message
+    assert "models.0" not in message
+
+
+def test_honoured_options_and_explicit_defaults_pass(tmp_path: Path) -> None:
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for t in "ab":
+        (tmp_path / f"{t}.pt").write_bytes(b"")
+    for method, options in (
+            ("fisher", {"labels": "sample", "accumulate": "float64", "pack": False,
+                        "blocks_per_pass": None}),
+            ("regmean_plusplus", {"pack": True, "accumulate": "float32", "labels": "auto"}),
+            ("lot", {"pack": True, "accumulate": "float32", "blocks_per_pass": 3})):
+        assert len(plan_sources(recipe_with(method, **options), tmp_path, paths)) == 2
+    # every offender at once
+    with pytest.raises(RecipeError, match=r"^models\.1\.calibration\.accumulate: .*; models\.1\."
+                                          r"calibration\.blocks_per_pass: .*; remove the options$"):
+        plan_sources(recipe_with("fisher", accumulate="float32", blocks_per_pass=1), tmp_path, paths)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,65 @@ def test_a_tiny_bert_merged_through_the_cli_loads_back(tmp_path: Path) -> None:
         e0, e1 = (transformers.BertModel.from_pretrained(str(tmp_path / f"e{k}"))
                   .state_dict()[q] for k in range(2))
         assert not torch.allclose(ckpt.read(q), (e0 + e1) / 2)
+
+
+def test_float32_accumulation_by_hand_through_a_recipe(tmp_path: Path) -> None:
+    # the toy with x = 1 and 3: block 0's Grams 1 and 9 (exact either way), a* = 28/10; block
+    # 1's inputs are fl32(a*)·x in the float32 forward. float32 sums round each Gram to float32;
+    # the solve stays float64: b* = (1·G0 + 5·G1) / (G0 + G1) with those Grams
+    root = toy_zoo(tmp_path)
+    torch.save(torch.tensor([[3.0]]), root / "x1.pt")
+    got, grams = {}, {}
+    for dtype in ("float64", "float32"):
+        path = toy_recipe(root, "regmean_plusplus")
+        data = yaml.safe_load(path.read_text())
+        for m in data["models"]:
+            m["calibration"]["accumulate"] = dtype
+        path.write_text(yaml.safe_dump(data))
+        result = merge(path, root / f"out-{dtype}")
+        with open_checkpoint(result.out) as ckpt:
+            assert float(ckpt.read("layers.0.weight")) == pytest.approx(2.8, rel=1e-15)
+            got[dtype] = float(ckpt.read("layers.1.weight"))
+        report = json.loads((result.out / "report.json").read_text())
+        assert [f["calibration"].get("accumulate", "float64") for f in report["features"]] == [dtype] * 2
+        x = torch.tensor([1.0, 3.0]) * torch.tensor(2.8, dtype=torch.float32)  # fl32 inputs
+        grams[dtype] = (x.double() ** 2) if dtype == "float64" else (x * x).double()
+    for dtype, g in grams.items():
+        assert got[dtype] == pytest.approx(float((g[0] + 5 * g[1]) / (g[0] + g[1])), rel=1e-15)
+    assert not torch.equal(grams["float32"], grams["float64"])  # the rounding is real
+    assert got["float32"] != got["float64"]
+    assert got["float32"] == pytest.approx(got["float64"], rel=2 ** -22)  # float32 rounding only
+
+
+def test_float32_sums_per_task_differ_from_float64_by_rounding_only() -> None:
+    experts, batches = zoo(2, 2)
+    ref = capture_sequential(experts, batches)
+    mixed = capture_sequential(experts, batches, accumulate={"t0": "float32"})
+    assert mixed["t0"].metadata["accumulate"] == "float32" and "accumulate" not in mixed["t1"].metadata
+    assert mixed["t0"].keys() == ref["t0"].keys()
+    for layer in ("stem", "blocks.0.0", "blocks.1.0", "blocks.1.3", "head"):  # plain and sequential
+        g32, g64 = mixed["t0"].gram(layer), ref["t0"].gram(layer)
+        assert g32.dtype == torch.float32 and g64.dtype == torch.float64
+        torch.testing.assert_close(g32.double(), g64, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(g32.double(), g64)
+        t1 = mixed["t1"].gram(layer)
+        assert t1.dtype == torch.float64  # t1's own sums stay float64
+        if layer in ("stem", "head"):  # t1's own end-to-end run
+            assert torch.equal(t1, ref["t1"].gram(layer))
+        else:  # its blocks see the prefix merged from t0's float32 Grams too
+            torch.testing.assert_close(t1, ref["t1"].gram(layer), rtol=1e-6, atol=1e-6)
+
+
+def test_blocks_per_pass_is_refused_before_any_model_is_loaded(tmp_path: Path) -> None:
+    from mergewise import RecipeError
+
+    root = toy_zoo(tmp_path)
+    path = toy_recipe(root, "regmean_plusplus")
+    data = yaml.safe_load(path.read_text())
+    data["models"][1]["calibration"].update(blocks_per_pass=1, data="absent.pt")
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match=r"^models\.1\.calibration\.blocks_per_pass: merge_method "
+                                          r"regmean_plusplus does not honour it .*holds every "
+                                          r"expert's Grams of every block in memory"):
+        merge(path, root / "out")
+    assert not (root / "out").exists()

@@ -11,61 +11,54 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .lm_tasks import TASK_NAMES, LMTask, make_task
-from .lm_train import LORA_TARGETS, FineTune, LoraConfig, answer_loss, finetune, greedy, load_lm, load_tok
+from .lm_train import FineTune, LoraConfig, answer_loss, finetune, greedy, load_lm, load_tok
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of everything: data, LoRA training, calibration, and which merges run."""
+    """How much of everything: data, LoRA training (``lora``, the very config ``finetune``
+    takes; its ``seed`` also seeds the tasks and the recipes), calibration, which merges run."""
 
-    steps: int = 12
+    lora: LoraConfig = LoraConfig(steps=12)
     n_train: int = 400
     n_heldout: int = 32
     calib_examples: int = 32
     calib_max_length: int = 48
-    lr: float = 2e-3
-    seed: int = 0
-    rank: int = 8
-    alpha: int = 16
-    batch_size: int = 8
-    max_length: int = 32
-    warmup: int = 5
-    targets: tuple[str, ...] = LORA_TARGETS
     full: bool = True  # also write each expert's full fine-tune (LOT's capture needs one)
     lot: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        """One flat dict (a results file's ``budget``): the training fields beside the others."""
+        return {**asdict(self.lora),
+                **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "lora"}}
 
 
 # The default test command's budget (tests/bench/test_smollm_ci.py): r 4 on q/v/up/down, 10
 # steps of 8 texts; no full fine-tunes written, no LOT (its 210 solves alone take minutes).
-CI_BUDGET = Budget(steps=10, n_train=200, n_heldout=16, rank=4, alpha=8, lr=3e-3, warmup=3,
-                   targets=("q_proj", "v_proj", "up_proj", "down_proj"), full=False, lot=False)
+CI_BUDGET = Budget(LoraConfig(steps=10, rank=4, alpha=8, lr=3e-3, warmup=3,
+                              targets=("q_proj", "v_proj", "up_proj", "down_proj")),
+                   n_train=200, n_heldout=16, full=False, lot=False)
 SLOW_BUDGET = Budget()  # the opt-in test (MERGEWISE_SLOW_TESTS=1) and `--budget slow`
-LONG_BUDGET = Budget(steps=40, n_heldout=64, calib_examples=64)
+LONG_BUDGET = Budget(LoraConfig(steps=40), n_heldout=64, calib_examples=64)
 BUDGETS = {"ci": CI_BUDGET, "slow": SLOW_BUDGET, "long": LONG_BUDGET}
 SLERP_TASKS = ("shout", "json")
 
 
 def tasks_for(budget: Budget) -> dict[str, LMTask]:
-    return {n: make_task(n, budget.n_train, budget.n_heldout, budget.seed) for n in TASK_NAMES}
-
-
-def lora_config(budget: Budget) -> LoraConfig:
-    return LoraConfig(steps=budget.steps, batch_size=budget.batch_size,
-                      max_length=budget.max_length, lr=budget.lr, rank=budget.rank,
-                      alpha=budget.alpha, seed=budget.seed, warmup=budget.warmup,
-                      targets=budget.targets)
+    return {n: make_task(n, budget.n_train, budget.n_heldout, budget.lora.seed)
+            for n in TASK_NAMES}
 
 
 def build_experts(base: Path, tasks: dict[str, LMTask], root: Path, budget: Budget
                   ) -> dict[str, FineTune]:
     """One LoRA expert per task, each scored in memory on every task's held-out answers."""
-    cfg = lora_config(budget)
-    return {n: finetune(base, t, root / n, cfg, full=budget.full, heldout=list(tasks.values()))
+    return {n: finetune(base, t, root / n, budget.lora, full=budget.full,
+                        heldout=list(tasks.values()))
             for n, t in tasks.items()}
 
 
@@ -92,7 +85,7 @@ def recipes(base: Path, experts: dict[str, FineTune], calib: dict[str, Path], bu
     out: dict[str, dict[str, Any]] = {
         "ties+tadrop": {"merge_method": "ties", "base_model": str(base), "models": adapters,
                         "parameters": {"lambda": 1.0},
-                        "sparsify": {"method": "tadrop", "drop_rate": 0.8}, "seed": budget.seed},
+                        "sparsify": {"method": "tadrop", "drop_rate": 0.8}, "seed": budget.lora.seed},
         "slerp": {"merge_method": "slerp",
                   "models": [{"model": f"{base}+{experts[a].adapter}"},
                              {"model": f"{base}+{experts[b].adapter}"}],
@@ -102,7 +95,7 @@ def recipes(base: Path, experts: dict[str, FineTune], calib: dict[str, Path], bu
         out["lot"] = {"merge_method": "lot", "base_model": str(base),
                       "models": [_lot_entry(n, ft, calib, budget, stats_dir)
                                  for n, ft in experts.items()],
-                      "parameters": {"lambda": 1.0}, "seed": budget.seed}
+                      "parameters": {"lambda": 1.0}, "seed": budget.lora.seed}
     return out
 
 

@@ -25,6 +25,14 @@ stack of Hugging Face models). A model without such blocks is one unit: RegMean+
 Rows and examples are those of the calibration blocks (padded tokens excluded, as ``capture``).
 Cost: block l is reached by a forward through blocks < l, so the passes cost about L²/2
 block forwards per task, and every expert is held in memory at once (plus the merged copy).
+
+Calibration options: ``pack`` as the plain capture; ``accumulate`` is the dtype of every Gram
+sum of that task, plain and sequential (the prefix solves, as the merge's, are float64).
+``blocks_per_pass`` is refused (``methods.regmean_plusplus``'s registry entry): the passes
+already hook one block at a time, but what they produce, every layer's Grams of every expert,
+stays in memory until the merge reads it (it depends on all experts and is never written), and
+so does the plain capture; streaming passes would not lower that peak. Honouring it would
+mean writing each block's Grams to per-task files as soon as the block is solved.
 """
 
 from __future__ import annotations
@@ -80,13 +88,16 @@ def _solve_into(merged: nn.Module, experts: Sequence[nn.Module], stats: Sequence
 def capture_sequential(experts: Mapping[str, nn.Module], batches: Mapping[str, Sequence[Batch]],
                        *, alpha: float = 0.95,
                        calibration: Mapping[str, Mapping[str, object]] | None = None,
-                       probe_from: Mapping[str, set[str]] | None = None
+                       probe_from: Mapping[str, set[str]] | None = None,
+                       accumulate: Mapping[str, str] | None = None
                        ) -> dict[str, FeatureStats]:
     """{task: statistics} for RegMean++: block layers captured on the merged prefix (above).
 
     ``experts``: one module per task, all of one architecture (left unchanged); ``batches``:
     each task's calibration batches; ``alpha``: the RegMean shrink the prefix is merged with
-    (must be the merge's). ``calibration``/``probe_from``: per task, as ``capture``'s.
+    (must be the merge's). ``calibration``/``probe_from``/``accumulate``: per task, as
+    ``capture``'s (``accumulate``: the dtype of every Gram sum of that task, plain and
+    sequential; the prefix solves are float64 either way, as the merge's).
     """
     tasks = list(experts)
     missing = [t for t in tasks if t not in batches]
@@ -96,8 +107,9 @@ def capture_sequential(experts: Mapping[str, nn.Module], batches: Mapping[str, S
         raise FeatureError("regmean_plusplus: no experts to capture")
     cal = calibration or {}
     probes = probe_from or {}
+    dtype = {t: (accumulate or {}).get(t, "float64") for t in tasks}
     plain = [capture(experts[t], batches[t], label=t, calibration=cal.get(t),
-                     probe_from=probes.get(t)) for t in tasks]
+                     probe_from=probes.get(t), accumulate=dtype[t]) for t in tasks]
     merged = copy.deepcopy(experts[tasks[0]]).eval()
     blocks = block_names(merged)
     _solve_into(merged, [experts[t] for t in tasks], plain, alpha,
@@ -114,7 +126,7 @@ def capture_sequential(experts: Mapping[str, nn.Module], batches: Mapping[str, S
             parent[int(index)] = experts[t].get_submodule(block)
             try:
                 st = capture(merged, batches[t], label=t, include=_inside(block),
-                             stop_before=stop)
+                             stop_before=stop, accumulate=dtype[t])
             finally:
                 parent[int(index)] = held
             tensors[k].update(st._tensors)  # this block's layers, on the merged prefix
@@ -136,11 +148,14 @@ def obtain_sequential(sources: Sequence[FeatureSource], *, seed: int, alpha: flo
                       device: str = "cpu") -> list[FeatureStats]:
     """The RegMean++ statistics of a recipe's models (``sources.FeatureSource``, each with a
     calibration block): every expert loaded and its batches drawn as ``capture_expert`` does,
-    then ``capture_sequential``. Held in memory, never written (they depend on every expert)."""
+    then ``capture_sequential``. Held in memory, never written (they depend on every expert).
+    Honours ``pack`` and ``accumulate``; ``blocks_per_pass`` is refused (``plan_sources``,
+    the method's registry entry): see the module docstring."""
     experts: dict[str, nn.Module] = {}
     batches: dict[str, Sequence[Batch]] = {}
     settings: dict[str, Mapping[str, object]] = {}
     held: dict[str, set[str]] = {}
+    dtypes: dict[str, str] = {}
     for src in sources:
         cal, data, task = src.calibration, src.data, src.task
         if cal is None or data is None:
@@ -150,7 +165,9 @@ def obtain_sequential(sources: Sequence[FeatureSource], *, seed: int, alpha: flo
             src.model, data, num_examples=cal.num_examples,
             batch_size=cal.batch_size, max_length=cal.max_length, seed=seed,
             text_field=cal.text_field, tokenizer_paths=tokenizer_paths, factory=cal.factory,
-            root=root, device=device, pack=cal.pack, adapter_base=src.adapter_base)
+            root=root, device=device, pack=cal.pack, accumulate=cal.accumulate,
+            adapter_base=src.adapter_base)
+        dtypes[task] = cal.accumulate
     stats = capture_sequential(experts, batches, alpha=alpha, calibration=settings,
-                               probe_from=held)
+                               probe_from=held, accumulate=dtypes)
     return [stats[src.task] for src in sources]

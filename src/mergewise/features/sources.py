@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FeatureError
-from ..recipe import Calibration, Recipe
+from ..errors import FeatureError, RecipeError
+from ..recipe import CAPTURE_OPTIONS, Calibration, Recipe
 from .calibration import calibration_settings
 from .capture import CaptureReport, capture_expert
 from .statsfile import FeatureStats, load_stats
@@ -73,6 +73,7 @@ def plan_sources(recipe: Recipe, root: Path | None, model_paths: Sequence[Path],
     """Resolve every stats file and calibration data path of a recipe; report all that is
     missing at once, before any model is loaded. ``adapter_bases[i]``: the model that model
     i, a LoRA adapter, applies to (``InputPaths.adapter_targets``)."""
+    check_options(recipe)
     anchor = root if root is not None else Path.cwd()
     sources: list[FeatureSource] = []
     missing: list[str] = []
@@ -92,6 +93,28 @@ def plan_sources(recipe: Recipe, root: Path | None, model_paths: Sequence[Path],
     if missing:
         raise FeatureError("; ".join(missing))
     return sources
+
+
+def check_options(recipe: Recipe) -> None:
+    """Refuse every calibration option (``CAPTURE_OPTIONS``) a model's block sets to a value
+    other than its default although the method's capture does not honour it (its registry
+    entry's ``calibration_options``): it would be silently ignored, the result not what the
+    recipe says. All offenders in one line."""
+    method = recipe.method
+    refused = []
+    for i, entry in enumerate(recipe.models):
+        cal = entry.calibration
+        for option, purpose in CAPTURE_OPTIONS.items():
+            if cal is None or option in method.calibration_options \
+                    or getattr(cal, option) == Calibration.model_fields[option].default:
+                continue
+            why = method.calibration_why.get(option)
+            refused.append(f"models.{i}.calibration.{option}: merge_method {method.name} does "
+                           f"not honour it ({option}: {purpose}"
+                           + (f"; {method.name} {why}" if why else "") + ")")
+    if refused:
+        raise RecipeError("; ".join(refused) + "; remove the option"
+                          + ("s" if len(refused) > 1 else ""))
 
 
 def _anchored(path: str, anchor: Path) -> Path:
@@ -121,7 +144,8 @@ def obtain(sources: Sequence[FeatureSource], *, seed: int, tokenizer_paths: Sequ
                         tokenizer_paths=tokenizer_paths, factory=cal.factory, root=root,
                         device=device, adapter_base=src.adapter_base,
                         **kind.capture_args(cal))
-        if cal.blocks_per_pass is not None and kind is GRAMS:  # a few blocks' Grams at a time
+        # a few blocks' Grams at a time (other kinds refuse the option: check_options)
+        if cal.blocks_per_pass is not None and kind is GRAMS:
             from .streaming import stream_expert  # it imports sequential, which imports us
 
             report = stream_expert(src.model, data, target, blocks_per_pass=cal.blocks_per_pass,

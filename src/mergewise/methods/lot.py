@@ -57,6 +57,9 @@ RTOL = Param("rtol", 1e-6, float, "pseudo-inverse cut-off: eigenvalues of the su
 TASKS = Param("tasks", "rows", str, "rows: raw sums, a task weighs by its row (token) count, "
               "as the paper; equal: each task's statistics divided by its row count",
               choices=("rows", "equal"))
+# the calibration options of the Gram capture (``features.capture``, ``features.streaming``)
+GRAM_OPTIONS = ("pack", "accumulate", "blocks_per_pass")
+GRAM_WHY = {"labels": "captures layer-input Grams, not a Fisher"}
 FALLBACK = Param("fallback", "mean", str, "parameters with no statistics (embeddings, heads): "
                  "mean of task vectors, or keep the base", choices=("mean", "base"))
 
@@ -207,4 +210,6 @@ METHODS.register(MergeMethod(
     doc=__doc__ or "",
     model_params=(),
     features=True,
+    calibration_options=GRAM_OPTIONS,
+    calibration_why=GRAM_WHY,
 ))

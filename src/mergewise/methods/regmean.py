@@ -30,7 +30,18 @@ import torch
 
 from ..features.statsfile import TensorFeature
 from ..registry import METHODS, MergeMethod, Param
-from .lot import SOLVES, accumulate, as_matrix, feature_kind, from_matrix, mean_of, stat, with_stats
+from .lot import (
+    GRAM_OPTIONS,
+    GRAM_WHY,
+    SOLVES,
+    accumulate,
+    as_matrix,
+    feature_kind,
+    from_matrix,
+    mean_of,
+    stat,
+    with_stats,
+)
 
 ALPHA = Param("alpha", 0.95, float, "multiplier of the Grams' off-diagonal entries (1 = plain "
               "least squares)", low=0.0, high=1.0)
@@ -86,4 +97,6 @@ METHODS.register(MergeMethod(
     model_params=(),
     accepts_sparsify=False,
     features=True,
+    calibration_options=GRAM_OPTIONS,
+    calibration_why=GRAM_WHY,
 ))

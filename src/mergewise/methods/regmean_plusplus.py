@@ -19,6 +19,7 @@ the merge (``features:`` files and ``mergewise features`` are refused for this m
 | Gram, solve         | RegMean's: per task / n_k, off-diagonal × ``alpha``, float64 solve  |
 | other parameters    | mean of the experts (final norms too; FusionBench keeps CLIP's post_layernorm pretrained) |
 | rows                | every token, padded ones excluded, as the calibration block draws  |
+| calibration options | ``pack``, ``accumulate: float32`` (every Gram sum); ``blocks_per_pass`` refused |
 | cost                | ≈ L²/2 block forwards per task; all experts in memory at once       |
 
 A model without such blocks is one unit, and RegMean++ equals RegMean.
@@ -27,6 +28,7 @@ A model without such blocks is one unit, and RegMean++ equals RegMean.
 from __future__ import annotations
 
 from ..registry import METHODS, MergeMethod
+from .lot import GRAM_WHY
 from .regmean import ALPHA, regmean_merge
 
 METHODS.register(MergeMethod(
@@ -40,4 +42,8 @@ METHODS.register(MergeMethod(
     accepts_sparsify=False,
     features=True,
     sequential_features=True,
+    calibration_options=("pack", "accumulate"),
+    calibration_why={**GRAM_WHY, "blocks_per_pass": (
+        "holds every expert's Grams of every block in memory until the merge reads them (they "
+        "depend on all experts and are never written), so streaming passes would save nothing")},
 ))
