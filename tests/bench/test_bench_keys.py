@@ -16,7 +16,7 @@ def test_key_hash_is_pinned():
 
 
 def test_zoo_and_runner_share_the_one_hash():
-    from mergewise.bench import runner, zoo
+    from mergewise.bench import results_cache, runner, vision_zoo, zoo
 
     assert not hasattr(zoo, "_hash") and not hasattr(runner, "_hash")
-    assert zoo.key_hash is runner.key_hash is key_hash
+    assert zoo.key_hash is results_cache.key_hash is vision_zoo.key_hash is key_hash

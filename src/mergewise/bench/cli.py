@@ -18,14 +18,18 @@ from rich.console import Console
 from .requirements import INSTALL_HINT, missing_requirements
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Offline multi-task benchmark: MiniLM experts on six text tasks.")
+                        help="Offline multi-task benchmark: MiniLM experts on six text tasks "
+                             "(--zoo vision: EfficientNet-Lite0 experts on three image tasks).")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 CacheOpt = Annotated[Path | None, typer.Option(
     "--cache", help="expert cache directory (default: $MERGEWISE_BENCH_CACHE or ~/.cache/mergewise/bench)")]
 TasksOpt = Annotated[str | None, typer.Option(
-    "--tasks", help="comma-separated task names (default: all six; --smoke: two)")]
+    "--tasks", help="comma-separated task names (default: all of the zoo's; --smoke: two)")]
+ZooOpt = Annotated[str, typer.Option(
+    "--zoo", help="text: MiniLM on six text tasks; vision: EfficientNet-Lite0 on three image tasks")]
+ZOOS = ("text", "vision")
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="the tiny CI recipe: 2 tasks, 40 steps, small eval subsets")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress")]
 SeedOpt = Annotated[int | None, typer.Option(
@@ -37,25 +41,36 @@ ZooSeedsOpt = Annotated[str | None, typer.Option(
 SMOKE_TASKS = ("convention_party", "gi_word_polarity")
 
 
-def _require() -> None:
-    missing = missing_requirements()
+def _require(zoo: str = "text") -> None:
+    """A known ``--zoo`` whose wheels are installed, else one line naming what to install."""
+    if zoo not in ZOOS:
+        _fail(f"--zoo: one of {', '.join(ZOOS)}, got {zoo!r}")
+    if zoo == "vision":
+        from .vision_tasks import VISION_INSTALL_HINT, missing_vision_requirements
+
+        missing, hint = missing_vision_requirements(), VISION_INSTALL_HINT
+    else:
+        missing, hint = missing_requirements(), INSTALL_HINT
     if missing:
-        err.print(f"[bold red]error:[/] the benchmark needs {', '.join(missing)}; install with: "
-                  f"{INSTALL_HINT}", highlight=False)
+        err.print(f"[bold red]error:[/] the {zoo} benchmark needs {', '.join(missing)}; install "
+                  f"with: {hint}", highlight=False)
         raise typer.Exit(1)
 
 
-def _tasks(tasks: str | None, smoke: bool) -> list[str]:
-    from .data import TASKS
+def _tasks(tasks: str | None, smoke: bool, zoo: str = "text") -> list[str]:
+    if zoo == "vision":
+        from .vision_run import VISION_SMOKE_TASKS as smoke_tasks
+        from .vision_tasks import VISION_TASKS as known
+    else:
+        from .data import TASKS as known
 
+        smoke_tasks = SMOKE_TASKS
     if tasks is None:
-        return list(SMOKE_TASKS if smoke else TASKS)
+        return list(smoke_tasks if smoke else known)
     names = [t.strip() for t in tasks.replace(" ", ",").split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
+    unknown = [t for t in names if t not in known]
     if unknown:
-        err.print(f"[bold red]error:[/] unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}",
-                  highlight=False)
-        raise typer.Exit(1)
+        _fail(f"unknown {zoo} task(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return names
 
 
@@ -101,9 +116,15 @@ def _guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 @bench_app.command()
-def tasks() -> None:
-    """List the six tasks with their split sizes and class counts."""
-    _require()
+def tasks(zoo: ZooOpt = "text") -> None:
+    """List the zoo's tasks with their split sizes and class counts."""
+    _require(zoo)
+    if zoo == "vision":
+        from .vision_tasks import VISION_TASKS, describe, load_vision_task
+
+        for name in VISION_TASKS:
+            out.print(describe(load_vision_task(name)), highlight=False)
+        return
     from .data import TASKS, describe, load_task_data
 
     for name in TASKS:
@@ -119,22 +140,30 @@ def build(
     progress: ProgressOpt = True,
     seed: SeedOpt = None,
     zoo_seeds: ZooSeedsOpt = None,
+    zoo: ZooOpt = "text",
 ) -> None:
     """Fine-tune (or find cached) one expert per task, and a linear probe on the base encoder."""
-    _require()
+    _require(zoo)
     from .zoo import FULL, SMOKE, build_zoo, with_seed, with_steps
 
-    config = with_steps(SMOKE if smoke else FULL, steps)
-    seeds = _zoo_seeds(seed, zoo_seeds) or [config.train.seed]
+    seeds = _zoo_seeds(seed, zoo_seeds) or [0]
     where = _cache(cache)
-    names = _tasks(tasks, smoke)
+    names = _tasks(tasks, smoke, zoo)
+    log = lambda s: out.print(s, highlight=False)  # noqa: E731
     t0 = time.perf_counter()
     try:
-        for s in seeds:
-            if len(seeds) > 1:
-                out.print(f"zoo seed {s}", highlight=False)
-            build_zoo(names, where, with_seed(config, s), progress=progress,
-                      log=lambda s: out.print(s, highlight=False))
+        if zoo == "vision":
+            from .vision_run import build_vision
+
+            build_vision(names, where, smoke, steps, seeds, log)
+        else:
+            config = with_steps(SMOKE if smoke else FULL, steps)
+            for s in seeds:
+                if len(seeds) > 1:
+                    out.print(f"zoo seed {s}", highlight=False)
+                build_zoo(names, where, with_seed(config, s), progress=progress, log=log)
+    except ValueError as exc:  # a recipe number out of range (--steps 0)
+        _fail(str(exc))
     except KeyboardInterrupt:
         err.print("interrupted: finished experts and the last training checkpoint are kept; "
                   "run the same command again to resume")
@@ -163,17 +192,26 @@ def run(
                                                     "(implies --ray)")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Ray workers (default: the local "
                                                 "cores; 1 on a cluster)")] = None,
+    zoo: ZooOpt = "text",
 ) -> None:
     """Merge the experts with each method, tune on validation, report test accuracy."""
-    _require()
+    _require(zoo)
     from dataclasses import replace
 
     from ..errors import MergewiseError
-    from .runner import SMOKE_RUN, RunConfig, variant
+    from .runner import SMOKE_RUN, RunConfig, run_benchmark, variant
     from .zoo import with_steps
 
-    config = SMOKE_RUN if smoke else RunConfig()
-    config = replace(config, zoo=with_steps(config.zoo, steps))
+    if zoo == "vision":
+        from .vision_run import run_vision_benchmark, vision_run_config
+
+        config, bench = vision_run_config(smoke), run_vision_benchmark
+    else:
+        config, bench = SMOKE_RUN if smoke else RunConfig(), run_benchmark
+    try:
+        config = replace(config, zoo=with_steps(config.zoo, steps))
+    except ValueError as exc:
+        _fail(str(exc))
     seeds = _zoo_seeds(seed, zoo_seeds)
     settings = None
     if ray or ray_address or workers is not None:
@@ -192,11 +230,10 @@ def run(
             err.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(1) from None
         config = replace(config, methods=names)
-    from .runner import run_benchmark
-
-    doc = _guarded(lambda: run_benchmark(_tasks(tasks, smoke), _cache(cache), out_dir, config,
-                                         progress=progress, log=lambda s: out.print(s, highlight=False),
-                                         zoo_seeds=seeds, ray=settings))
+    names = _tasks(tasks, smoke, zoo)
+    doc = _guarded(lambda: bench(names, _cache(cache), out_dir, config, progress=progress,
+                                 log=lambda s: out.print(s, highlight=False), zoo_seeds=seeds,
+                                 ray=settings))
     out.print((out_dir / "results.md").read_text(), highlight=False)
     out.print(f"wrote {out_dir / 'results.md'}, results.json, results.png ({doc['seconds']:.0f} s)",
               highlight=False)

@@ -18,7 +18,7 @@ import torch
 
 from ..task_models import TaskModels
 from .data import Task
-from .model import Head, features, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
+from .model import Head, encode, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
 
 
 @dataclass
@@ -63,9 +63,17 @@ class Evaluator:
             if isinstance(state_dict, TaskModels):
                 self.model.load_state_dict(state_dict[name], strict=True)
             t0 = time.perf_counter()
-            out[name] = features(self.model, self.data[name].batches, self.data[name].order)
+            prepared = self.data[name]
+            with torch.inference_mode():
+                rows = torch.cat([self.encode(b) for b in prepared.batches])
+            out[name] = torch.empty_like(rows)
+            out[name][prepared.order] = rows  # back in split order
             self.seconds += time.perf_counter() - t0
         return out
+
+    def encode(self, batch: Any) -> torch.Tensor:
+        """Pooled features of one prepared batch (the vision evaluator's are images)."""
+        return encode(self.model, batch)
 
     def accuracies(self, state_dict: Mapping[str, torch.Tensor] | TaskModels, heads: dict[str, Head],
                    tasks: list[str] | None = None) -> dict[str, float]:

@@ -79,7 +79,8 @@ def bar_chart(doc: dict[str, Any], path: Path) -> None:
     for ax in axes[:, 0]:
         ax.set_yticks(range(len(rows)), labels)
     axes[0, 0].invert_yaxis()  # shared y: once for all panels
-    fig.suptitle("MiniLM encoders, test accuracy with each task's expert head (pretrained + probe: "
+    model = doc.get("model", "MiniLM encoders")  # the vision run names its backbones
+    fig.suptitle(f"{model}, test accuracy with each task's expert head (pretrained + probe: "
                  "probe heads); dashed: the task's own expert", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,7 +36,6 @@ Protocol (why each choice):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -49,9 +48,9 @@ from ..registry import METHODS, MergeMethod
 from ..version import __version__
 from .data import load_task_data
 from .evaluate import Evaluator, summarize
-from .keys import key_hash
 from .model import Head, load_encoder, load_minilm_tokenizer, sorted_batches, tokenize
 from .report import selected_text, write_outputs
+from .results_cache import ResultCache
 from .rows import (  # noqa: F401  (re-exported: the rows' public names, as before the split)
     CORE_METHODS,
     DATA_AWARE_METHODS,
@@ -93,32 +92,6 @@ SMOKE_RUN = RunConfig(zoo=SMOKE, grids=Grids(lambda_sum=(0.5, 1.0), lambda_mean=
 
 
 # ---------------------------------------------------------------- the run
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text)[:40]
-
-
-class ResultCache:
-    """One JSON file per evaluation under ``OUT/cache``: resume and instant re-runs."""
-
-    def __init__(self, root: Path, context: dict[str, Any]):
-        self.root = root / "cache"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.context = context
-
-    def path(self, label: str, spec: dict[str, Any]) -> Path:
-        return self.root / f"{_slug(label)}-{key_hash({**self.context, **spec})}.json"
-
-    def get(self, label: str, spec: dict[str, Any]) -> dict[str, Any] | None:
-        p = self.path(label, spec)
-        return json.loads(p.read_text()) if p.exists() else None
-
-    def put(self, label: str, spec: dict[str, Any], result: dict[str, Any]) -> None:
-        p = self.path(label, spec)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(p)
-
-
 @dataclass
 class Zoo:
     """Everything loaded once per run: base and expert encoders, heads, probes, evaluators."""
@@ -133,6 +106,7 @@ class Zoo:
     test: Evaluator
     calibration: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     probe_keys: dict[str, str] = field(default_factory=dict)  # part of every cache key
+    context: dict[str, Any] = field(default_factory=dict)  # more of it (the vision zoo's recipe)
     _features: dict[str, Any] | None = None
     _sequential: dict[float, dict[str, Any]] = field(default_factory=dict)
 
@@ -152,8 +126,7 @@ class Zoo:
             from ..features.fisher import fisher_capture
 
             self._sequential["fisher"] = {  # type: ignore[index]
-                t: fisher_capture(_classifier(self.val.model, self.expert_sd[t], self.heads[t]),
-                                  self.calibration[t], label=t) for t in self.tasks}
+                t: fisher_capture(self.classifier(t), self.calibration[t], label=t) for t in self.tasks}
         return self._sequential["fisher"]  # type: ignore[index]
 
     def sequential_features(self, alpha: float) -> dict[str, Any]:
@@ -169,6 +142,10 @@ class Zoo:
                 experts[t].load_state_dict(self.expert_sd[t], strict=True)
             self._sequential[alpha] = capture_sequential(experts, self.calibration, alpha=alpha)
         return self._sequential[alpha]
+
+    def classifier(self, task: str) -> torch.nn.Module:
+        """Expert ``task``'s encoder + its head as one module (what its Fisher is taken of)."""
+        return _classifier(self.val.model, self.expert_sd[task], self.heads[task])
 
 
 def _classifier(encoder: torch.nn.Module, state: dict[str, torch.Tensor], head: Head) -> torch.nn.Module:
@@ -427,7 +404,7 @@ def run_context(zoo: Zoo, config: RunConfig) -> dict[str, Any]:
     return {"tasks": zoo.tasks, "experts": {t: e.key for t, e in zoo.experts.items()},
             "probes": {t: zoo.probe_keys[t] for t in zoo.tasks},
             "val_limit": config.val_limit, "test_limit": config.test_limit, "seed": config.seed,
-            "mergewise": __version__}
+            "mergewise": __version__, **zoo.context}
 
 
 def run_zoo(source: Any, out: Path, config: RunConfig = RunConfig(), *, progress: bool = True,
@@ -473,18 +450,20 @@ def run_zoo(source: Any, out: Path, config: RunConfig = RunConfig(), *, progress
 
 def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfig = RunConfig(),
                   *, progress: bool = True, log: Callable[[str], None] = print,
-                  zoo_seeds: Sequence[int] | None = None, ray: Any = None) -> dict[str, Any]:
+                  zoo_seeds: Sequence[int] | None = None, ray: Any = None,
+                  source: Callable[..., Any] = CachedZoo) -> dict[str, Any]:
     """Run every row, write results.{json,md,png} into ``out``; returns the JSON document.
 
     ``zoo_seeds``: one zoo per training seed (built by ``bench build --zoo-seeds``); each zoo's
     own outputs go to ``out/zoo-S/`` and ``out/results.*`` holds mean ± s.d. over zoos and the
     paired gains (``zoos.combine``). Without it: the one zoo of ``config`` (seed 0 by default).
+    ``source(tasks, cache, config)``: the zoo's picklable recipe (``vision_run.CachedVisionZoo``).
     """
     from .zoo import with_seed
 
     if not zoo_seeds or len(zoo_seeds) == 1:  # one zoo: its own table, as always
         config = replace(config, zoo=with_seed(config.zoo, zoo_seeds[0] if zoo_seeds else None))
-        doc = run_zoo(CachedZoo(tuple(tasks), cache, config), out, config, progress=progress,
+        doc = run_zoo(source(tuple(tasks), cache, config), out, config, progress=progress,
                       log=log, ray=ray)
         write_outputs(out, doc)
         return doc
@@ -494,7 +473,7 @@ def run_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: RunConfi
     for s in zoo_seeds:
         cfg = replace(config, zoo=with_seed(config.zoo, s))
         log(f"zoo seed {s}")
-        d = run_zoo(CachedZoo(tuple(tasks), cache, cfg), out, cfg, progress=progress, log=log, ray=ray)
+        d = run_zoo(source(tuple(tasks), cache, cfg), out, cfg, progress=progress, log=log, ray=ray)
         write_outputs(out / f"zoo-{s}", d)
         docs.append(d)
     doc = combine(docs, list(zoo_seeds))

@@ -23,7 +23,7 @@ import torch
 
 from ..task_models import TaskModels
 from .evaluate import Evaluator
-from .model import Head, encode
+from .model import Head
 
 # a candidate stops only when its bound is below the best by more than float rounding of a sum
 # of float32 accuracies (distinct accuracies differ by >= 1/1000 here, far above this)
@@ -76,9 +76,10 @@ def bounded_accuracies(ev: Evaluator, state_dict: Mapping[str, torch.Tensor] | T
                 ev.model.load_state_dict(state_dict[name], strict=True)
             prepared, start = ev.data[name], 0
             for batch in prepared.batches:
-                rows = prepared.order[start:start + batch["input_ids"].shape[0]]
+                feats = ev.encode(batch)
+                rows = prepared.order[start:start + feats.shape[0]]
                 start += len(rows)
-                pred = heads[name](encode(ev.model, batch)).argmax(-1)
+                pred = heads[name](feats).argmax(-1)
                 bound.add(name, int((pred == prepared.labels[rows]).sum()), len(rows))
                 if bound.beaten_by(best) and sum(bound.seen.values()) < total:
                     return {"stopped": True, "val_upper_bound_sum": bound.upper(),

@@ -32,7 +32,14 @@ import torch
 
 from .keys import key_hash
 from .model import Head
-from .vision_model import WEIGHTS_DIST, EfficientNetLite, load_checkpoint, load_pretrained, save_checkpoint
+from .vision_model import (
+    WEIGHTS_DIST,
+    EfficientNetLite,
+    load_checkpoint,
+    load_pretrained,
+    save_checkpoint,
+    tiny_backbone,
+)
 from .vision_tasks import VISION_DISTS, ImageSplit, VisionTask, batch_pixels
 from .zoo import Manifest, ProbeConfig, _lr_factor, _optimizer, accuracy, batch_indices, fit_probe
 
@@ -76,14 +83,36 @@ def vision_versions() -> dict[str, str]:
     return out
 
 
-def vision_expert_key(task: VisionTask, cfg: VisionTrainConfig) -> str:
+ARCHS = ("lite0", "tiny")
+
+
+def _arch(arch: str) -> dict[str, str]:
+    """The base's part of a cache key: none for Lite0 (the keys built before ``arch`` existed)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown vision base {arch!r}; known: {', '.join(ARCHS)}")
+    return {} if arch == "lite0" else {"arch": arch}
+
+
+def vision_expert_key(task: VisionTask, cfg: VisionTrainConfig, arch: str = "lite0") -> str:
     return key_hash({"kind": "vision-expert", "task": task.name, "data": task.fingerprint(),
-                     "train": asdict(cfg), "versions": vision_versions()})
+                     "train": asdict(cfg), "versions": vision_versions(), **_arch(arch)})
 
 
-def vision_probe_key(task: VisionTask, cfg: ProbeConfig) -> str:
+def vision_probe_key(task: VisionTask, cfg: ProbeConfig, arch: str = "lite0") -> str:
     return key_hash({"kind": "vision-probe", "task": task.name, "data": task.fingerprint(),
-                     "probe": asdict(cfg), "versions": vision_versions()})
+                     "probe": asdict(cfg), "versions": vision_versions(), **_arch(arch)})
+
+
+def base_backbone(arch: str = "lite0") -> EfficientNetLite:
+    """The zoo's base: the pretrained Lite0 backbone, or ``tiny`` (the CI smoke zoo): the
+    ``tiny_config`` backbone initialised at seed 0 (no weights file, the same in any process;
+    the global RNG is left as it was)."""
+    _arch(arch)
+    if arch == "lite0":
+        return load_pretrained(num_classes=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return tiny_backbone().eval()
 
 
 # ---------------------------------------------------------------- features and accuracy
@@ -172,28 +201,29 @@ def vision_cache(cache: Path) -> Path:
     return Path(cache) / "vision"
 
 
-def find_vision_expert(cache: Path, task: VisionTask, cfg: VisionTrainConfig) -> VisionExpert | None:
-    key = vision_expert_key(task, cfg)
+def find_vision_expert(cache: Path, task: VisionTask, cfg: VisionTrainConfig,
+                       arch: str = "lite0") -> VisionExpert | None:
+    key = vision_expert_key(task, cfg, arch)
     entry = Manifest(vision_cache(cache)).get("experts", key)
     return None if entry is None else VisionExpert(task.name, key, vision_cache(cache) / entry["path"])
 
 
 def build_vision_expert(cache: Path, task: VisionTask, cfg: VisionTrainConfig,
-                        log: Callable[[str], None] = print) -> VisionExpert:
+                        log: Callable[[str], None] = print, arch: str = "lite0") -> VisionExpert:
     """Train (or find) one task's expert; written to a temp dir and renamed, then the manifest."""
-    found = find_vision_expert(cache, task, cfg)
+    found = find_vision_expert(cache, task, cfg, arch)
     if found is not None:
         return found
     root = vision_cache(cache)
-    key = vision_expert_key(task, cfg)
+    key = vision_expert_key(task, cfg, arch)
     rel = Path("experts") / f"{task.name}-{key}"
-    backbone, head, info = train_expert(task, cfg)
+    backbone, head, info = train_expert(task, cfg, base_backbone(arch))
     val_acc = evaluate(backbone, {task.name: head}, [task], "val")[task.name]
     tmp = root / rel.with_name(rel.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(backbone, tmp)
     head.save(tmp / "head.safetensors")
-    meta = {"task": task.name, "classes": list(task.classes), "key": key, "config": asdict(cfg),
+    meta = {"task": task.name, "classes": list(task.classes), "key": key, "config": asdict(cfg), "arch": arch,
             "versions": vision_versions(), "data_fingerprint": task.fingerprint(),
             "val_accuracy": round(val_acc, 4), "train_seconds": info["train_seconds"],
             "final_loss": sum(info["losses"][-20:]) / max(1, len(info["losses"][-20:]))}
@@ -206,15 +236,23 @@ def build_vision_expert(cache: Path, task: VisionTask, cfg: VisionTrainConfig,
     return VisionExpert(task.name, key, root / rel)
 
 
-def build_vision_probe(cache: Path, task: VisionTask, cfg: ProbeConfig = VISION_PROBE,
-                       backbone: EfficientNetLite | None = None) -> tuple[Head, dict[str, Any]]:
-    """A linear probe on the frozen pretrained backbone (L2 chosen on val), cached."""
+def find_vision_probe(cache: Path, task: VisionTask, cfg: ProbeConfig = VISION_PROBE,
+                      arch: str = "lite0") -> tuple[Head, dict[str, Any]] | None:
     root = vision_cache(cache)
-    key = vision_probe_key(task, cfg)
-    entry = Manifest(root).get("probes", key)
-    if entry is not None:
-        return Head.load(root / entry["path"]), entry
-    backbone = backbone if backbone is not None else load_pretrained(num_classes=None)
+    entry = Manifest(root).get("probes", vision_probe_key(task, cfg, arch))
+    return None if entry is None else (Head.load(root / entry["path"]), entry)
+
+
+def build_vision_probe(cache: Path, task: VisionTask, cfg: ProbeConfig = VISION_PROBE,
+                       backbone: EfficientNetLite | None = None,
+                       arch: str = "lite0") -> tuple[Head, dict[str, Any]]:
+    """A linear probe on the frozen base backbone (L2 chosen on val), cached."""
+    found = find_vision_probe(cache, task, cfg, arch)
+    if found is not None:
+        return found
+    root = vision_cache(cache)
+    key = vision_probe_key(task, cfg, arch)
+    backbone = backbone if backbone is not None else base_backbone(arch)
     tr, va = task.train.head(cfg.train_limit), task.val.head(cfg.val_limit)
     t0 = time.perf_counter()
     head, val_acc, l2 = fit_probe(split_features(backbone, tr), tr.labels,
@@ -231,16 +269,17 @@ def build_vision_probe(cache: Path, task: VisionTask, cfg: ProbeConfig = VISION_
 
 
 def build_vision_zoo(tasks: list[VisionTask], cache: Path, cfg: VisionTrainConfig = VisionTrainConfig(),
-                     log: Callable[[str], None] = print) -> dict[str, VisionExpert]:
-    """Every task's expert and probe (built or found); {task: expert}."""
-    experts = {t.name: build_vision_expert(cache, t, cfg, log) for t in tasks}
-    backbone = load_pretrained(num_classes=None)
+                     log: Callable[[str], None] = print, probe: ProbeConfig = VISION_PROBE,
+                     arch: str = "lite0") -> dict[str, VisionExpert]:
+    """Every task's expert and probe (built or found) on the ``arch`` base; {task: expert}."""
+    experts = {t.name: build_vision_expert(cache, t, cfg, log, arch) for t in tasks}
+    backbone = base_backbone(arch)
     for t in tasks:
-        _, entry = build_vision_probe(cache, t, VISION_PROBE, backbone)
+        _, entry = build_vision_probe(cache, t, probe, backbone, arch)
         log(f"{t.name}: linear probe on the frozen backbone, val accuracy {entry['val_accuracy']:.4f}")
     return experts
 
 
-__all__ = ["VISION_PROBE", "VisionExpert", "VisionTrainConfig", "WEIGHTS_DIST", "build_vision_expert",
+__all__ = ["ARCHS", "VISION_PROBE", "VisionExpert", "base_backbone", "find_vision_probe", "VisionTrainConfig", "WEIGHTS_DIST", "build_vision_expert",
            "build_vision_probe", "build_vision_zoo", "evaluate", "find_vision_expert", "split_features",
            "train_expert"]
