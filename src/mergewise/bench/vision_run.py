@@ -33,7 +33,7 @@ from .evaluate import Evaluator, _Prepared
 from .report import markdown_table, selected_text, write_outputs
 from .results_cache import ResultCache
 from .rows import variant
-from .runner import SMOKE_RUN, RunConfig, Zoo, merge, merge_spec, run_benchmark, run_context
+from .runner import SMOKE_RUN, CachedZoo, RunConfig, Zoo, merge, merge_spec, run_benchmark, run_context
 from .vision_merge import format_kind_table, kind_table
 from .vision_tasks import VisionTask, batch_pixels, load_vision_task
 from .vision_zoo import (
@@ -158,12 +158,8 @@ def load_vision_zoo(tasks: list[str], cache: Path, config: RunConfig) -> VisionZ
 
 
 @dataclass(frozen=True)
-class CachedVisionZoo:
+class CachedVisionZoo(CachedZoo):
     """Picklable recipe of the zoo built by ``bench build --zoo vision`` (what Ray workers load)."""
-
-    tasks: tuple[str, ...]
-    cache: Path
-    config: RunConfig
 
     def load(self) -> VisionZoo:
         return load_vision_zoo(list(self.tasks), self.cache, self.config)
