@@ -146,3 +146,15 @@ def test_vision_smoke_build_run_and_resume(tmp_path: Path, monkeypatch):
     rerun = json.loads((out / "results.json").read_text())
     assert [(r["label"], r["test"]) for r in rerun["rows"]] == [(r["label"], r["test"]) for r in doc["rows"]]
     assert rerun["kind_tables"] == doc["kind_tables"]
+
+
+def test_the_notes_hold_for_the_backbone():
+    """What ``vision_run.NOTES`` says: no block stack for RegMean++, no Grams for depthwise/BN."""
+    from mergewise.features import capture
+    from mergewise.features.sequential import block_names
+
+    model = vz.base_backbone("tiny")
+    assert block_names(model) == []
+    stats = capture(model, [torch.randn(2, 3, 16, 16)])
+    assert not any(".depthwise." in n or ".bn" in n for n in stats.layers)
+    assert any(".project." in n for n in stats.layers) and "stem.conv" in stats.layers

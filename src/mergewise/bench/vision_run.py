@@ -51,7 +51,6 @@ from .zoo import with_seed, with_steps
 from .zoos import markdown as zoos_markdown
 
 
-
 @dataclass(frozen=True)
 class VisionZooConfig:
     """The vision zoo's recipe: expert training, probes, and the base (``lite0`` | ``tiny``)."""
@@ -68,13 +67,21 @@ VISION_SMOKE = VisionZooConfig(VisionTrainConfig(steps=8, batch_size=16, lr=3e-3
 VISION_SMOKE_TASKS = ("digits", "mnist5k")
 VISION_SMOKE_METHODS = ("task_arithmetic", "ties", "ties+tadrop", "regmean", "lot")
 CALIBRATION = {"examples": 512, "split": "train", "seed": 0, "batch_size": 64}
-NOTES = (
-    "depthwise convolutions (groups > 1) and BatchNorm layers get no feature statistics: the "
-    "data-aware rows (LOT, RegMean, RegMean++) merge those tensors by their fallback rule "
-    "(the mean task vector)",
-    "regmean_plusplus: the backbone's blocks are an nn.Sequential, not a ModuleList, so the "
-    "sequential capture sees one unit and RegMean++ is RegMean with its own alpha",
+NOTES = (  # (the rows a note is about, the note): written into results.md when one of them ran
+    (("lot", "regmean", "regmean_plusplus"),
+     "depthwise convolutions (groups > 1) and BatchNorm layers get no feature statistics: the "
+     "data-aware rows (LOT, RegMean, RegMean++) merge those tensors by their fallback rule "
+     "(the mean task vector)"),
+    (("regmean_plusplus",),
+     "regmean_plusplus: the backbone's blocks are an nn.Sequential, not a ModuleList, so the "
+     "sequential capture sees one unit and RegMean++ is RegMean with its own alpha"),
 )
+
+
+def notes_for(doc: dict[str, Any]) -> list[str]:
+    """The skipped rows' notes, then the ``NOTES`` about rows this run has."""
+    methods = {r["label"].removesuffix("+tadrop") for r in doc["rows"]}
+    return [*doc.get("skipped", []), *(n for rows, n in NOTES if methods.intersection(rows))]
 
 
 def vision_run_config(smoke: bool) -> RunConfig:
@@ -233,7 +240,7 @@ def run_vision_benchmark(tasks: Sequence[str], cache: Path, out: Path, config: R
     for where, seed in runs:
         cfg = replace(config, zoo=with_seed(config.zoo, seed))
         one = doc if single else json.loads((where / "results.json").read_text())
-        notes = [*one.get("skipped", []), *NOTES]
+        notes = notes_for(one)
         zoo = CachedVisionZoo(tuple(tasks), cache, cfg).load()
         one.update(model="EfficientNet-Lite backbones", notes=notes,
                    kind_tables=kind_tables(zoo, one, cfg, ResultCache(out, run_context(zoo, cfg))))

@@ -280,6 +280,6 @@ def build_vision_zoo(tasks: list[VisionTask], cache: Path, cfg: VisionTrainConfi
     return experts
 
 
-__all__ = ["ARCHS", "VISION_PROBE", "VisionExpert", "base_backbone", "find_vision_probe", "VisionTrainConfig", "WEIGHTS_DIST", "build_vision_expert",
-           "build_vision_probe", "build_vision_zoo", "evaluate", "find_vision_expert", "split_features",
-           "train_expert"]
+__all__ = ["ARCHS", "VISION_PROBE", "VisionExpert", "VisionTrainConfig", "WEIGHTS_DIST", "base_backbone",
+           "build_vision_expert", "build_vision_probe", "build_vision_zoo", "evaluate", "find_vision_expert",
+           "find_vision_probe", "split_features", "train_expert"]
