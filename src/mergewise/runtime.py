@@ -8,6 +8,13 @@ of a linear merge. ``keep_freed_buffers`` makes blocks up to 32 MiB come from th
 up to 1 GiB of freed heap for reuse; peak memory is unchanged (the blocks are reused, not added).
 The command line calls it; library users may call it too (or set ``MALLOC_MMAP_THRESHOLD_``).
 
+It also keeps every thread on one malloc arena: glibc gives each new thread an arena of its own,
+and with freed heap kept for reuse each arena holds on to what its thread freed, out of reach of
+the others. The chunk workers (``chunkpool``) and the reader and writer threads allocate all the
+time, so per-thread arenas raised the peak of a TIES + TADrop merge of the 415M-parameter
+benchmark from 1.23 to 1.43 GB (measured, same output bits); one arena costs no time there
+(a few allocations per 2^18-entry chunk take its lock). ``MALLOC_ARENA_MAX`` set by the user wins.
+
 (The thread settings of chunked merges live in ``chunkpool``.)
 """
 
@@ -18,14 +25,15 @@ import ctypes.util
 import os
 import sys
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value
 TRIM_THRESHOLD = 1 << 30
 
 
 def keep_freed_buffers() -> bool:
     """Tune glibc's malloc as described above; True when applied (Linux with glibc, and the
-    user set neither ``MALLOC_MMAP_THRESHOLD_`` nor ``MALLOC_TRIM_THRESHOLD_``)."""
+    user set neither ``MALLOC_MMAP_THRESHOLD_`` nor ``MALLOC_TRIM_THRESHOLD_``; the arena
+    limit is left alone when ``MALLOC_ARENA_MAX`` is set)."""
     if not sys.platform.startswith("linux"):
         return False
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
@@ -35,5 +43,7 @@ def keep_freed_buffers() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and others: no mallopt, nothing to tune
         return False
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(_M_ARENA_MAX, 1)
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
