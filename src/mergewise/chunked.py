@@ -16,7 +16,8 @@ sparsified whole, as before, and sliced.
 
 Chunks are merged on every core (``chunkpool``: threads, torch on one intra-op thread each),
 each chunk's report figures added in chunk order, so the bits do not depend on the thread
-count; the selection pass runs one model per thread, in chunk order within each.
+count; the selection pass runs one model per thread, in chunk order within each. Only these
+loops run so; a task vector made whole keeps torch's own threads.
 
 Everything the whole-tensor path reports and decides is the same: norms from the same partial
 sums (``ReportNorm``), kept counts, the all-zero rule (the base written bit for bit). Any NaN or
@@ -71,10 +72,9 @@ def merge(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
     """The merged tensor in ``plan.out_dtype`` (CPU), or None to take the whole-tensor path."""
     read = job.load.stored(plan.name)
     assert read is not None, "applies() admits only tensors read as stored"
-    with cores():
-        if job.method.space == "weight":
-            return _merge_weights(job, plan, params, read)
-        return _merge_deltas(job, plan, params, record, read)
+    if job.method.space == "weight":
+        return _merge_weights(job, plan, params, read)
+    return _merge_deltas(job, plan, params, record, read)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -111,8 +111,9 @@ def _merge_weights(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
             return False
         return _store(out[part], job.method.func(base_part, inputs, weights, **params))
 
-    if not all(ordered(one, chunks(plan.numel))):
-        return None
+    with cores():
+        if not all(ordered(one, chunks(plan.numel))):
+            return None
     return out.reshape(plan.shape)
 
 
@@ -255,7 +256,8 @@ def _select(job: MergeJob, plan: TensorPlan, sources: list[_Source], base: torch
             src.step.feed(part, src.delta(part, base[part].to(dtype)).abs_())
         return bool(src.step.ready(lambda part: src.delta(part, base[part].to(dtype)).abs_()))
 
-    found = dict(zip(map(id, streamed), each(select, streamed), strict=True))
+    with cores():
+        found = dict(zip(map(id, streamed), each(select, streamed), strict=True))
     for i, src in enumerate(sources):
         if src.step is not None and not found[id(src)]:
             slot = job.slots[i]
@@ -298,14 +300,15 @@ def _merge_deltas(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
         return (figures, norm, moved) if _store(out[part], merged) else None
 
     moved = False
-    for done in ordered(one, chunks(plan.numel)):
-        if done is None:
-            return None
-        figures, norm, chunk_moved = done
-        for src, fig in zip(sources, figures, strict=True):
-            src.commit(fig)
-        merged_norm.extend(norm)
-        moved = moved or chunk_moved
+    with cores():
+        for done in ordered(one, chunks(plan.numel)):
+            if done is None:
+                return None
+            figures, norm, chunk_moved = done
+            for src, fig in zip(sources, figures, strict=True):
+                src.commit(fig)
+            merged_norm.extend(norm)
+            moved = moved or chunk_moved
     if record is not None:
         record["models"] = [s.info() for s in sources]
         record["merged_delta_norm"] = merged_norm.value if moved else 0.0
