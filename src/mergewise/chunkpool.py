@@ -45,14 +45,14 @@ def cores() -> Iterator[int]:
     thread count is restored afterwards. Yields the worker count."""
     import torch
 
-    before = torch.get_num_threads()
+    before, outer = torch.get_num_threads(), workers()
     if before > 1:
         torch.set_num_threads(1)
     _workers.n = before
     try:
         yield before
     finally:
-        _workers.n = 1
+        _workers.n = outer  # a block inside another gives the outer one back its count
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
 
