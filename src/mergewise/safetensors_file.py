@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,7 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         self._fh = None
+        self._opening = threading.Lock()
         size, header_len, raw = self._read_header()
         try:
             header = parse_safetensors_header(raw)
@@ -317,7 +319,9 @@ class SafetensorsFile:
         reads from several threads (the engine's prefetch) do not disturb each other."""
         info, begin, end = self._entries[name]
         if self._fh is None:
-            self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open; raw reads
+            with self._opening:  # two threads' first reads open the file once
+                if self._fh is None:
+                    self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open
         buf = torch.empty(end - begin, dtype=torch.uint8)
         view, got = memoryview(buf.numpy()), 0
         while got < end - begin:  # preadv may return less than asked for on huge reads

@@ -212,24 +212,59 @@ def run_stats_pass(read: Reader, base: Checkpoint, observers: Sequence[Observer]
         cache.save()
 
 
+# Task vectors up to this size are observed one model per core (``chunkpool``); larger ones
+# (embeddings, heads) one model at a time on torch's own threads, so the per-thread scratch
+# buffers of the observers (|tau|, a float64 copy) stay a few MB and the stats pass's peak
+# memory is that of one observer on the largest tensor, as before.
+PARALLEL_MAX = 1 << 23
+
+
+def _parallel(read: Reader, plan: TensorPlan, misses: list[Any]) -> bool:
+    """Whether the models' observations of ``plan`` may run on several threads: more than one
+    to compute, each observer its own pass, and a reader that hands out each model's tensor on
+    its own (a ``VocabReader`` aligns all the models of a tensor together, in one thread)."""
+    from .readers import TensorReader
+
+    return (len(misses) > 1 and plan.numel <= PARALLEL_MAX and type(read) is TensorReader
+            and len({id(o.stats) for o, _, _ in misses}) == len(misses))
+
+
 def _observe(read: Reader, base: Checkpoint, plan: TensorPlan, p: int,
              work: list[tuple[Observer, dict[str, Any], str | None]],
              cache: StatsCache | None) -> None:
-    """One tensor of one pass: cached observations, else the task vectors from the files."""
-    base_tensor = None
+    """One tensor of one pass: cached observations, else the task vectors from the files,
+    one model per core where that is safe (``_parallel``). Every observation is a function of
+    its task vector alone, computed with kernels whose bits do not depend on the thread count
+    (elementwise ops, numpy's partition, torch's float64 norm; checked in the tests), so the
+    statistics are the same bits either way; cache entries are written in model order."""
+    from .chunkpool import cores, each
+
+    misses = []
     for o, params, key in work:
         hit = (cache.get(key, o.stats.cached_ok) if cache is not None and key is not None
                else None)
         if hit is not None:
             o.stats.observe_cached(p, plan.name, hit["value"], plan.numel, params)
-            continue
-        if base_tensor is None:
-            base_tensor = read(base, plan.base_name)
+        else:
+            misses.append((o, params, key))
+    if not misses:
+        return
+    base_tensor = read(base, plan.base_name)
+
+    def one(item: tuple[Observer, dict[str, Any], str | None]) -> None:
+        o, params, _ = item
         delta = (read.delta(o.ckpt, o.source(plan), base_tensor,  # type: ignore[attr-defined]
                             (base, plan.base_name))
                  if hasattr(read, "delta") else read(o.ckpt, o.source(plan)) - base_tensor)
         o.stats.observe(p, plan.name, delta, params)
-        del delta
+
+    if _parallel(read, plan, misses):
+        with cores():
+            each(one, misses)
+    else:
+        for item in misses:
+            one(item)
+    for o, _, key in misses:
         value = o.stats.observed(plan.name) if cache is not None and key is not None else UNCACHED
         if value is not UNCACHED and o.stats.cached_ok(value):
             cache.put(key, {"value": value})  # type: ignore[union-attr,arg-type]
