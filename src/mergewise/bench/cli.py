@@ -1,4 +1,4 @@
-"""``mergewise bench build|run|tasks``: the offline benchmark's command line.
+"""``mergewise bench build|run|study|combine|tasks``: the offline benchmark's command line.
 
 This module is imported by ``mergewise.cli`` at start-up, so it imports nothing heavy at module
 level: transformers, pandas and the benchmark modules are loaded inside the commands. Without
@@ -265,3 +265,26 @@ def study(
                                      log=lambda s: out.print(s, highlight=False)))
     out.print((out_dir / f"study-{name}.md").read_text(), highlight=False)
     out.print(f"wrote {out_dir / f'study-{name}.md'} and .json ({doc['seconds']:.0f} s)", highlight=False)
+
+
+@bench_app.command()
+def combine(
+    results: Annotated[list[Path], typer.Argument(help="two or more zoos' results.json (or their "
+                                                   "directories), each from `bench run --seed S`")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="where the combined results.json "
+                                          "and results.md go")] = Path("bench-results"),
+) -> None:
+    """Pool zoos run apart (other sessions, machines): mean ± s.d. per row and paired gains."""
+    from .zoos import combine as pool
+    from .zoos import markdown, read_zoo_docs, write_combined
+
+    try:
+        docs, seeds = read_zoo_docs(results)
+        doc = pool(docs, seeds)
+    except (ValueError, KeyError) as exc:
+        _fail(str(exc) if isinstance(exc, ValueError) else
+              f"a row lacks {exc} (run with a mergewise that records per-example results)")
+    write_combined(out_dir, doc)
+    out.print(markdown(doc), highlight=False)
+    out.print(f"wrote {out_dir / 'results.md'} and results.json (zoo seeds "
+              f"{', '.join(map(str, seeds))})", highlight=False)

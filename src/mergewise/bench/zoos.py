@@ -73,6 +73,63 @@ def combine(docs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
             "rows": rows, "gains": gains, "seconds": round(sum(d["seconds"] for d in docs), 1)}
 
 
+def zoo_seed(doc: dict[str, Any]) -> int | None:
+    """The training seed of a one-zoo document (``config.run.zoo.train.seed``), or None."""
+    try:
+        seed = doc["config"]["run"]["zoo"]["train"]["seed"]
+    except (KeyError, TypeError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def _protocol(doc: dict[str, Any]) -> Any:
+    """A zoo's run settings without its training seed: what must agree for zoos to be pooled."""
+    run = json.loads(json.dumps(doc["config"]["run"]))
+    run["zoo"]["train"].pop("seed", None)
+    return run
+
+
+def read_zoo_docs(paths: list[Path]) -> tuple[list[dict[str, Any]], list[int]]:
+    """One-zoo ``results.json`` documents (a file, or the directory holding it) run apart —
+    other sessions, other machines — checked poolable: each a one-zoo document with its seed,
+    distinct seeds, the same tasks, test sets, rows and run settings but for the seed. Bad
+    input is a ``ValueError`` naming the file and the problem. Returned in seed order."""
+    docs: list[tuple[int, dict[str, Any], Path]] = []
+    for given in paths:
+        path = given / "results.json" if given.is_dir() else given
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file (give a results.json or its directory)") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a readable JSON document ({exc})") from None
+        if not isinstance(doc, dict) or "zoo_seeds" in doc:
+            raise ValueError(f"{path}: a combined table, not one zoo's results.json (give the "
+                             "zoo-S/ documents it was made from)")
+        seed = zoo_seed(doc)
+        if seed is None or not all(k in doc for k in ("tasks", "test_sizes", "rows", "seconds")):
+            raise ValueError(f"{path}: not one zoo's results.json from `mergewise bench run` "
+                             "(no tasks, test sizes, rows or zoo seed)")
+        docs.append((seed, doc, path))
+    if len(docs) < 2:
+        raise ValueError("give at least two zoos' results to combine")
+    docs.sort(key=lambda x: x[0])
+    _, first, first_path = docs[0]
+    for (seed, _, path), (before, _, other) in zip(docs[1:], docs, strict=False):
+        if seed == before:
+            raise ValueError(f"{path}: zoo seed {seed} again (also {other}); each zoo once")
+    for _, doc, path in docs[1:]:
+        for key, what in (("tasks", "tasks"), ("test_sizes", "test set sizes")):
+            if doc[key] != first[key]:
+                raise ValueError(f"{path}: other {what} than {first_path} ({doc[key]} vs {first[key]})")
+        if [r.get("label") for r in doc["rows"]] != [r.get("label") for r in first["rows"]]:
+            raise ValueError(f"{path}: other rows than {first_path}; run the same --methods on each zoo")
+        if _protocol(doc) != _protocol(first):
+            raise ValueError(f"{path}: run with other settings than {first_path} (grids, steps, "
+                             "limits or methods differ; only the zoo seed may)")
+    return [d for _, d, _ in docs], [s for s, _, _ in docs]
+
+
 def _pm(mean: float, sd: float) -> str:
     return f"{100 * mean:.1f} ± {100 * sd:.1f}"
 

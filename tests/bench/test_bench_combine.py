@@ -1,0 +1,102 @@
+"""``bench combine``: zoos run apart (other sessions, other machines) pooled into one table with
+spreads and paired gains, after checking they are poolable; every refusal names the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from mergewise.bench.zoos import read_zoo_docs, zoo_seed
+from mergewise.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _row(label: str, kind: str, method: str | None, avg: float, val: float | None,
+         test_bits: str | None = None) -> dict[str, Any]:
+    r = {"label": label, "kind": kind, "method": method, "average": avg, "normalized": avg / 0.8,
+         "test": {"t": avg}, "val_average": val, "selected": {"parameters": {}, "sparsify": None}}
+    return {**r, "test_bits": {"t": test_bits}} if test_bits else r
+
+
+def _doc(seed: int, tadrop_bits: str = "1110", density: float = 0.2) -> dict[str, Any]:
+    rows = [_row("experts (each on its own task)", "experts", None, 0.8, None),
+            _row("ties", "merge", "ties", 0.5, 0.6, "1100"),
+            _row("ties+tadrop", "tadrop", "ties", tadrop_bits.count("1") / 4, 0.5, tadrop_bits)]
+    config = {"run": {"zoo": {"train": {"steps": 300, "seed": seed}}, "grids": {"density": density},
+                      "methods": ["ties", "ties+tadrop"]},
+              "experts": {"t": f"key{seed}"}}
+    return {"mergewise_version": "0.1.0", "tasks": ["t"], "test_sizes": {"t": 4},
+            "val_sizes": {"t": 4}, "config": config, "rows": rows, "skipped": [], "seconds": 5.0}
+
+
+def _write(tmp: Path, name: str, doc: Any) -> Path:
+    d = tmp / name
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(doc))
+    return d
+
+
+def _invoke(*args: object) -> Any:
+    return CliRunner().invoke(app, ["bench", "combine", *map(str, args)])
+
+
+def test_two_zoos_run_apart_pool_into_spreads_and_paired_gains(tmp_path: Path) -> None:
+    one = _write(tmp_path, "one", _doc(1, "1111"))
+    zero = _write(tmp_path, "zero", _doc(0, "1110"))
+    res = _invoke(one, zero / "results.json", "--out", tmp_path / "pooled")  # any order
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    assert doc["zoo_seeds"] == [0, 1] and doc["seconds"] == 10.0
+    gain = doc["gains"][0]
+    assert (gain["row"], gain["baseline"]) == ("ties+tadrop", "ties")
+    assert gain["per_zoo"] == pytest.approx([0.25, 0.5]) and gain["zoos_positive"] == 2
+    md = (tmp_path / "pooled" / "results.md").read_text()
+    assert "| ties+tadrop | 87.5 ± 17.7 |" in md and "mean ± s.d. over 2 zoos (seeds 0, 1)" in md
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d, "zoo seed 0 again"),
+    (lambda d: {**d, "rows": d["rows"][:2]}, "other rows than"),
+    (lambda d: {**d, "tasks": ["u"]}, "other tasks than"),
+    (lambda d: {**d, "test_sizes": {"t": 5}}, "other test set sizes than"),
+    (lambda d: {**d, "zoo_seeds": [0, 1]}, "a combined table, not one zoo's"),
+    (lambda d: {k: v for k, v in d.items() if k != "rows"}, "not one zoo's results.json"),
+])
+def test_zoos_that_cannot_be_pooled_are_refused(tmp_path: Path, edit: Any, message: str) -> None:
+    good = _write(tmp_path, "good", _doc(0))
+    bad = _write(tmp_path, "bad", edit(_doc(0 if message.startswith("zoo seed") else 1)))
+    res = _invoke(good, bad, "--out", tmp_path / "o")
+    assert res.exit_code == 1 and message in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_other_settings_missing_files_and_garbage_name_the_file(tmp_path: Path) -> None:
+    good = _write(tmp_path, "good", _doc(0))
+    other = _write(tmp_path, "other", _doc(1, density=0.4))
+    res = _invoke(good, other)
+    assert res.exit_code == 1 and "run with other settings" in res.output
+    assert "other" in res.output
+    res = _invoke(good, tmp_path / "nowhere")
+    assert res.exit_code == 1 and "no such file" in res.output
+    (tmp_path / "junk.json").write_text("{not json")
+    res = _invoke(good, tmp_path / "junk.json")
+    assert res.exit_code == 1 and "not a readable JSON document" in res.output
+    res = _invoke(good)
+    assert res.exit_code == 1 and "at least two zoos" in res.output
+
+
+def test_the_committed_seed_zero_document_is_a_poolable_zoo(tmp_path: Path) -> None:
+    """The issue 16 rows of zoo 0, kept in git: later zoos' runs pool with it."""
+    path = REPO / "docs" / "bench-results" / "issue16-seed0" / "results.json"
+    doc = json.loads(path.read_text())
+    assert zoo_seed(doc) == 0
+    one = json.loads(json.dumps(doc))
+    one["config"]["run"]["zoo"]["train"]["seed"] = 1
+    docs, seeds = read_zoo_docs([path, _write(tmp_path, "one", one)])
+    assert seeds == [0, 1] and docs[0] is not docs[1]
+
