@@ -3,6 +3,7 @@ into max_length rows, and the device check."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,69 @@ def test_a_bad_device_is_a_one_line_error(device: str, needle: str) -> None:
 def test_cuda_without_a_device_is_a_one_line_error() -> None:
     with pytest.raises(FeatureError, match="torch sees no CUDA device; use --device cpu"):
         check_device("cuda")
+
+
+def _word_level_llama(root: Path) -> Path:
+    """A tiny Llama directory with a saved word-level tokenizer (t3..t39), for `features`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 40)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>",
+                                               bos_token="<s>", eos_token="</s>")
+    tiny_llama().save_pretrained(str(root))
+    tok.save_pretrained(str(root))
+    return root
+
+
+def test_a_packed_fisher_predicts_every_token_of_every_row(tmp_path: Path) -> None:
+    from mergewise.features.fisher import capture_fisher_expert, fisher_capture
+
+    (tmp_path / "t.txt").write_text("a bb\nccc dd\ne\nffff gg h")
+    batches = calibration_batches(tmp_path / "t.txt", num_examples=4, batch_size=8,
+                                  max_length=4, seed=0, tokenizer=WordTokenizer(), pack=True)
+    model = tiny_llama()
+    packed = fisher_capture(model, batches, labels="argmax")
+    assert packed.metadata["examples"] == "4" and packed.metadata["rows"] == str(4 + 4 + 3 + 5)
+    # the same as each packed row given alone, trimmed to its real tokens
+    rows = [{"input_ids": b["input_ids"][r:r + 1, :int(b["attention_mask"][r].sum())]}  # type: ignore[index]
+            for b in batches for r in range(b["input_ids"].shape[0])]  # type: ignore[index]
+    alone = fisher_capture(model, rows, labels="argmax")
+    for k in packed.keys():
+        torch.testing.assert_close(packed.tensor(k), alone.tensor(k), rtol=1e-4, atol=1e-10)
+    # through `features`' capture: a saved model and tokenizer, pack recorded in the file
+    model_dir = _word_level_llama(tmp_path / "m")
+    (tmp_path / "w.txt").write_text("t3 t4 t5\nt6 t7\nt8 t9 t10 t11 t12\nt13")
+    stats, report = capture_fisher_expert(model_dir, tmp_path / "w.txt", num_examples=4,
+                                          max_length=6, labels="argmax", pack=True)
+    # 4 texts of words + eos (this tokenizer adds no bos) = 4 + 3 + 6 + 2 = 15 tokens, packed
+    # into rows of 6: 3 examples (6, 6, 3 tokens), every token a prediction
+    assert report.examples == 3 and report.rows == 15
+    assert json.loads(stats.metadata["calibration"])["pack"] is True
+    _, unpacked = capture_fisher_expert(model_dir, tmp_path / "w.txt", num_examples=4,
+                                        max_length=6, labels="argmax")
+    assert unpacked.examples == 4 and unpacked.rows == 3 + 2 + 5 + 1  # one row each, truncated
+
+
+def test_a_fisher_file_is_reused_only_with_the_same_packing(tmp_path: Path) -> None:
+    from mergewise.features.fisher import FISHER
+    from mergewise.features.sources import obtain, plan_sources
+    from mergewise.recipe import parse_recipe
+
+    model_dir = _word_level_llama(tmp_path / "m")
+    (tmp_path / "w.txt").write_text("t3 t4 t5\nt6 t7\nt8 t9 t10 t11 t12\nt13")
+
+    def plan(pack: bool) -> list:
+        cal = {"data": "w.txt", "num_examples": 4, "max_length": 6, "labels": "argmax",
+               **({"pack": True} if pack else {})}
+        rec = parse_recipe({"merge_method": "fisher", "models": [
+            {"model": "m", "name": "m", "features": "stats/m.safetensors", "calibration": cal}]})
+        return plan_sources(rec, tmp_path, [model_dir])
+
+    (stats,), (report,) = obtain(plan(True), seed=0, root=tmp_path, kind=FISHER)
+    assert report.rows == 15 and json.loads(stats.metadata["calibration"])["pack"] is True
+    (_,), again = obtain(plan(True), seed=0, root=tmp_path, kind=FISHER)
+    assert again == []  # reused
+    with pytest.raises(FeatureError, match=r"\(pack differ\)"):
+        obtain(plan(False), seed=0, root=tmp_path, kind=FISHER)

@@ -220,8 +220,7 @@ def test_reuse_compares_the_label_mode(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["features", "merge"])
-@pytest.mark.parametrize(("option", "value"), [("blocks_per_pass", 2), ("accumulate", "float32"),
-                                               ("pack", True)])
+@pytest.mark.parametrize(("option", "value"), [("blocks_per_pass", 2), ("accumulate", "float32")])
 def test_gram_capture_options_are_refused_by_both_commands(tmp_path: Path, command: str,
                                                            option: str, value: object) -> None:
     # `mergewise features` and `merge` alike: one line naming the entry, before any capture

@@ -156,7 +156,7 @@ def test_every_calibration_field_is_a_draw_setting_or_a_capture_option() -> None
     for m in METHODS:
         assert set(m.calibration_options) <= set(CAPTURE_OPTIONS), m.name
         assert not set(m.calibration_why) & set(m.calibration_options), m.name
-    assert METHODS.get("fisher").calibration_options == ("labels",)
+    assert METHODS.get("fisher").calibration_options == ("labels", "pack")
     assert METHODS.get("regmean_plusplus").calibration_options == ("pack", "accumulate")
     for name in ("lot", "regmean"):
         assert METHODS.get(name).calibration_options == ("pack", "accumulate", "blocks_per_pass")
@@ -171,7 +171,6 @@ def recipe_with(method: str, **calibration: Any):
 @pytest.mark.parametrize(("method", "option", "value", "why"), [
     ("fisher", "blocks_per_pass", 2, "fisher has no Gram to stream"),
     ("fisher", "accumulate", "float32", "fisher has no Gram: its per-parameter sums are always float64"),
-    ("fisher", "pack", True, "fisher runs each example alone"),
     ("regmean_plusplus", "blocks_per_pass", 1, "regmean_plusplus holds every expert's Grams"),
     ("regmean_plusplus", "labels", "sample", "regmean_plusplus captures layer-input Grams, not a Fisher"),
     ("lot", "labels", "argmax", "lot captures layer-input Grams"),
@@ -195,7 +194,7 @@ def test_honoured_options_and_explicit_defaults_pass(tmp_path: Path) -> None:
     for t in "ab":
         (tmp_path / f"{t}.pt").write_bytes(b"")
     for method, options in (
-            ("fisher", {"labels": "sample", "accumulate": "float64", "pack": False,
+            ("fisher", {"labels": "sample", "accumulate": "float64", "pack": True,
                         "blocks_per_pass": None}),
             ("regmean_plusplus", {"pack": True, "accumulate": "float32", "labels": "auto"}),
             ("lot", {"pack": True, "accumulate": "float32", "blocks_per_pass": 3})):

@@ -193,14 +193,16 @@ def capture_fisher_expert(model_path: Path, data_path: Path, *, num_examples: in
                           batch_size: int = 8, max_length: int = 128, seed: int = 0,
                           text_field: str = "text", tokenizer_paths: Sequence[Path] = (),
                           factory: str | None = None, root: Path | None = None, task: str = "",
-                          device: str = "cpu", labels: str = "auto",
+                          device: str = "cpu", labels: str = "auto", pack: bool = False,
                           adapter_base: Path | None = None) -> tuple[FisherStats, CaptureReport]:
     """Load one expert, compute its Fisher on its seeded calibration draw (``mergewise
-    features`` with merge_method: fisher). ``seconds`` times the gradient passes alone."""
+    features`` with merge_method: fisher). ``pack``: the draw packed into full ``max_length``
+    rows (causal LMs), each row one example whose every token is a prediction, as it is
+    for the Gram capture. ``seconds`` times the gradient passes alone."""
     module, batches, settings, held = prepare_expert(
         model_path, data_path, num_examples=num_examples, batch_size=batch_size,
         max_length=max_length, seed=seed, text_field=text_field,
-        tokenizer_paths=tokenizer_paths, factory=factory, root=root, device=device,
+        tokenizer_paths=tokenizer_paths, factory=factory, root=root, device=device, pack=pack,
         adapter_base=adapter_base)
     start = time.perf_counter()
     stats = fisher_capture(module, batches, labels=labels, seed=seed, label=str(model_path),
@@ -218,9 +220,14 @@ def fisher_settings(labels: str) -> dict[str, Any]:
 
 
 def _capture_for(src_cal: Calibration) -> dict[str, Any]:
-    return {"labels": src_cal.labels}
+    return {"labels": src_cal.labels, "pack": src_cal.pack}
+
+
+def _settings_for(cal: Calibration) -> dict[str, Any]:
+    """``pack`` recorded only when set (as ``calibration_settings`` does), so Fisher files
+    written before packing existed still match an unpacked block."""
+    return fisher_settings(cal.labels) | ({"pack": True} if cal.pack else {})
 
 
 FISHER = StatsKind(name="fisher", capture=capture_fisher_expert, load=load_fisher,
-                   capture_args=_capture_for,
-                   settings=lambda cal: fisher_settings(cal.labels))
+                   capture_args=_capture_for, settings=_settings_for)

@@ -31,7 +31,7 @@ averaged: no base is needed, no task vectors.
 | no Fisher         | plain λ-weighted mean                      | every merged parameter has one   |
 | storage           | float64 sums, float32 stats file           | in memory                        |
 | math dtype        | float64, rounded once to ``dtype``         | model dtype                      |
-| calibration       | ``labels``; ``pack``, ``accumulate``, ``blocks_per_pass`` refused | —         |
+| calibration       | ``labels``, ``pack``; ``accumulate``, ``blocks_per_pass`` refused | —         |
 
 (1) FusionBench squares the gradient of Σ_i Σ_y √p(y|x_i) log p(y|x_i) over a whole batch, so
 cross terms between the batch's examples and between classes stay in; its regression heads use
@@ -131,9 +131,8 @@ METHODS.register(MergeMethod(
     accepts_sparsify=False,
     features=True,
     feature_stats="fisher",
-    calibration_options=("labels",),
+    calibration_options=("labels", "pack"),
     calibration_why={
-        "pack": "runs each example alone, one padded row each (packing is not implemented)",
         "accumulate": "has no Gram: its per-parameter sums are always float64, stored float32",
         "blocks_per_pass": "has no Gram to stream: one backward pass per prediction reaches "
                            "every parameter at once"},
