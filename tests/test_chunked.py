@@ -270,3 +270,17 @@ def test_dare_half_precision_compute_streamed_equals_whole(dtype: str, rule: str
     assert all(torch.equal(got[n], want[n]) for n in want)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in got_rows]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in want_rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                                   torch.int32, torch.bool])
+def test_the_kept_count_is_count_nonzero(dtype: torch.dtype) -> None:
+    # the report's "kept" figure: NaN and inf count, +0 and -0 do not, in every dtype
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(5000, generator=g)
+    t[torch.rand(5000, generator=g) < 0.6] = 0.0
+    t[:6] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), -1e-30])
+    t = t.to(dtype) if dtype.is_floating_point else (t * 3).to(dtype)
+    assert chunked._nonzero(t) == int(torch.count_nonzero(t))
+    if dtype.is_floating_point:
+        assert chunked._nonzero(t[:2]) == 0  # +0 and -0

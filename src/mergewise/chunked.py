@@ -88,9 +88,14 @@ def _store(target: torch.Tensor, merged: torch.Tensor) -> bool:
 
 
 def _nonzero(t: torch.Tensor) -> int:
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; only +-0 has no bit but the sign
+    """``count_nonzero`` of a flat CPU chunk (NaN counts, +-0 does not), fast: numpy has no
+    bfloat16 and emulates float16, so half precision is counted on its bits (only +-0 has no
+    bit but the sign); a float array is compared first (numpy counts a bool array ~5x faster
+    than a float one; torch's count_nonzero is slower still)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
         return int(np.count_nonzero(t.view(torch.int16).numpy() << 1))
-    return int(np.count_nonzero(t.numpy()))  # torch's count_nonzero is several times slower
+    a = t.numpy()
+    return int(np.count_nonzero(a != 0 if a.dtype.kind == "f" else a))
 
 
 def _merge_weights(job: MergeJob, plan: TensorPlan, params: dict[str, Any],
