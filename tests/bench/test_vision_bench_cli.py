@@ -158,3 +158,29 @@ def test_the_notes_hold_for_the_backbone():
     stats = capture(model, [torch.randn(2, 3, 16, 16)])
     assert not any(".depthwise." in n or ".bn" in n for n in stats.layers)
     assert any(".project." in n for n in stats.layers) and "stem.conv" in stats.layers
+
+
+@needs_wheels
+def test_the_matched_study_runs_on_the_vision_zoo(tmp_path: Path, monkeypatch):
+    """`bench study matched --zoo vision`: TADrop against the uniform trim at the same p̄ on the
+    convolution zoo (the smoke zoo, two arms, two validation redraws, one λ, to stay seconds)."""
+    from mergewise.bench import studies
+
+    monkeypatch.setattr(studies, "LAMBDA_SUM", (0.5,))
+    monkeypatch.setattr(studies, "SEEDS", (0, 1))
+    monkeypatch.setattr(studies, "matched_arms", lambda p=0.9: [
+        ("ties", [studies.uniform_arm("ties", p), studies.tadrop_arm("ties", p)])])
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    assert _bench("build", "--zoo", "vision", "--smoke", "--cache", cache).exit_code == 0
+    res = _bench("study", "matched", "--zoo", "vision", "--smoke", "--cache", cache, "--out", out)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "study-matched.json").read_text())
+    assert doc["tasks"] == list(vision_run.VISION_SMOKE_TASKS)
+    (group,) = doc["groups"]
+    labels = [a["arm"] for a in group["arms"]]
+    assert group["method"] == "ties" and labels == ["ties (uniform)", "ties + tadrop(0.9)"]
+    for a in group["arms"]:
+        assert 0.85 < a["realised_drop_rate"] < 0.95, a  # both at p̄ = 0.9, realised
+    assert "ties + tadrop(0.9)" in (out / "study-matched.md").read_text()
+    res = _bench("study", "tasks", "--zoo", "vision", "--smoke", "--cache", cache, "--out", out)
+    assert res.exit_code == 1 and "the vision zoo has three" in res.output

@@ -247,22 +247,35 @@ def study(
         "bench-results"),
     tasks: TasksOpt = None,
     steps: Annotated[int | None, typer.Option("--steps", help="the experts' steps (as given to build)")] = None,
+    smoke: SmokeOpt = False,
+    seed: SeedOpt = None,
+    zoo: ZooOpt = "text",
 ) -> None:
     """TADrop vs uniform at the same p̄ (matched), rescale/strength ablation, or 2/4/6-task merges."""
-    _require()
+    _require(zoo)
     from dataclasses import replace
 
-    from .runner import RunConfig
+    from .runner import SMOKE_RUN, RunConfig, load_zoo
     from .studies import STUDIES, run_study
-    from .zoo import with_steps
+    from .zoo import with_seed, with_steps
 
     if name not in STUDIES:
-        err.print(f"[bold red]error:[/] unknown study '{name}'; known: {', '.join(STUDIES)}", highlight=False)
-        raise typer.Exit(1)
-    config = RunConfig()
-    config = replace(config, zoo=with_steps(config.zoo, steps))
-    doc = _guarded(lambda: run_study(name, _tasks(tasks, False), _cache(cache), out_dir, config,
-                                     log=lambda s: out.print(s, highlight=False)))
+        _fail(f"unknown study '{name}'; known: {', '.join(STUDIES)}")
+    if zoo == "vision":
+        if name == "tasks":
+            _fail("the tasks study merges 2, 4 and 6 of the text zoo's six tasks; the vision zoo "
+                  "has three: run matched or ablation")
+        from .vision_run import load_vision_zoo, vision_run_config
+
+        config, load = vision_run_config(smoke), load_vision_zoo
+    else:
+        config, load = (SMOKE_RUN if smoke else RunConfig()), load_zoo
+    try:
+        config = replace(config, zoo=with_seed(with_steps(config.zoo, steps), seed))
+    except ValueError as exc:
+        _fail(str(exc))
+    doc = _guarded(lambda: run_study(name, _tasks(tasks, smoke, zoo), _cache(cache), out_dir, config,
+                                     log=lambda s: out.print(s, highlight=False), load=load))
     out.print((out_dir / f"study-{name}.md").read_text(), highlight=False)
     out.print(f"wrote {out_dir / f'study-{name}.md'} and .json ({doc['seconds']:.0f} s)", highlight=False)
 

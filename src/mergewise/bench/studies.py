@@ -324,8 +324,11 @@ def task_counts_table(doc: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- entry point
 def run_study(name: str, tasks: Sequence[str], cache_root: Path, out: Path,
-              config: RunConfig = RunConfig(), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one study, write ``OUT/study-NAME.{md,json}`` (evaluations cached in ``OUT/cache``)."""
+              config: RunConfig = RunConfig(), log: Callable[[str], None] = print,
+              load: Callable[[list[str], Path, RunConfig], Zoo] = load_zoo) -> dict[str, Any]:
+    """Run one study, write ``OUT/study-NAME.{md,json}`` (evaluations cached in ``OUT/cache``).
+    ``load``: the zoo (``vision_run.load_vision_zoo`` for the vision zoo; the ``tasks`` study
+    is the text zoo's)."""
     if name not in STUDIES:
         raise ValueError(f"unknown study '{name}'; known: {', '.join(STUDIES)}")
     t0 = time.perf_counter()
@@ -334,7 +337,7 @@ def run_study(name: str, tasks: Sequence[str], cache_root: Path, out: Path,
         doc = run_task_counts(list(tasks), cache_root, out, config, log)
         table = task_counts_table(doc)
     else:
-        zoo = load_zoo(list(tasks), cache_root, config)
+        zoo = load(list(tasks), cache_root, config)
         session = StudySession(zoo, ResultCache(out, run_context(zoo, config)), log)
         groups = matched_arms() if name == "matched" else ablation_arms()
         results = run_arm_groups(session, groups)
