@@ -86,6 +86,9 @@ def test_other_settings_missing_files_and_garbage_name_the_file(tmp_path: Path) 
     (tmp_path / "junk.json").write_text("{not json")
     res = _invoke(good, tmp_path / "junk.json")
     assert res.exit_code == 1 and "not a readable JSON document" in res.output
+    (tmp_path / "list.json").write_text("[1, 2]")
+    res = _invoke(good, tmp_path / "list.json")
+    assert res.exit_code == 1 and "not one zoo's results.json" in res.output
     res = _invoke(good)
     assert res.exit_code == 1 and "at least two zoos" in res.output
 

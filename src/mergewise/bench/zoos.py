@@ -103,10 +103,10 @@ def read_zoo_docs(paths: list[Path]) -> tuple[list[dict[str, Any]], list[int]]:
             raise ValueError(f"{path}: no such file (give a results.json or its directory)") from None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ValueError(f"{path}: not a readable JSON document ({exc})") from None
-        if not isinstance(doc, dict) or "zoo_seeds" in doc:
+        if isinstance(doc, dict) and "zoo_seeds" in doc:
             raise ValueError(f"{path}: a combined table, not one zoo's results.json (give the "
                              "zoo-S/ documents it was made from)")
-        seed = zoo_seed(doc)
+        seed = zoo_seed(doc) if isinstance(doc, dict) else None
         if seed is None or not all(k in doc for k in ("tasks", "test_sizes", "rows", "seconds")):
             raise ValueError(f"{path}: not one zoo's results.json from `mergewise bench run` "
                              "(no tasks, test sizes, rows or zoo seed)")
