@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .chunkpool import cores, each
+
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .plan import TensorPlan
@@ -237,8 +239,6 @@ def _observe(read: Reader, base: Checkpoint, plan: TensorPlan, p: int,
     its task vector alone, computed with kernels whose bits do not depend on the thread count
     (elementwise ops, numpy's partition, torch's float64 norm; checked in the tests), so the
     statistics are the same bits either way; cache entries are written in model order."""
-    from .chunkpool import cores, each
-
     misses = []
     for o, params, key in work:
         hit = (cache.get(key, o.stats.cached_ok) if cache is not None and key is not None
