@@ -171,6 +171,15 @@ def test_unknown_method_with_suggestion(name: str, suggestion: str | None) -> No
     assert msg.endswith("; known: " + ", ".join(sorted(m.name for m in METHODS)))
 
 
+def test_a_long_unknown_method_name_keeps_the_error_one_short_line() -> None:
+    # found by the hostile-recipe property test: an 80-character echo plus the list of every
+    # method went past the 400-character bound of a one-line error
+    msg = refused(base_recipe(merge_method="9" * 500 + "ties"))
+    assert msg.startswith("my_recipe.yaml: ") and len(msg) <= 400 + len("my_recipe.yaml: ")
+    assert "'" + "9" * 36 + "...;" in msg and "\n" not in msg
+    assert msg.endswith("; known: " + ", ".join(sorted(m.name for m in METHODS)))
+
+
 @pytest.mark.parametrize("key", ["lambda", "aggregate"])
 def test_method_wide_parameter_given_per_model(key: str) -> None:
     value = 0.5 if key == "lambda" else "sum"

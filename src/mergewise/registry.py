@@ -307,7 +307,9 @@ class Registry(Generic[T]):
             return items[name]
         except KeyError:
             raise RecipeError(
-                f"unknown {self.kind} {short_repr(name)}{did_you_mean(name, items)}; known: "
+                # the name echoed short: the list of known names (~300 characters for the
+                # methods) must fit the one-line bound of an error with it
+                f"unknown {self.kind} {short_repr(name, 40)}{did_you_mean(name, items)}; known: "
                 f"{', '.join(sorted(items))}") from None
 
     def names(self) -> list[str]:
