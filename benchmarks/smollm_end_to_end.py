@@ -3,9 +3,9 @@
     PYTHONPATH=src python benchmarks/smollm_end_to_end.py --out /tmp/smollm-e2e [--budget ci|slow|long]
 
 Builds (or reuses) the dequantized base, fine-tunes one LoRA expert per task (step times),
-merges with TIES+TADrop and SLERP (t over depth), both reading the PEFT adapter directories
-as model entries, and LOT (the full fine-tunes: its capture runs each expert as a model; not
-at ``--budget ci``, which is the CI test's), each merge in a fresh subprocess (wall time, peak
+merges with TIES+TADrop, SLERP (t over depth) and LOT (not at ``--budget ci``, which is the
+CI test's; its capture runs the base with each adapter applied), all three reading the PEFT
+adapter directories as model entries, each merge in a fresh subprocess (wall time, peak
 RSS = the child's VmHWM). LOT runs twice: writing its stats files (capture + solve), then
 reusing them (solve only). Loads every output with transformers, prints per-task held-out
 loss and gain fraction, stats-file sizes, and the LOT Gram sizes computed for a 7B Llama.

@@ -29,7 +29,7 @@ class Budget:
     n_heldout: int = 32
     calib_examples: int = 32
     calib_max_length: int = 48
-    full: bool = True  # also write each expert's full fine-tune (LOT's capture needs one)
+    full: bool = False  # also write each expert's full fine-tune (merge_and_unload; no merge reads it)
     lot: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,9 +77,9 @@ def recipes(base: Path, experts: dict[str, FineTune], calib: dict[str, Path], bu
             stats_dir: Path | None = None) -> dict[str, dict[str, Any]]:
     """The recipes, mergekit's language plus mergewise's ``sparsify:`` / ``calibration:``.
 
-    TIES+TADrop and SLERP take the PEFT adapters themselves as model entries (an adapter
-    directory on ``base_model``; SLERP, which has no base, mergekit's ``base+adapter``); LOT
-    takes the full fine-tunes, since its calibration capture runs each expert as a model."""
+    Every merge takes the PEFT adapters themselves as model entries, as a LoRA user writes
+    them: an adapter directory on ``base_model`` (TIES+TADrop, LOT: its calibration capture runs
+    the base with the adapter applied); SLERP, which has no base, mergekit's ``base+adapter``."""
     adapters = [{"model": str(ft.adapter), "name": n} for n, ft in experts.items()]
     a, b = SLERP_TASKS
     out: dict[str, dict[str, Any]] = {
@@ -101,9 +101,7 @@ def recipes(base: Path, experts: dict[str, FineTune], calib: dict[str, Path], bu
 
 def _lot_entry(name: str, ft: FineTune, calib: dict[str, Path], budget: Budget,
                stats_dir: Path | None) -> dict[str, Any]:
-    if ft.full is None:
-        raise ValueError(f"LOT needs the full fine-tune of expert '{name}' (Budget.full)")
-    entry: dict[str, Any] = {"model": str(ft.full), "name": name, "calibration": {
+    entry: dict[str, Any] = {"model": str(ft.adapter), "name": name, "calibration": {
         "data": str(calib[name]), "num_examples": budget.calib_examples,
         "max_length": budget.calib_max_length, "batch_size": 8}}
     if stats_dir is not None:
