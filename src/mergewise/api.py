@@ -16,16 +16,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import features as features_pkg  # its modules load on first use (a parameter is named ``features``)
 from .chat import chat_template, template_files
 from .checkpoint import Checkpoint, StateDictCheckpoint
 from .engine import MergeJob
 from .errors import FeatureError, RecipeError, UnknownTaskError
-from .features import CaptureReport, FeatureSource, FeatureStats, load_stats, obtain, plan_sources
-from .features.sources import GRAMS, StatsKind
 from .inputs import (
     InputPaths,
     open_inputs,
@@ -52,6 +51,10 @@ from .task_models import TaskModels
 from .version import __version__
 from .vocab import TOKENIZER_JSON, alignment_for, tokenizer_text
 from .writer import DEFAULT_SHARD_SIZE, parse_size
+
+if TYPE_CHECKING:  # the features modules load on first use (torch.nn, transformers): not on a dry run
+    from .features import CaptureReport, FeatureSource, FeatureStats
+    from .features.sources import StatsKind
 
 
 @dataclass
@@ -117,7 +120,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, out: str | Path | Non
     if rec.method.sequential_features:
         _refuse_stats_files(rec)
         _one_alpha(rec)  # checked before any model is loaded
-    sources = (plan_sources(rec, root, paths.models, adapter_bases=paths.adapter_targets())
+    sources = (features_pkg.plan_sources(rec, root, paths.models, adapter_bases=paths.adapter_targets())
                if rec.method.features else None)
     with open_inputs(paths.base, paths.models, paths.adapter_bases) as (base, models), \
             contextlib.ExitStack() as stack:
@@ -172,7 +175,7 @@ def _attach_features(job: MergeJob, sources: list[FeatureSource], paths: InputPa
         job.set_features(stats)
         return
     workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mergewise-")))
-    stats, _ = obtain(sources, seed=job.recipe.seed, tokenizer_paths=paths.tokenizer_candidates(),
+    stats, _ = features_pkg.obtain(sources, seed=job.recipe.seed, tokenizer_paths=paths.tokenizer_candidates(),
                       root=root, workdir=workdir, device=device, kind=_stats_kind(job.method))
     for st in stats:
         stack.callback(st.close)
@@ -185,6 +188,8 @@ def _stats_kind(method: MergeMethod) -> StatsKind:
         from .features.fisher import FISHER
 
         return FISHER
+    from .features.sources import GRAMS
+
     return GRAMS
 
 
@@ -354,12 +359,12 @@ def compute_features(recipe: Recipe | Mapping[str, Any] | str | Path,
         raise RecipeError(f"{', '.join(nowhere)} name no 'features:' stats file; give --out-dir")
     sub = rec.model_copy(update={"models": [rec.models[i] for i in todo]})
     paths = resolve_inputs(sub, root)
-    sources: list[FeatureSource] = plan_sources(sub, root, paths.models, overwrite=True,
+    sources: list[FeatureSource] = features_pkg.plan_sources(sub, root, paths.models, overwrite=True,
                                                 adapter_bases=paths.adapter_targets())
     if not overwrite:
         sources = [s for s in sources if not s.cached]
     workdir = Path(out_dir).expanduser() if out_dir is not None else None
-    stats, reports = obtain(sources, seed=rec.seed, tokenizer_paths=paths.tokenizer_candidates(),
+    stats, reports = features_pkg.obtain(sources, seed=rec.seed, tokenizer_paths=paths.tokenizer_candidates(),
                             root=root, workdir=workdir, overwrite=True, device=device,
                             progress=progress, kind=_stats_kind(rec.method))
     for st in stats:
@@ -367,7 +372,7 @@ def compute_features(recipe: Recipe | Mapping[str, Any] | str | Path,
     return reports
 
 
-StateDict = Mapping[str, torch.Tensor]
+StateDict = Mapping[str, "torch.Tensor"]
 
 
 def merge_state_dicts(base: StateDict | None,
@@ -500,13 +505,14 @@ def _memory_job(base: StateDict | None, models: Sequence[StateDict] | Mapping[st
     rec = parse_recipe(data, "merge_state_dicts")
     base_ckpt = StateDictCheckpoint("base", base) if base is not None else None
     model_ckpts = [StateDictCheckpoint(task, sd) for task, sd in named]
-    load = _stats_kind(METHODS.get(method)).load if method in METHODS else load_stats
+    load = _stats_kind(METHODS.get(method)).load if method in METHODS else features_pkg.load_stats
     stats = _memory_features(features, [task for task, _ in named], load)
     return MergeJob(rec, base_ckpt, model_ckpts, device=device, features=stats)
 
 
 def _memory_features(given: Any, tasks: list[str],
-                     load: Callable[[Path], FeatureStats] = load_stats) -> list[FeatureStats] | None:
+                     load: Callable[[Path], FeatureStats] | None = None) -> list[FeatureStats] | None:
+    load = load or features_pkg.load_stats
     if given is None:
         return None
     if isinstance(given, Mapping):
@@ -517,4 +523,4 @@ def _memory_features(given: Any, tasks: list[str],
         given = [given[t] for t in tasks]
     if len(given) != len(tasks):
         raise FeatureError(f"features: {len(given)} given for {len(tasks)} models")
-    return [g if isinstance(g, FeatureStats) else load(Path(g)) for g in given]
+    return [g if isinstance(g, features_pkg.FeatureStats) else load(Path(g)) for g in given]

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from . import lazytorch
 from .errors import MergewiseError
 from .registry import METHODS, SPARSIFIERS
 from .version import __version__
@@ -79,6 +80,8 @@ def merge(
     """Merge the checkpoints a recipe names into --out (written atomically)."""
     if out_dir is None and not dry_run:
         _fail(MergewiseError("--out DIR is required (or use --dry-run)"))
+    if dry_run:  # planning reads headers only: torch loads if something needs it after all
+        lazytorch.defer()
     with _one_line():
         from .api import merge as run_merge
         from .runtime import keep_freed_buffers
@@ -162,6 +165,7 @@ def methods(
     markdown: Annotated[bool, typer.Option("--markdown", help="print docs/methods.md")] = False,
 ) -> None:
     """List merge methods and sparsifiers with their parameters and defaults."""
+    lazytorch.defer()  # the declarations need no torch
     from .params import step_specs
 
     if markdown:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -38,12 +39,12 @@ from .readers import Prefetcher, TensorReader, VocabReader
 from .recipe import Recipe
 from .rng import tensor_generator
 from .statspass import Observer, Progress, StatsCache, StatsPass, run_stats_pass
-from .tensors import DEFAULT_COMPUTE_DTYPE, FLOAT_DTYPES
+from .tensors import DEFAULT_COMPUTE_DTYPE, float_dtype
 from .vocab import Alignment
 
 # (tensor name, base in the compute dtype, stored output tensor, the method's modulators or None)
-ModulatorSink = Callable[[str, "torch.Tensor | None", torch.Tensor, Any], None]
-Sink = Callable[[str, torch.Tensor], None]
+ModulatorSink = Callable[[str, "torch.Tensor | None", "torch.Tensor", Any], None]
+Sink = Callable[[str, "torch.Tensor"], None]
 
 
 def check_filters_match(jobs: Sequence[MergeJob]) -> None:
@@ -93,9 +94,9 @@ class MergeJob:
         self.params: JobParams = resolve_job(recipe, scope, labels)
         self.method = self.params.method
         self.base = base
-        self.compute_dtype = FLOAT_DTYPES[recipe.dtype or DEFAULT_COMPUTE_DTYPE]
-        self.load = TensorReader(device, self.compute_dtype)
-        self.device = self.load.device
+        # names until a tensor is read: planning (a dry run) imports no torch
+        self.compute_dtype_name = recipe.dtype or DEFAULT_COMPUTE_DTYPE
+        self.load = TensorReader(device, self.compute_dtype_name)
         self.slots = [ModelSlot(m.index, m.task, ckpt, m.step)
                       for m, ckpt in zip(self.params.models, models, strict=True)]
         # the method's inputs, in order (a slerp-like method's base is its first end point)
@@ -105,7 +106,7 @@ class MergeJob:
         # written in out_dtype, else in an explicit dtype (mergekit: the computed tensors are
         # written as they are), else in the base's dtype tensor by tensor
         written = recipe.out_dtype or recipe.dtype
-        out = FLOAT_DTYPES[written] if written else None
+        out = written or None
         if tensors is not None:
             check_configs([c for c in (base, *models) if c is not None])
         self.vocab = vocab
@@ -125,6 +126,14 @@ class MergeJob:
         self.features: list[FeatureStats] | None = None
         if features is not None:
             self.set_features(features)
+
+    @cached_property
+    def compute_dtype(self) -> torch.dtype:
+        return float_dtype(self.compute_dtype_name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.load.device
 
     def tensor_names(self) -> set[str]:
         """Every name the job writes or reads (what recipe filters may match)."""
@@ -163,7 +172,7 @@ class MergeJob:
         n_inputs = len(self.weight_inputs) + (1 if self.reads_base else 0)
         stats = [s.step.stats_pass(self.first_merged) for s in self.slots if s.step is not None]
         passes = max((st.passes for st in stats if st is not None), default=0)
-        return summarize(self.tensors, len(self.slots), n_inputs, self.compute_dtype, passes)
+        return summarize(self.tensors, len(self.slots), n_inputs, self.compute_dtype_name, passes)
 
     def sparsifier_summary(self) -> list[dict[str, Any]]:
         """Per model: sparsifier, its parameters and what its stats pass decided globally."""

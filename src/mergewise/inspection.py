@@ -22,7 +22,7 @@ from .readers import TensorReader
 from .recipe import ModelEntry
 from .report import layer_index, module_kind, plot_d_by_layer, plot_drop_vs_d, plot_histograms, write_tables
 from .statspass import Observer, run_stats_pass
-from .tensors import FLOAT_DTYPES
+from .tensors import FLOAT_DTYPE_NAMES, float_dtype
 from .version import __version__
 
 HIST_SAMPLE = 2_000_000  # values drawn per histogram (a seeded subsample of huge tensors)
@@ -59,9 +59,9 @@ def inspect_experts(experts: list[str], base: str, out: str | Path | None = None
     if not experts:
         raise RecipeError("inspect: give at least one fine-tuned checkpoint")
     step = sparsify_step({"method": "tadrop", **(tadrop or {})}, "inspect: sparsify")
-    if dtype not in FLOAT_DTYPES:
-        raise RecipeError(f"inspect: dtype '{dtype}' is not one of {', '.join(FLOAT_DTYPES)}")
-    read = TensorReader(device, FLOAT_DTYPES[dtype])
+    if dtype not in FLOAT_DTYPE_NAMES:
+        raise RecipeError(f"inspect: dtype '{dtype}' is not one of {', '.join(FLOAT_DTYPE_NAMES)}")
+    read = TensorReader(device, float_dtype(dtype))
     with open_inputs(base, experts) as (base_ckpt, models):
         assert base_ckpt is not None
         tensors = plan_tensors(base_ckpt, models)

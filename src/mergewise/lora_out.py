@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .engine import MergeJob
 from .errors import RecipeError
@@ -45,7 +44,7 @@ from .lora import PREFIX, LoraCheckpoint
 from .recipe import Recipe
 from .report import tensor_rows, write_tables
 from .target import atomic_directory
-from .tensors import FLOAT_DTYPES
+from .tensors import float_dtype
 from .version import __version__
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -243,7 +242,7 @@ def merge_to_adapter(rec: Recipe, paths: InputPaths, target: Path | None, rule: 
         raise RecipeError(f"--out-format lora: {rec.merge_method} yields one model per task, "
                           "not one merged model")
     compute = rec.dtype or "float32"
-    out_dtype = FLOAT_DTYPES[rec.out_dtype] if rec.out_dtype else None
+    out_dtype = float_dtype(rec.out_dtype) if rec.out_dtype else None
     # the merged tensors come back in the compute dtype, never rounded to a bf16 base's
     as_computed = rec.model_copy(update={"out_dtype": compute})
     with open_inputs(paths.base, paths.models, paths.adapter_bases) as (base, models):
@@ -264,6 +263,8 @@ def merge_to_adapter(rec: Recipe, paths: InputPaths, target: Path | None, rule: 
                   "out_format": "lora", "tasks": [s.task for s in job.slots],
                   "seconds": round(time.perf_counter() - start, 3), "plan": summary.__dict__,
                   "lora": {**lora, "per_module": sink.modules}}
+        from safetensors.torch import save_file  # imports torch: not on a dry run
+
         with atomic_directory(target, overwrite, protect) as tmp:
             save_file(sink.tensors, tmp / ADAPTER_WEIGHTS,
                       metadata={"format": "pt", "mergewise_version": __version__})

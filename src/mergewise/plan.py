@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, ShapeMismatchError
 from .layers import before_blocks, layer_count, layer_index, position, with_layer
-from .tensors import TensorInfo
+from .tensors import TensorInfo, code_of, itemsize, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_LISTED = 8
 
@@ -33,12 +35,13 @@ class Sources:
 @dataclass(frozen=True)
 class TensorPlan:
     """One tensor of the output: its header (the reference's, under the output name), the dtype
-    it is written in, and whether it is merged (floating point) or copied from the reference.
+    it is written in (``out_code``, a safetensors code: planning imports no torch), and whether
+    it is merged (floating point) or copied from the reference.
     ``sources`` are the names read from the reference, the base and each model when they are
     not the output name (a frankenmerge reads block 5 into output block 8)."""
 
     info: TensorInfo
-    out_dtype: torch.dtype
+    out_code: str
     merged: bool
     t: float = 0.0  # the tensor's layer position in [0, 1] (parameter gradients)
     sources: Sources | None = None
@@ -68,13 +71,17 @@ class TensorPlan:
         return self.info.dtype
 
     @property
+    def out_dtype(self) -> torch.dtype:
+        return torch_dtype(self.out_code)
+
+    @property
     def numel(self) -> int:
         return self.info.numel
 
     @property
     def out(self) -> TensorInfo:
         """What the writer is told about this tensor."""
-        return TensorInfo(self.name, self.shape, self.out_dtype)
+        return TensorInfo(self.name, self.shape, self.out_code)
 
 
 def check_configs(ckpts: Sequence[Checkpoint]) -> None:
@@ -129,7 +136,7 @@ def _mismatches(reference: Checkpoint, ref_infos: dict[str, TensorInfo],
 
 
 def plan_tensors(reference: Checkpoint, others: Sequence[Checkpoint],
-                 out_dtype: torch.dtype | None = None,
+                 out_dtype: torch.dtype | str | None = None,
                  vocab: tuple[set[str], int] | None = None) -> list[TensorPlan]:
     """The output's tensors in the reference's order; every mismatch of ``others`` reported at
     once. ``out_dtype`` overrides the reference's dtype of merged tensors. ``vocab``: the
@@ -148,9 +155,9 @@ def plan_tensors(reference: Checkpoint, others: Sequence[Checkpoint],
             "(all models must share the base's architecture)")
     count = layer_count(reference.config, ref_infos)
     plans = [TensorPlan(info if info.name not in rowless
-                        else TensorInfo(info.name, (rows, *info.shape[1:]), info.dtype),
-                        (out_dtype or info.dtype) if info.is_float else info.dtype,
-                        info.is_float, position(layer_index(info.name), count))
+                        else TensorInfo(info.name, (rows, *info.shape[1:]), info.code),
+                        _written(info, out_dtype), info.is_float,
+                        position(layer_index(info.name), count))
              for info in ref_infos.values()]
     if not any(p.merged for p in plans):
         raise CheckpointError(f"{reference.label}: no floating-point tensors to merge")
@@ -183,8 +190,14 @@ class PlanSummary:
         ]
 
 
+def _written(info: TensorInfo, out_dtype: torch.dtype | str | None) -> str:
+    """The code a tensor is written in: ``out_dtype`` for a merged (floating-point) tensor when
+    the recipe names one, else the reference's own."""
+    return code_of(out_dtype) if out_dtype is not None and info.is_float else info.code
+
+
 def summarize(tensors: Sequence[TensorPlan], n_models: int, n_inputs: int,
-              compute_dtype: torch.dtype, stats_passes: int) -> PlanSummary:
+              compute_dtype: torch.dtype | str, stats_passes: int) -> PlanSummary:
     """Sizes of a plan: ``n_inputs`` checkpoints are read (K models, plus the base when the
     method works on task vectors); peak memory is K + 4 copies of the largest tensor."""
     merged = [t for t in tensors if t.merged]
@@ -192,10 +205,10 @@ def summarize(tensors: Sequence[TensorPlan], n_models: int, n_inputs: int,
     return PlanSummary(
         tensors=len(tensors), merged=len(merged), copied=len(tensors) - len(merged),
         parameters=sum(t.numel for t in tensors),
-        bytes_read=sum(t.numel * t.in_dtype.itemsize for t in tensors) * n_inputs,
-        bytes_written=sum(t.numel * t.out_dtype.itemsize for t in tensors),
+        bytes_read=sum(t.info.nbytes for t in tensors) * n_inputs,
+        bytes_written=sum(t.numel * itemsize(t.out_code) for t in tensors),
         largest_tensor=f"{largest.name} {list(largest.shape)}",
-        peak_bytes_estimate=largest.numel * compute_dtype.itemsize * (n_models + 4),
+        peak_bytes_estimate=largest.numel * itemsize(compute_dtype) * (n_models + 4),
         stats_passes=stats_passes,
     )
 
@@ -207,7 +220,7 @@ def _slice_names(reference: Checkpoint, layer: int) -> list[str]:
 def plan_slice(reference: Checkpoint, ref_range: tuple[int, int], models: Sequence[Checkpoint],
                ranges: Sequence[tuple[int, int]], base: Checkpoint | None,
                base_range: tuple[int, int] | None, out_start: int, *, first: bool, last: bool,
-               out_dtype: torch.dtype | None = None, where: str = "slice") -> list[TensorPlan]:
+               out_dtype: torch.dtype | str | None = None, where: str = "slice") -> list[TensorPlan]:
     """The output tensors of one slice of a ``slices:`` recipe: the reference's blocks
     ``ref_range`` renumbered from ``out_start``, each read from block ``a + offset`` of every
     model (and of the base); the embeddings when ``first``, the final norm and head when
@@ -237,9 +250,8 @@ def plan_slice(reference: Checkpoint, ref_range: tuple[int, int], models: Sequen
     plans = []
     for out_name, src, t in rows:
         info = reference.info(src.reference)
-        dtype = (out_dtype or info.dtype) if info.is_float else info.dtype
-        plans.append(TensorPlan(TensorInfo(out_name, info.shape, info.dtype), dtype,
-                                info.is_float, t, src))
+        plans.append(TensorPlan(TensorInfo(out_name, info.shape, info.code),
+                                _written(info, out_dtype), info.is_float, t, src))
     return plans
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 
 import torch
 
 from .checkpoint import Checkpoint, StateDictCheckpoint
 from .errors import MergewiseError, short_repr
 from .numerics import all_finite, check_finite
+from .tensors import torch_dtype
 from .vocab import Alignment
 
 
@@ -54,7 +56,15 @@ def compute_device(device: str | torch.device) -> torch.device:
     """The one check of ``--device`` (merge, materialize, inspect), before any tensor is read:
     ``cpu``, ``cuda`` or ``cuda:N`` of a GPU torch sees; anything else (``meta``, ``mps``, a
     typo) is one line, not a torch error mid-merge or a merge of empty meta tensors."""
+    return torch.device(checked_device(device))
+
+
+def checked_device(device: str | torch.device) -> str:
+    """``compute_device``'s check, giving the device's text; ``cpu`` is accepted without asking
+    torch anything (a dry run on the CPU imports no torch)."""
     text = str(device)
+    if text == "cpu":
+        return text
     match = re.fullmatch(r"cpu|cuda(?::([0-9]{1,4}))?", text)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     sees = (f"torch sees {count} CUDA device{'s' if count != 1 else ''}" if count
@@ -65,7 +75,7 @@ def compute_device(device: str | torch.device) -> torch.device:
     if text != "cpu" and (count == 0 or int(match.group(1) or 0) >= count):
         raise MergewiseError(f"--device {shown}: {sees}; use --device cpu"
                              + (f" or cuda:0..{count - 1}" if count else ""))
-    return torch.device(text)
+    return text
 
 
 class TensorReader:
@@ -73,10 +83,19 @@ class TensorReader:
     return the caller's own tensor (in-memory inputs already in the compute dtype): never
     modify the result in place. While ``prefetch`` is set, reads come from it."""
 
-    def __init__(self, device: str | torch.device, dtype: torch.dtype):
-        self.device = compute_device(device)
-        self.dtype = dtype
+    def __init__(self, device: str | torch.device, dtype: torch.dtype | str):
+        # kept as text until a tensor is read: planning (a dry run) imports no torch
+        self._device = checked_device(device)
+        self._dtype = dtype
         self.prefetch: Prefetcher | None = None
+
+    @cached_property
+    def device(self) -> torch.device:
+        return torch.device(self._device)
+
+    @cached_property
+    def dtype(self) -> torch.dtype:
+        return self._dtype if not isinstance(self._dtype, str) else torch_dtype(self._dtype)
 
     def raw(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         return self.prefetch.take(ckpt, name) if self.prefetch else ckpt.read(name)

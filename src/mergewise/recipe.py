@@ -19,9 +19,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import RecipeError, did_you_mean, first_line, short_repr
 from .params import ParamValue, check_filter_total, resolve_job, slice_specs
 from .registry import METHODS, MergeMethod, as_kind
-from .tensors import FLOAT_DTYPES
+from .tensors import FLOAT_DTYPE_NAMES
 
-DTypeName = Literal[tuple(FLOAT_DTYPES)]  # type: ignore[valid-type]  # the one dtype table
+DTypeName = Literal[FLOAT_DTYPE_NAMES]  # type: ignore[valid-type]  # the one dtype table
 
 # The recipe's own numbers follow the parameters' type rule (registry.as_kind): no NaN or Inf,
 # no boolean for a number, no fraction for an int, nothing past INT_LIMIT.

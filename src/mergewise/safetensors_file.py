@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, first_line, printable, quoted
-from .tensors import SAFETENSORS_DTYPES, TensorInfo
+from .tensors import SAFETENSORS_CODES, TensorInfo
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
 _U64_LIMIT = 1 << 64  # the library's shapes and offsets are usize: 64-bit unsigned
@@ -217,7 +217,7 @@ class SafetensorsFile:
             value = next(iter(value))
         if not isinstance(value, str):
             raise self._malformed(name, f"dtype is a JSON {json_type(value)}, not a string")
-        if value not in SAFETENSORS_DTYPES:
+        if value not in SAFETENSORS_CODES:
             raise CheckpointError(
                 f"{self.path}: tensor {quoted(name)} has dtype {printable(value, 40)}, which mergewise cannot read "
                 "(quantized? dequantize to float16/bfloat16/float32 first)"
@@ -242,13 +242,13 @@ class SafetensorsFile:
         """The tensor's descriptor once its size is known to fit: the library multiplies the
         dimensions in order and refuses an overflow of 64 bits (of the bit count, too); torch
         refuses dimensions over 2^63 - 1 and a few zero-size shapes it cannot stride."""
-        info = TensorInfo(name, tuple(shape), SAFETENSORS_DTYPES[code], str(self.path))
+        info = TensorInfo(name, tuple(shape), code, str(self.path))
         numel = 1
         for d in shape:
             numel *= d
             if numel >= _U64_LIMIT:
                 break
-        if numel * info.dtype.itemsize * 8 >= _U64_LIMIT:
+        if numel * info.itemsize * 8 >= _U64_LIMIT:
             raise self._bad(name, f"has shape {printable(str(shape), 80)}, whose size overflows 64 bits")
         if any(d > _TORCH_DIM_LIMIT for d in shape):
             raise self._bad(name, f"has shape {printable(str(shape), 80)}, with a dimension beyond torch's limit "

@@ -20,7 +20,7 @@ from .layers import restack_config
 from .params import SliceSpec, slice_specs
 from .plan import PlanSummary, TensorPlan, plan_slice, summarize
 from .recipe import Recipe
-from .tensors import FLOAT_DTYPES
+from .tensors import float_dtype
 
 
 @dataclass
@@ -67,7 +67,7 @@ def open_sliced(recipe: Recipe, root: Path | None, stack: contextlib.ExitStack,
     def ckpt(model: str) -> Checkpoint:
         return opened[paths[model].resolve()]
 
-    out = FLOAT_DTYPES[recipe.out_dtype] if recipe.out_dtype else None
+    out = float_dtype(recipe.out_dtype) if recipe.out_dtype else None
     jobs, source_layers = [], []
     for spec in specs:
         ref_model, ref_range = _reference_of(spec)

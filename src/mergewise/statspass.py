@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .plan import TensorPlan
 
 # (checkpoint, tensor name) -> the tensor on the compute device in the compute dtype
-Reader = Callable[["Checkpoint", str], torch.Tensor]
+Reader = Callable[["Checkpoint", str], "torch.Tensor"]
 Progress = Callable[[str, int], None]
 
 

@@ -26,18 +26,19 @@ from .scratch import scratch
 
 GROUPS = (4, 8)  # the float64 lanes of AVX2 (and of torch's scalar fallback), of AVX-512
 
-_BITS = {1: (torch.int8, np.uint8), 2: (torch.int16, np.uint16), 4: (torch.int32, np.uint32),
-         8: (torch.int64, np.uint64)}
+_BITS = {1: ("int8", np.uint8), 2: ("int16", np.uint16), 4: ("int32", np.uint32),
+         8: ("int64", np.uint64)}  # torch's by name: importing this module imports no torch
 
 
 def _as_bits(t: torch.Tensor) -> np.ndarray:
     """The raw bits of a flat CPU tensor as unsigned integers of its item size."""
-    signed, unsigned = _BITS[t.element_size()]
+    signed_name, unsigned = _BITS[t.element_size()]
+    signed = getattr(torch, signed_name)
     return t.view(signed).numpy().view(unsigned)
 
 
 def _from_bits(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(bits).view(_BITS[bits.itemsize][0]).view(dtype)
+    return torch.from_numpy(bits).view(getattr(torch, _BITS[bits.itemsize][0])).view(dtype)
 
 
 def float64_norm(t: torch.Tensor) -> float:

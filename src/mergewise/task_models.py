@@ -24,7 +24,7 @@ from .version import __version__
 from .writer import DEFAULT_SHARD_SIZE, parse_size
 
 
-class TaskModels(Mapping[str, dict[str, torch.Tensor]]):
+class TaskModels(Mapping[str, dict[str, "torch.Tensor"]]):
     """{task: state dict} of an in-memory task-specific merge; each is assembled on access."""
 
     def __init__(self, unified: dict[str, torch.Tensor], modulators: Modulators, base: Checkpoint,

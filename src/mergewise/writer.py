@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputError
-from .tensors import DTYPE_CODES, TensorInfo
+from .tensors import SAFETENSORS_CODES, TensorInfo
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 MAX_SHARD_SIZE = 10**15
@@ -83,7 +83,10 @@ class StreamingSafetensorsFile:
         header: dict[str, object] = {"__metadata__": dict(metadata)}
         offset = 0
         for t in tensors:
-            header[t.name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
+            if t.code not in SAFETENSORS_CODES:
+                raise ValueError(f"{path}: tensor '{t.name}' has dtype {t.code}, which safetensors "
+                                 "cannot store")
+            header[t.name] = {"dtype": t.code, "shape": list(t.shape),
                               "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

@@ -44,7 +44,7 @@ from ..writer import atomic_file
 
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")  # format 1: one Gram entry per layer, float64 only
-GRAM_DTYPES = (torch.float64, torch.float32)  # float32 with ``accumulate: float32`` (format 2)
+GRAM_DTYPES = ("float64", "float32")  # float32 with ``accumulate: float32`` (format 2)
 SHARED_READS = 2  # shared Grams a file-backed FeatureStats keeps after reading: q/k/v's and gate/up's
 RECOMPUTE = "recompute it with `mergewise features --overwrite`"
 KINDS = {"linear": ("out_in", "in_out"), "norm": ("out_in",)}  # kind -> layouts
@@ -370,7 +370,7 @@ def _shared(meta: Mapping[str, str], layers: Mapping[str, LayerInfo], p: Path) -
 def _gram_dtype(meta: Mapping[str, str], p: Path) -> torch.dtype:
     """The dtype the file's Grams were accumulated in (metadata ``accumulate``, format 2)."""
     name = meta.get("accumulate", "float64")
-    dtype = {str(d).removeprefix("torch."): d for d in GRAM_DTYPES}.get(name)
+    dtype = getattr(torch, name) if name in GRAM_DTYPES else None
     if dtype is None or (dtype != torch.float64 and meta["mergewise_features"] == "1"):
         raise FeatureError(f"{p}: metadata 'accumulate' = {name!r} is not float64 or float32 "
                            f"(float32 from format 2 on); the stats file is corrupt: {RECOMPUTE}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..registry import METHODS, MergeMethod
 from ..selection import kth_largest
@@ -46,8 +45,8 @@ def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     if model.dtype == torch.float16:
         return importance(model.float(), base.float())
     diff = (model - base).abs()
-    p = F.softmax(model, dim=-1) + EPS
-    q = F.softmax(base, dim=-1) + EPS
+    p = torch.softmax(model, dim=-1) + EPS
+    q = torch.softmax(base, dim=-1) + EPS
     kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
     return diff * kl
 
