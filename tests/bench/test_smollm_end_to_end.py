@@ -5,9 +5,9 @@ all seven projections, 12 steps each), each written as a PEFT adapter only; TIES
 capture runs the base with each adapter applied); every output loaded by transformers.
 
 The lower bounds on the gain fractions are the measured values of this budget (seeded; see
-docs/benchmarks.md, "SmolLM2 end to end") with a margin, not guesses. 17 min wall on the shared
-2-core VM at load 4 (measured with full fine-tunes as TIES/SLERP inputs); most of it is LOT
-(capture + 210 pseudo-inverses) and contended fine-tuning steps. Run it with
+docs/benchmarks.md, "SmolLM2 end to end") with a margin, not guesses. 4.5 min wall on an idle
+2-core VM with one torch thread (17 min at load 4); most of it is LOT (capture + 210
+pseudo-inverses) and the fine-tuning steps. Run it with
 MERGEWISE_SLOW_TESTS=1 .venv/bin/python -m pytest tests/bench/test_smollm_end_to_end.py
 """
 
@@ -19,7 +19,7 @@ import os
 import pytest
 
 pytestmark = pytest.mark.skipif(os.environ.get("MERGEWISE_SLOW_TESTS") != "1",
-                                reason="slow (17 min): set MERGEWISE_SLOW_TESTS=1")
+                                reason="slow (4.5 min idle): set MERGEWISE_SLOW_TESTS=1")
 
 # Lowest gain fraction measured at SLOW_BUDGET over the tasks (docs/benchmarks.md, two runs, 1
 # and 2 torch threads, full fine-tunes as inputs): ties+tadrop 0.855 (french), slerp 0.933
