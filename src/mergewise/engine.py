@@ -106,7 +106,6 @@ class MergeJob:
         # written in out_dtype, else in an explicit dtype (mergekit: the computed tensors are
         # written as they are), else in the base's dtype tensor by tensor
         written = recipe.out_dtype or recipe.dtype
-        out = written or None
         if tensors is not None:
             check_configs([c for c in (base, *models) if c is not None])
         self.vocab = vocab
@@ -119,7 +118,7 @@ class MergeJob:
             self.load = VocabReader(self.load, vocab, inputs, names)  # type: ignore[assignment]
             vocab_plan = (names, vocab.rows)
         self.tensors: list[TensorPlan] = (list(tensors) if tensors is not None
-                                          else plan_tensors(self.reference, list(models), out,
+                                          else plan_tensors(self.reference, list(models), written,
                                                             vocab_plan))
         if check_filters:
             check_filters_match([self])

@@ -65,14 +65,14 @@ def checked_device(device: str | torch.device) -> str:
     text = str(device)
     if text == "cpu":
         return text
-    match = re.fullmatch(r"cpu|cuda(?::([0-9]{1,4}))?", text)
+    match = re.fullmatch(r"cuda(?::([0-9]{1,4}))?", text)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     sees = (f"torch sees {count} CUDA device{'s' if count != 1 else ''}" if count
             else "torch sees no CUDA device")
     shown = short_repr(text, 40)
     if match is None:
         raise MergewiseError(f"--device {shown}: give cpu, cuda or cuda:N ({sees})")
-    if text != "cpu" and (count == 0 or int(match.group(1) or 0) >= count):
+    if count == 0 or int(match.group(1) or 0) >= count:
         raise MergewiseError(f"--device {shown}: {sees}; use --device cpu"
                              + (f" or cuda:0..{count - 1}" if count else ""))
     return text
