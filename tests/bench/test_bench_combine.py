@@ -103,3 +103,31 @@ def test_the_committed_seed_zero_document_is_a_poolable_zoo(tmp_path: Path) -> N
     docs, seeds = read_zoo_docs([path, _write(tmp_path, "one", one)])
     assert seeds == [0, 1] and docs[0] is not docs[1]
 
+
+
+def test_shared_rows_pool_zoos_run_with_different_methods(tmp_path: Path) -> None:
+    """``--shared-rows``: a zoo that ran fewer methods pools the rows every zoo has; the rest is
+    listed, and without the flag the difference is refused as before."""
+    full = _write(tmp_path, "full", _doc(0, "1110"))
+    fewer = _doc(1, "1111")
+    fewer["rows"] = [r for r in fewer["rows"] if r["label"] != "ties"]
+    fewer["config"]["run"]["methods"] = ["ties+tadrop"]
+    part = _write(tmp_path, "part", fewer)
+    res = _invoke(full, part, "--out", tmp_path / "refused")
+    assert res.exit_code == 1 and "--shared-rows" in res.output
+    res = _invoke(full, part, "--shared-rows", "--out", tmp_path / "pooled")
+    assert res.exit_code == 0, res.output
+    assert "not pooled (not in every zoo): ties" in res.output
+    doc = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    assert [r["label"] for r in doc["rows"]] == ["experts (each on its own task)", "ties+tadrop"]
+    assert doc["rows_not_in_every_zoo"] == ["ties"] and doc["gains"] == []
+    assert doc["rows"][1]["average"] == pytest.approx(0.875)
+    assert "Not pooled (run on some zoos only): ties." in (tmp_path / "pooled" / "results.md").read_text()
+    other = _doc(1, density=0.4)  # other grids are still refused
+    other["rows"] = other["rows"][:2]
+    res = _invoke(full, _write(tmp_path, "other", other), "--shared-rows")
+    assert res.exit_code == 1 and "run with other settings" in res.output
+    nothing = _doc(1)
+    nothing["rows"] = nothing["rows"][:1]
+    res = _invoke(full, _write(tmp_path, "nothing", nothing), "--shared-rows")
+    assert res.exit_code == 1 and "share no merged row" in res.output

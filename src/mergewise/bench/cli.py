@@ -286,18 +286,28 @@ def combine(
                                                    "directories), each from `bench run --seed S`")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="where the combined results.json "
                                           "and results.md go")] = Path("bench-results"),
+    shared_rows: Annotated[bool, typer.Option(
+        "--shared-rows", help="pool only the rows every zoo has (zoos run with different "
+                              "--methods); the dropped rows are listed")] = False,
 ) -> None:
     """Pool zoos run apart (other sessions, machines): mean ± s.d. per row and paired gains."""
     from .zoos import combine as pool
-    from .zoos import markdown, read_zoo_docs, write_combined
+    from .zoos import common_rows, markdown, read_zoo_docs, write_combined
 
+    dropped: list[str] = []
     try:
-        docs, seeds = read_zoo_docs(results)
+        docs, seeds = read_zoo_docs(results, shared_rows)
+        if shared_rows:
+            docs, dropped = common_rows(docs)
         doc = pool(docs, seeds)
+        if shared_rows:
+            doc["rows_not_in_every_zoo"] = dropped
     except (ValueError, KeyError) as exc:
         _fail(str(exc) if isinstance(exc, ValueError) else
               f"a row lacks {exc} (run with a mergewise that records per-example results)")
     write_combined(out_dir, doc)
     out.print(markdown(doc), highlight=False)
+    if dropped:
+        out.print(f"not pooled (not in every zoo): {', '.join(dropped)}", highlight=False)
     out.print(f"wrote {out_dir / 'results.md'} and results.json (zoo seeds "
               f"{', '.join(map(str, seeds))})", highlight=False)

@@ -82,18 +82,36 @@ def zoo_seed(doc: dict[str, Any]) -> int | None:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
-def _protocol(doc: dict[str, Any]) -> Any:
-    """A zoo's run settings without its training seed: what must agree for zoos to be pooled."""
+def _protocol(doc: dict[str, Any], with_methods: bool = True) -> Any:
+    """A zoo's run settings without its training seed: what must agree for zoos to be pooled
+    (without the methods list when only the rows the zoos share are pooled)."""
     run = json.loads(json.dumps(doc["config"]["run"]))
     run["zoo"]["train"].pop("seed", None)
+    if not with_methods:
+        run.pop("methods", None)
     return run
 
 
-def read_zoo_docs(paths: list[Path]) -> tuple[list[dict[str, Any]], list[int]]:
+def common_rows(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each document cut to the rows every one of them has (in the first one's order), and the
+    labels dropped. A row is selected on its own zoo's validation splits, whatever other rows
+    ran, so a shared row pools as it would in full runs (same grids: ``_protocol``)."""
+    shared = set.intersection(*({r["label"] for r in d["rows"]} for d in docs))
+    if not any(r["label"] in shared and r.get("kind") in ("merge", "tadrop")
+               for r in docs[0]["rows"]):
+        raise ValueError("the zoos' documents share no merged row; run some of the same methods")
+    dropped = sorted({r["label"] for d in docs for r in d["rows"]} - shared)
+    return [{**d, "rows": [r for r in d["rows"] if r["label"] in shared]} for d in docs], dropped
+
+
+def read_zoo_docs(paths: list[Path], shared_rows: bool = False
+                  ) -> tuple[list[dict[str, Any]], list[int]]:
     """One-zoo ``results.json`` documents (a file, or the directory holding it) run apart —
     other sessions, other machines — checked poolable: each a one-zoo document with its seed,
-    distinct seeds, the same tasks, test sets, rows and run settings but for the seed. Bad
-    input is a ``ValueError`` naming the file and the problem. Returned in seed order."""
+    distinct seeds, the same tasks, test sets, rows and run settings but for the seed
+    (``shared_rows``: the rows may differ and the methods list is not compared; cut them with
+    ``common_rows``). Bad input is a ``ValueError`` naming the file and the problem. Returned
+    in seed order."""
     docs: list[tuple[int, dict[str, Any], Path]] = []
     for given in paths:
         path = given / "results.json" if given.is_dir() else given
@@ -122,9 +140,11 @@ def read_zoo_docs(paths: list[Path]) -> tuple[list[dict[str, Any]], list[int]]:
         for key, what in (("tasks", "tasks"), ("test_sizes", "test set sizes")):
             if doc[key] != first[key]:
                 raise ValueError(f"{path}: other {what} than {first_path} ({doc[key]} vs {first[key]})")
-        if [r.get("label") for r in doc["rows"]] != [r.get("label") for r in first["rows"]]:
-            raise ValueError(f"{path}: other rows than {first_path}; run the same --methods on each zoo")
-        if _protocol(doc) != _protocol(first):
+        if not shared_rows and [r.get("label") for r in doc["rows"]] != [
+                r.get("label") for r in first["rows"]]:
+            raise ValueError(f"{path}: other rows than {first_path}; run the same --methods on "
+                             "each zoo (or pool the rows they share: --shared-rows)")
+        if _protocol(doc, not shared_rows) != _protocol(first, not shared_rows):
             raise ValueError(f"{path}: run with other settings than {first_path} (grids, steps, "
                              "limits or methods differ; only the zoo seed may)")
     return [d for _, d, _ in docs], [s for s, _, _ in docs]
@@ -157,6 +177,9 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "Gains in points of test average. Bootstrap: each task's test examples resampled "
               f"({doc['gains'][0]['bootstrap_reps'] if doc['gains'] else 0} draws, seed 0), the same "
               "draw for both rows and every zoo; the mean over zoos of the gain per draw."]
+    if doc.get("rows_not_in_every_zoo"):
+        lines += ["", "Not pooled (run on some zoos only): "
+                  + ", ".join(doc["rows_not_in_every_zoo"]) + "."]
     return "\n".join(lines) + "\n"
 
 
