@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -82,18 +82,6 @@ def dtype_from_name(name: str) -> torch.dtype | None:
 
     found = getattr(torch, name, None) if name.isidentifier() else None
     return found if isinstance(found, torch.dtype) else None
-
-
-def __getattr__(name: str) -> Any:
-    """The torch-keyed tables, built on first use (importing torch): SAFETENSORS_DTYPES (code
-    -> torch dtype), DTYPE_CODES (torch dtype -> code), FLOAT_DTYPES (name -> torch dtype)."""
-    if name == "SAFETENSORS_DTYPES":
-        return {code: torch_dtype(code) for code in _CODES}
-    if name == "DTYPE_CODES":
-        return {torch_dtype(code): code for code in _CODES}
-    if name == "FLOAT_DTYPES":
-        return {n: float_dtype(n) for n in FLOAT_DTYPE_NAMES}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, init=False)
