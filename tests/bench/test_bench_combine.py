@@ -131,3 +131,23 @@ def test_shared_rows_pool_zoos_run_with_different_methods(tmp_path: Path) -> Non
     nothing["rows"] = nothing["rows"][:1]
     res = _invoke(full, _write(tmp_path, "nothing", nothing), "--shared-rows")
     assert res.exit_code == 1 and "share no merged row" in res.output
+
+
+def test_shared_rows_pool_zoos_whose_runs_listed_the_methods_in_another_order(tmp_path: Path) -> None:
+    """Each run lists its rows in its --methods order: the shared rows are matched by label
+    and pooled in the first zoo's order, not refused as "different rows"."""
+    zero = _doc(0, "1110")
+    one = _doc(1, "1111")
+    one["rows"] = [one["rows"][0], one["rows"][2], one["rows"][1],
+                   _row("tsv", "merge", "tsv", 0.25, 0.3, "1000")]
+    one["config"]["run"]["methods"] = ["ties+tadrop", "ties", "tsv"]
+    res = _invoke(_write(tmp_path, "zero", zero), _write(tmp_path, "one", one), "--shared-rows",
+                  "--out", tmp_path / "pooled")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    assert [r["label"] for r in doc["rows"]] == ["experts (each on its own task)", "ties", "ties+tadrop"]
+    assert doc["rows_not_in_every_zoo"] == ["tsv"]
+    assert doc["rows"][1]["average"] == pytest.approx(0.5)  # ties with ties, not with ties+tadrop
+    gain = doc["gains"][0]
+    assert (gain["row"], gain["baseline"]) == ("ties+tadrop", "ties")
+    assert gain["per_zoo"] == pytest.approx([0.25, 0.5])

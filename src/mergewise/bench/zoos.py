@@ -101,7 +101,10 @@ def common_rows(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
                for r in docs[0]["rows"]):
         raise ValueError("the zoos' documents share no merged row; run some of the same methods")
     dropped = sorted({r["label"] for d in docs for r in d["rows"]} - shared)
-    return [{**d, "rows": [r for r in d["rows"] if r["label"] in shared]} for d in docs], dropped
+    order = [r["label"] for r in docs[0]["rows"] if r["label"] in shared]  # runs list rows in
+    # the order of their --methods, which need not agree between zoos
+    by_label = [{r["label"]: r for r in d["rows"]} for d in docs]
+    return [{**d, "rows": [z[lab] for lab in order]} for d, z in zip(docs, by_label, strict=True)], dropped
 
 
 def read_zoo_docs(paths: list[Path], shared_rows: bool = False
