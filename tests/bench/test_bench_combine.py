@@ -151,3 +151,45 @@ def test_shared_rows_pool_zoos_whose_runs_listed_the_methods_in_another_order(tm
     gain = doc["gains"][0]
     assert (gain["row"], gain["baseline"]) == ("ties+tadrop", "ties")
     assert gain["per_zoo"] == pytest.approx([0.25, 0.5])
+
+
+def test_all_rows_pool_each_row_over_the_zoos_that_ran_it(tmp_path: Path) -> None:
+    """``--all-rows``: a row run on fewer zoos is pooled over those (its zoos listed), each
+    claim is paired over the zoos that ran both rows, and nothing is dropped."""
+    zero = _doc(0, "1110")
+    zero["rows"] = [zero["rows"][0], _row("tsv", "merge", "tsv", 0.25, 0.3, "1000")]
+    zero["config"]["run"]["methods"] = ["tsv"]
+    one = _doc(1, "1111")
+    two = _doc(2, "1000")
+    two["rows"].append(_row("tsv", "merge", "tsv", 0.75, 0.9, "1110"))  # best val, on zoo 2 only
+    for d in (one, two):
+        d["rows"].append(_row("lot", "merge", "lot", 1.0, 0.4, "1111"))
+    paths = [_write(tmp_path, n, d) for n, d in (("zero", zero), ("one", one), ("two", two))]
+    res = _invoke(*paths, "--all-rows", "--shared-rows")
+    assert res.exit_code == 1 and "give one" in res.output
+    res = _invoke(*paths, "--all-rows", "--out", tmp_path / "pooled")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert [r["label"] for r in doc["rows"]] == ["experts (each on its own task)", "ties",
+                                                 "ties+tadrop", "tsv", "lot"]  # fullest zoo's order
+    assert rows["ties"]["zoo_seeds"] == [1, 2] and rows["tsv"]["zoo_seeds"] == [0, 2]
+    assert rows["experts (each on its own task)"]["zoo_seeds"] == [0, 1, 2]
+    assert rows["tsv"]["average"] == pytest.approx(0.5)
+    gain = doc["gains"][0]
+    assert (gain["row"], gain["baseline"], gain["zoo_seeds"]) == ("ties+tadrop", "ties", [1, 2])
+    assert gain["per_zoo"] == pytest.approx([0.5, -0.25]) and gain["zoos_positive"] == 1
+    md = (tmp_path / "pooled" / "results.md").read_text()
+    assert "| tsv | 50.0 ± 35.4 | 50.0 ± 35.4 | 62.5 ± 44.2 | 2 (0, 2) |" in md
+    assert "+50.00, -25.00 (seeds 1, 2) | 1/2 |" in md
+    assert "| lot | 100.0 ± 0.0 |" in md  # two zoos: a spread, even of 0
+    one_zoo = _invoke(paths[0], paths[1], "--all-rows", "--out", tmp_path / "two")
+    md = (tmp_path / "two" / "results.md").read_text()
+    assert "| ties | 50.0 | 50.0 | 62.5 | 1 (1) |" in md  # one zoo: no s.d.
+    assert "| lot vs ties | +50.00 | +50.00 (seed 1) | 1/1 |" in md and one_zoo.exit_code == 0
+    lot = doc["gains"][1]  # against the best data-free row of every zoo that ran LOT, on val
+    assert (lot["row"], lot["baseline"], lot["zoo_seeds"]) == ("lot", "ties", [1, 2])
+    broken = _doc(3)
+    del broken["rows"][1]["test_bits"]
+    res = _invoke(paths[1], _write(tmp_path, "broken", broken), "--all-rows")
+    assert res.exit_code == 1 and "per-example results" in res.output

@@ -107,6 +107,51 @@ def common_rows(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
     return [{**d, "rows": [z[lab] for lab in order]} for d, z in zip(docs, by_label, strict=True)], dropped
 
 
+def all_rows(docs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """The combined document pooling every row over the zoos that ran it (``zoos`` per row):
+    zoos run with different ``--methods`` lose no row. Each claim is paired over the zoos that
+    ran both of its rows; LOT's baseline is the best data-free row on mean validation over the
+    zoos that ran LOT, among those every one of them ran. Rows are in the order of the zoo with
+    the most rows, then the others' extra rows as they come."""
+    ordered = sorted(range(len(docs)), key=lambda i: -len(docs[i]["rows"]))  # stable: ties by seed
+    labels: list[str] = []
+    for i in ordered:
+        labels += [r["label"] for r in docs[i]["rows"] if r["label"] not in labels]
+    by_label = [{r["label"]: r for r in d["rows"]} for d in docs]
+    if not any(r.get("kind") in ("merge", "tadrop") for d in docs for r in d["rows"]):
+        raise ValueError("the zoos' documents have no merged row")
+    tasks = docs[0]["tasks"]
+    rows = []
+    for lab in labels:
+        have = [i for i, z in enumerate(by_label) if lab in z]
+        zs = [by_label[i][lab] for i in have]
+        row: dict[str, Any] = {"label": lab, "kind": zs[0]["kind"], "zoo_seeds": [seeds[i] for i in have],
+                               "selected": [z.get("selected") for z in zs]}
+        for key in ("average", "normalized"):
+            row[key], row[key + "_sd"] = mean_sd([z[key] for z in zs])
+        row["test"] = {t: mean_sd([z["test"][t] for z in zs]) for t in tasks}
+        rows.append(row)
+    pairs = [(lab, lab.removesuffix(TADROP)) for lab in labels
+             if lab.endswith(TADROP) and lab.removesuffix(TADROP) in labels]
+    for lot in (lab for lab in LOT_ROWS if lab in labels):
+        zoos = [z for z in by_label if lot in z]
+        free = [lab for lab in labels if all(lab in z and _data_free(z[lab]) for z in zoos)]
+        if free:
+            pairs.append((lot, max(free, key=lambda lab: sum(z[lab]["val_average"] for z in zoos))))
+    gains = []
+    for lab, base in pairs:
+        both = [z for z in by_label if lab in z and base in z]
+        if not both:
+            continue
+        a = [unbits(z[lab]["test_bits"]) for z in both]
+        b = [unbits(z[base]["test_bits"]) for z in both]
+        gains.append({"row": lab, "baseline": base,
+                      "zoo_seeds": [s for s, z in zip(seeds, by_label, strict=True) if lab in z and base in z],
+                      **paired_gain(a, b, seed=0)})
+    return {"zoo_seeds": seeds, "tasks": tasks, "test_sizes": docs[0]["test_sizes"], "rows": rows,
+            "gains": gains, "seconds": round(sum(d["seconds"] for d in docs), 1)}
+
+
 def read_zoo_docs(paths: list[Path], shared_rows: bool = False
                   ) -> tuple[list[dict[str, Any]], list[int]]:
     """One-zoo ``results.json`` documents (a file, or the directory holding it) run apart —
@@ -153,28 +198,42 @@ def read_zoo_docs(paths: list[Path], shared_rows: bool = False
     return [d for _, d, _ in docs], [s for s, _, _ in docs]
 
 
-def _pm(mean: float, sd: float) -> str:
-    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+def _pm(mean: float, sd: float, alone: bool = False) -> str:
+    return f"{100 * mean:.1f}" if alone else f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def _zoos(seeds: list[int]) -> str:
+    return f"{len(seeds)} ({', '.join(map(str, seeds))})"
 
 
 def markdown(doc: dict[str, Any]) -> str:
     tasks = doc["tasks"]
-    head = ["row", *tasks, "avg", "norm"]
+    n = len(doc["zoo_seeds"])
+    some = any(len(r.get("zoo_seeds", doc["zoo_seeds"])) < n for r in doc["rows"])  # --all-rows
+    head = ["row", *tasks, "avg", "norm", *(["zoos (seeds)"] if some else [])]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in doc["rows"]:
-        cells = [r["label"], *(_pm(*r["test"][t]) for t in tasks), _pm(r["average"], r["average_sd"]),
-                 _pm(r["normalized"], r["normalized_sd"])]
+        one = len(r.get("zoo_seeds", doc["zoo_seeds"])) == 1  # no s.d. from one value
+        cells = [r["label"], *(_pm(*r["test"][t], one) for t in tasks),
+                 _pm(r["average"], r["average_sd"], one), _pm(r["normalized"], r["normalized_sd"], one)]
+        if some:
+            cells.append(_zoos(r.get("zoo_seeds", doc["zoo_seeds"])))
         lines.append("| " + " | ".join(cells) + " |")
-    n = len(doc["zoo_seeds"])
     lines += ["", f"Test accuracy in %, mean ± s.d. over {n} zoos (seeds "
-              f"{', '.join(map(str, doc['zoo_seeds']))}); hyperparameters selected on each zoo's "
-              "validation splits (per zoo: zoo-S/results.md).", "",
+              f"{', '.join(map(str, doc['zoo_seeds']))})"
+              + ("; a row run on fewer zoos is pooled over those (its zoos column), a claim over "
+                 "the zoos that ran both rows (per zoo: in seed order)" if some else "")
+              + "; hyperparameters selected on each zoo's validation splits (per zoo: "
+              "zoo-S/results.md).", "",
               "| claim | gain (mean ± s.d. over zoos) | per zoo | zoos > 0 | bootstrap s.d. | "
               "bootstrap 95 % | P(gain <= 0) |", "|---|---:|---|---:|---:|---|---:|"]
     for g in doc["gains"]:
         lo, hi = g["bootstrap_ci95"]
-        lines.append(f"| {g['row']} vs {g['baseline']} | {100 * g['gain']:+.2f} ± {100 * g['gain_sd_zoos']:.2f} | "
-                     + ", ".join(f"{100 * x:+.2f}" for x in g["per_zoo"])
+        zs = g.get("zoo_seeds", [])
+        seeds = f" (seed{'s' * (len(zs) > 1)} {', '.join(map(str, zs))})" if some and zs else ""
+        spread = "" if g["zoos"] == 1 else f" ± {100 * g['gain_sd_zoos']:.2f}"
+        lines.append(f"| {g['row']} vs {g['baseline']} | {100 * g['gain']:+.2f}{spread} | "
+                     + ", ".join(f"{100 * x:+.2f}" for x in g["per_zoo"]) + seeds
                      + f" | {g['zoos_positive']}/{g['zoos']} | {100 * g['bootstrap_sd']:.2f} | "
                      f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {g['bootstrap_p_le_0']:.3f} |")
     lines += ["", "Gains in points of test average. Bootstrap: each task's test examples resampled "
