@@ -294,8 +294,8 @@ def combine(
                            "table); each claim over the zoos that ran both rows")] = False,
 ) -> None:
     """Pool zoos run apart (other sessions, machines): mean ± s.d. per row and paired gains."""
-    from .zoos import all_rows, common_rows, markdown, read_zoo_docs, write_combined
     from .zoos import combine as pool
+    from .zoos import common_rows, markdown, read_zoo_docs, write_combined
 
     if shared_rows and every_row:
         _fail("--shared-rows and --all-rows are two ways to pool zoos run with different "
@@ -305,7 +305,7 @@ def combine(
         docs, seeds = read_zoo_docs(results, shared_rows or every_row)
         if shared_rows:
             docs, dropped = common_rows(docs)
-        doc = all_rows(docs, seeds) if every_row else pool(docs, seeds)
+        doc = pool(docs, seeds, every_row)
         if shared_rows:
             doc["rows_not_in_every_zoo"] = dropped
     except (ValueError, KeyError) as exc:

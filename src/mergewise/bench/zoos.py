@@ -37,28 +37,45 @@ def _data_free(row: dict[str, Any]) -> bool:
     return not m.features and not m.task_specific
 
 
+def _union(docs: list[dict[str, Any]]) -> list[str]:
+    """Every row label: the zoo with the most rows in its order, then the others' extra rows as
+    they come (each run lists its rows in its --methods order)."""
+    labels: list[str] = []
+    for d in sorted(docs, key=lambda d: -len(d["rows"])):  # stable: equals keep seed order
+        labels += [r["label"] for r in d["rows"] if r["label"] not in labels]
+    return labels
+
+
 def claims(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(row, baseline) pairs: X+tadrop vs X; each LOT row vs the best data-free row on val."""
-    labels = _labels(docs)
+    """(row, baseline) pairs: X+tadrop vs X; each LOT row vs the best data-free row on mean
+    validation over the zoos that ran that LOT row, among the rows every one of them ran."""
+    labels = _union(docs)
     out = [(lab, lab.removesuffix(TADROP)) for lab in labels
            if lab.endswith(TADROP) and lab.removesuffix(TADROP) in labels]
-    rows = [{r["label"]: r for r in d["rows"]} for d in docs]
-    free = [lab for lab in labels if all(_data_free(z[lab]) for z in rows)]
-    if free:
-        best = max(free, key=lambda lab: sum(z[lab]["val_average"] for z in rows))  # first of equals
-        out += [(lab, best) for lab in LOT_ROWS if lab in labels]
-    return out
+    by_label = [{r["label"]: r for r in d["rows"]} for d in docs]
+    for lot in (lab for lab in LOT_ROWS if lab in labels):
+        zoos = [z for z in by_label if lot in z]
+        free = [lab for lab in labels if all(lab in z and _data_free(z[lab]) for z in zoos)]
+        if free:
+            out.append((lot, max(free, key=lambda lab: sum(z[lab]["val_average"] for z in zoos))))
+    return out  # the best: the first of equals
 
 
-def combine(docs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
-    """The combined document: per-row spreads and per-claim paired statistics."""
-    labels = _labels(docs)
+def combine(docs: list[dict[str, Any]], seeds: list[int], every_row: bool = False) -> dict[str, Any]:
+    """The combined document: per-row spreads and per-claim paired statistics. The zoos must
+    have the same rows unless ``every_row``: then each row is pooled over the zoos that ran it
+    (its ``zoo_seeds``) and each claim over the zoos that ran both of its rows."""
+    if not every_row:
+        _labels(docs)
+    elif not any(r.get("kind") in ("merge", "tadrop") for d in docs for r in d["rows"]):
+        raise ValueError("the zoos' documents have no merged row")
     tasks = docs[0]["tasks"]
     by_label = [{r["label"]: r for r in d["rows"]} for d in docs]
     rows = []
-    for lab in labels:
-        zs = [z[lab] for z in by_label]
-        row: dict[str, Any] = {"label": lab, "kind": zs[0]["kind"],
+    for lab in _union(docs):
+        have = [(s, z[lab]) for s, z in zip(seeds, by_label, strict=True) if lab in z]
+        zs = [z for _, z in have]
+        row: dict[str, Any] = {"label": lab, "kind": zs[0]["kind"], "zoo_seeds": [s for s, _ in have],
                                "selected": [z.get("selected") for z in zs]}
         for key in ("average", "normalized"):
             row[key], row[key + "_sd"] = mean_sd([z[key] for z in zs])
@@ -66,9 +83,11 @@ def combine(docs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
         rows.append(row)
     gains = []
     for lab, base in claims(docs):
-        a = [unbits(z[lab]["test_bits"]) for z in by_label]
-        b = [unbits(z[base]["test_bits"]) for z in by_label]
-        gains.append({"row": lab, "baseline": base, **paired_gain(a, b, seed=0)})
+        both = [(s, z) for s, z in zip(seeds, by_label, strict=True) if lab in z and base in z]
+        a = [unbits(z[lab]["test_bits"]) for _, z in both]
+        b = [unbits(z[base]["test_bits"]) for _, z in both]
+        gains.append({"row": lab, "baseline": base, "zoo_seeds": [s for s, _ in both],
+                      **paired_gain(a, b, seed=0)})
     return {"zoo_seeds": seeds, "tasks": tasks, "test_sizes": docs[0]["test_sizes"],
             "rows": rows, "gains": gains, "seconds": round(sum(d["seconds"] for d in docs), 1)}
 
@@ -105,51 +124,6 @@ def common_rows(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
     # the order of their --methods, which need not agree between zoos
     by_label = [{r["label"]: r for r in d["rows"]} for d in docs]
     return [{**d, "rows": [z[lab] for lab in order]} for d, z in zip(docs, by_label, strict=True)], dropped
-
-
-def all_rows(docs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
-    """The combined document pooling every row over the zoos that ran it (``zoos`` per row):
-    zoos run with different ``--methods`` lose no row. Each claim is paired over the zoos that
-    ran both of its rows; LOT's baseline is the best data-free row on mean validation over the
-    zoos that ran LOT, among those every one of them ran. Rows are in the order of the zoo with
-    the most rows, then the others' extra rows as they come."""
-    ordered = sorted(range(len(docs)), key=lambda i: -len(docs[i]["rows"]))  # stable: ties by seed
-    labels: list[str] = []
-    for i in ordered:
-        labels += [r["label"] for r in docs[i]["rows"] if r["label"] not in labels]
-    by_label = [{r["label"]: r for r in d["rows"]} for d in docs]
-    if not any(r.get("kind") in ("merge", "tadrop") for d in docs for r in d["rows"]):
-        raise ValueError("the zoos' documents have no merged row")
-    tasks = docs[0]["tasks"]
-    rows = []
-    for lab in labels:
-        have = [i for i, z in enumerate(by_label) if lab in z]
-        zs = [by_label[i][lab] for i in have]
-        row: dict[str, Any] = {"label": lab, "kind": zs[0]["kind"], "zoo_seeds": [seeds[i] for i in have],
-                               "selected": [z.get("selected") for z in zs]}
-        for key in ("average", "normalized"):
-            row[key], row[key + "_sd"] = mean_sd([z[key] for z in zs])
-        row["test"] = {t: mean_sd([z["test"][t] for z in zs]) for t in tasks}
-        rows.append(row)
-    pairs = [(lab, lab.removesuffix(TADROP)) for lab in labels
-             if lab.endswith(TADROP) and lab.removesuffix(TADROP) in labels]
-    for lot in (lab for lab in LOT_ROWS if lab in labels):
-        zoos = [z for z in by_label if lot in z]
-        free = [lab for lab in labels if all(lab in z and _data_free(z[lab]) for z in zoos)]
-        if free:
-            pairs.append((lot, max(free, key=lambda lab: sum(z[lab]["val_average"] for z in zoos))))
-    gains = []
-    for lab, base in pairs:
-        both = [z for z in by_label if lab in z and base in z]
-        if not both:
-            continue
-        a = [unbits(z[lab]["test_bits"]) for z in both]
-        b = [unbits(z[base]["test_bits"]) for z in both]
-        gains.append({"row": lab, "baseline": base,
-                      "zoo_seeds": [s for s, z in zip(seeds, by_label, strict=True) if lab in z and base in z],
-                      **paired_gain(a, b, seed=0)})
-    return {"zoo_seeds": seeds, "tasks": tasks, "test_sizes": docs[0]["test_sizes"], "rows": rows,
-            "gains": gains, "seconds": round(sum(d["seconds"] for d in docs), 1)}
 
 
 def read_zoo_docs(paths: list[Path], shared_rows: bool = False
