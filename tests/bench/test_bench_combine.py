@@ -193,3 +193,14 @@ def test_all_rows_pool_each_row_over_the_zoos_that_ran_it(tmp_path: Path) -> Non
     del broken["rows"][1]["test_bits"]
     res = _invoke(paths[1], _write(tmp_path, "broken", broken), "--all-rows")
     assert res.exit_code == 1 and "per-example results" in res.output
+
+
+def test_all_rows_skip_a_claim_whose_rows_never_ran_in_the_same_zoo(tmp_path: Path) -> None:
+    zero, one = _doc(0, "1110"), _doc(1, "1111")
+    zero["rows"] = zero["rows"][:2]  # ties only
+    one["rows"] = [one["rows"][0], one["rows"][2]]  # ties+tadrop only
+    res = _invoke(_write(tmp_path, "zero", zero), _write(tmp_path, "one", one), "--all-rows",
+                  "--out", tmp_path / "pooled")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    assert doc["gains"] == [] and [r["zoo_seeds"] for r in doc["rows"]] == [[0, 1], [0], [1]]

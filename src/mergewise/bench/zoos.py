@@ -84,6 +84,8 @@ def combine(docs: list[dict[str, Any]], seeds: list[int], every_row: bool = Fals
     gains = []
     for lab, base in claims(docs):
         both = [(s, z) for s, z in zip(seeds, by_label, strict=True) if lab in z and base in z]
+        if not both:  # never run side by side (--all-rows): nothing to pair
+            continue
         a = [unbits(z[lab]["test_bits"]) for _, z in both]
         b = [unbits(z[base]["test_bits"]) for _, z in both]
         gains.append({"row": lab, "baseline": base, "zoo_seeds": [s for s, _ in both],
