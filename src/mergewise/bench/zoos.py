@@ -189,11 +189,12 @@ def markdown(doc: dict[str, Any]) -> str:
     head = ["row", *tasks, "avg", "norm", *(["zoos (seeds)"] if some else [])]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in doc["rows"]:
-        one = len(r.get("zoo_seeds", doc["zoo_seeds"])) == 1  # no s.d. from one value
+        ran = r.get("zoo_seeds", doc["zoo_seeds"])
+        one = len(ran) == 1  # no s.d. from one value
         cells = [r["label"], *(_pm(*r["test"][t], one) for t in tasks),
                  _pm(r["average"], r["average_sd"], one), _pm(r["normalized"], r["normalized_sd"], one)]
         if some:
-            cells.append(_zoos(r.get("zoo_seeds", doc["zoo_seeds"])))
+            cells.append(_zoos(ran))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Test accuracy in %, mean ± s.d. over {n} zoos (seeds "
               f"{', '.join(map(str, doc['zoo_seeds']))})"
